@@ -1,0 +1,22 @@
+"""The skeleton package installs alone on top of its lower layers and imports."""
+
+import importlib.metadata
+
+import lmstack.agent
+
+
+def test_version_matches_distribution_metadata() -> None:
+    assert lmstack.agent.__version__ == importlib.metadata.version("lmstack-agent")
+
+
+def test_public_api_is_declared() -> None:
+    assert isinstance(lmstack.agent.__all__, list)
+    for public in lmstack.agent.__all__:
+        assert hasattr(lmstack.agent, public)
+
+
+def test_namespace_is_pep420() -> None:
+    import lmstack
+
+    # A PEP 420 namespace has no __file__: no distribution ships lmstack/__init__.py.
+    assert getattr(lmstack, "__file__", None) is None

@@ -1,0 +1,9 @@
+"""lmstack.rag: Retrieval-augmented assistant over documents.
+
+This layer's features have not landed yet; the package installs, versions and
+imports so that the stack's layout, layering and CI are real from day one.
+"""
+
+__version__ = "0.1.0"
+
+__all__: list[str] = []
