@@ -1,7 +1,37 @@
-"""lmstack.core: model definitions, checkpoints, tokenizer and attention backends."""
+"""lmstack.core: model definitions, checkpoints, tokenizer and attention backends.
 
+The bottom of the lmstack stack. Everything a higher layer needs from a model lives here:
+
+* :class:`ModelConfig` / :func:`load_config`: a typed config read from a Hugging Face ``config.json``
+  (llama, mistral, qwen2, internlm2, internlm3; every RoPE scaling kind they use).
+* :class:`CausalLM`: one decoder-only transformer; attention goes through an
+  :class:`AttentionBackend` chosen per call (:class:`DenseAttention`, :class:`PackedAttention`, or a
+  paged KV cache implemented by lmstack-infer).
+* :func:`load_pretrained` / :func:`save_pretrained`: streaming, atomic Hugging Face checkpoints.
+"""
+
+from lmstack.core._config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, load_config
 from lmstack.core._errors import CheckpointError, ConfigError, LMStackError, TokenizerError
+from lmstack.core.checkpoint import load_pretrained, read_safetensors_header, save_pretrained
+from lmstack.core.model import AttentionBackend, CausalLM, DenseAttention, PackedAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "LMStackError", "TokenizerError", "__version__"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "AttentionBackend",
+    "CausalLM",
+    "CheckpointError",
+    "ConfigError",
+    "DenseAttention",
+    "LMStackError",
+    "ModelConfig",
+    "PackedAttention",
+    "RopeScaling",
+    "TokenizerError",
+    "__version__",
+    "load_config",
+    "load_pretrained",
+    "read_safetensors_header",
+    "save_pretrained",
+]

@@ -1,0 +1,172 @@
+"""Loading Hugging Face checkpoint directories into :class:`~lmstack.core.model.CausalLM`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmstack.core._config import ModelConfig, load_config
+from lmstack.core._errors import CheckpointError
+from lmstack.core.checkpoint._layouts import IGNORED_KEYS, map_key, unpack_internlm2_wqkv
+from lmstack.core.checkpoint._safetensors import TensorInfo, read_safetensors_header, read_tensor
+from lmstack.core.model import CausalLM
+
+__all__ = ["checkpoint_files", "load_pretrained"]
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The safetensors files of a checkpoint directory, validated against its index when sharded.
+
+    Raises:
+        CheckpointError: if there are no weights, the index is invalid, or a shard it names is missing.
+    """
+    root = Path(path)
+    index = root / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc!r}); re-save the checkpoint.") from exc
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {root} is missing shard(s) {missing} listed in {INDEX_NAME}; "
+                "copy or re-download the complete checkpoint."
+            )
+        return [root / s for s in shards]
+    if (root / SINGLE_NAME).is_file():
+        return [root / SINGLE_NAME]
+    others = sorted(p.name for p in root.glob("*.safetensors"))
+    if others:
+        return [root / p for p in others]
+    hint = ""
+    if any(root.glob("*.bin")) or any(root.glob("*.pt")):
+        hint = " It holds pickled PyTorch weights: convert them to safetensors first (safetensors is required)."
+    raise CheckpointError(f"no safetensors weights in {root} (looked for {INDEX_NAME} and {SINGLE_NAME}).{hint}")
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig, first: TensorInfo | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype if isinstance(dtype, str) and dtype != "auto" else None
+    if name is None and config.dtype is not None:
+        name = config.dtype
+    if name is not None:
+        resolved = getattr(torch, name.replace("torch.", ""), None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise CheckpointError(f"dtype {name!r} is not a floating-point torch dtype (try 'bfloat16' or 'float32').")
+        return resolved
+    return first.dtype if first is not None and first.dtype.is_floating_point else torch.float32
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(value, requires_grad=value.is_floating_point()))
+
+
+def load_pretrained(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    strict: bool = True,
+    progress: bool | None = None,
+) -> CausalLM:
+    """Load a model from a local Hugging Face checkpoint directory.
+
+    Weights are streamed shard by shard and tensor by tensor into the model, which is built on the
+    meta device first, so at no point are two copies of the weights held in memory. InternLM2
+    checkpoints (packed ``wqkv``) are converted to the Llama layout on the way in.
+
+    Args:
+        path: A directory with ``config.json`` and ``model.safetensors`` or sharded
+            ``model-XXXXX-of-YYYYY.safetensors`` files with their index.
+        dtype: Parameter dtype (a torch dtype or its name). Default: the checkpoint's declared dtype,
+            else the dtype its tensors are stored in.
+        device: Where the parameters go; tensors move there one at a time.
+        strict: Raise on tensors the model does not know (otherwise log a warning).
+        progress: Show a progress bar (default: only on an interactive terminal).
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        ConfigError: if ``config.json`` is missing or invalid.
+        CheckpointError: on a missing shard, a corrupt file, a shape mismatch (both shapes named),
+            unexpected tensors (when strict) or missing tensors.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist.")
+    config = load_config(root)
+    files = checkpoint_files(root)
+    headers = [(f, read_safetensors_header(f)[0]) for f in files]
+    first = next((info for _, h in headers for info in h.values() if info.dtype.is_floating_point), None)
+    target_dtype = _resolve_dtype(dtype, config, first)
+    device = torch.device(device)
+
+    model = CausalLM(config, device="meta", dtype=target_dtype)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights appear once
+    tied = config.tie_word_embeddings
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    total = sum(len(h) for _, h in headers)
+    bar = tqdm(total=total, desc=f"Loading {root.name}", unit="tensor", disable=None if progress is None else not progress)
+    for file, header in headers:
+        with open(file, "rb") as f:
+            for key, info in sorted(header.items(), key=lambda kv: kv[1].start):
+                bar.update(1)
+                targets = map_key(config, key)
+                if targets is None or any(t not in expected and not (tied and t == "lm_head.weight") for t in targets):
+                    if IGNORED_KEYS.match(key):
+                        continue
+                    unexpected.append(key)
+                    continue
+                if tied and targets == ["lm_head.weight"]:
+                    continue  # the output projection is the embedding; the copy on disk is redundant
+                if len(targets) == 3:
+                    want = sum(expected[t][0] for t in targets), *expected[targets[0]][1:]
+                else:
+                    want = expected[targets[0]]
+                if info.shape != tuple(want):
+                    raise CheckpointError(
+                        f"shape mismatch for tensor {key!r} in {file.name}: the checkpoint has {list(info.shape)} "
+                        f"but the config ({config.model_type}, {root / 'config.json'}) implies {list(want)}; "
+                        "the config and the weights do not belong together."
+                    )
+                tensor = read_tensor(f, info, file)
+                values = unpack_internlm2_wqkv(config, tensor) if len(targets) == 3 else (tensor,)
+                del tensor
+                for target, value in zip(targets, values, strict=True):
+                    _set_param(model, target, value.to(device=device, dtype=target_dtype))
+                    loaded.add(target)
+    bar.close()
+    if unexpected:
+        message = f"checkpoint {root} has tensors this {config.model_type} model does not use: {unexpected[:8]}"
+        if len(unexpected) > 8:
+            message += f" and {len(unexpected) - 8} more"
+        if strict:
+            raise CheckpointError(message + "; pass strict=False to ignore them.")
+        logger.warning(message)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {root} lacks {len(missing)} tensor(s) the config requires, e.g. {missing[:5]}; "
+            "the checkpoint is incomplete or belongs to another architecture."
+        )
+    model.tie_weights()
+    logger.info("loaded %s (%s, %d parameters, %s)", root, config.model_type, model.num_parameters(), target_dtype)
+    return model.eval()

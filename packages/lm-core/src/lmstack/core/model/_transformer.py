@@ -1,0 +1,241 @@
+"""One readable decoder-only transformer for the whole Llama family.
+
+Parameter names follow the Hugging Face Llama layout (``model.layers.N.self_attn.q_proj``...), so
+checkpoints of llama, mistral, qwen2 and internlm3 map one to one and InternLM2's packed layout is
+converted at load time. Shapes in comments: B batch, T tokens, H heads, D head dim, C hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lmstack.core._config import ModelConfig
+from lmstack.core.model._attention import AttentionBackend, DenseAttention
+from lmstack.core.model._rope import RotaryEmbedding, apply_rotary
+
+__all__ = ["Attention", "CausalLM", "DecoderLayer", "MLP", "RMSNorm", "Transformer"]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 and cast back."""
+
+    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def reset_parameters(self) -> None:  # noqa: D102
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention; where keys live is the backend's business."""
+
+    # How tensor parallelism shards this module: heads split across ranks on the way in, the output
+    # projection reduces across ranks on the way out. Head counts are read off tensor shapes in
+    # forward, so the same code runs on a rank's local shard.
+    tp_plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+
+    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None):  # noqa: ANN001
+        super().__init__()
+        assert config.head_dim is not None and config.num_key_value_heads is not None
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.window = config.window_of(layer_idx)
+        kw = {"device": device, "dtype": dtype}
+        c, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(c, config.num_attention_heads * d, bias=config.qkv_bias, **kw)
+        self.k_proj = nn.Linear(c, config.num_key_value_heads * d, bias=config.qkv_bias, **kw)
+        self.v_proj = nn.Linear(c, config.num_key_value_heads * d, bias=config.qkv_bias, **kw)
+        self.o_proj = nn.Linear(config.num_attention_heads * d, c, bias=config.o_bias, **kw)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:  # noqa: D102
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)  # [B, T, Hq, D]
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attn.attend(self.layer_idx, q, k, v, scale=self.scale, window=self.window)  # [B, T, Hq, D]
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    tp_plan = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None):  # noqa: ANN001
+        super().__init__()
+        kw = {"device": device, "dtype": dtype, "bias": config.mlp_bias}
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention then feed-forward."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None):  # noqa: ANN001
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.self_attn = Attention(config, layer_idx, device, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.mlp = MLP(config, device, dtype)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:  # noqa: D102
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Embeddings, decoder layers and the final norm (the Hugging Face ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None):  # noqa: ANN001
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, device, dtype) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.rotary = RotaryEmbedding(config)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model of the Llama family (llama, mistral, qwen2, internlm2, internlm3).
+
+    The model never owns a cache. Its forward takes token ids, their positions and an attention
+    backend (:class:`DenseAttention` by default), so training (packed), evaluation (dense) and
+    serving (paged, in lmstack-infer) run the same module.
+
+    Args:
+        config: The architecture.
+        device: Where to create the parameters (``"meta"`` to allocate nothing, as loading does).
+        dtype: Parameter dtype (default: torch's default dtype).
+
+    Example:
+        >>> cfg = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+        ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> logits = CausalLM(cfg)(torch.tensor([[1, 2, 3]]))
+        >>> logits.shape
+        torch.Size([1, 3, 128])
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        self.model = Transformer(config, device, dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.activation_checkpointing = False
+        if device is None or torch.device(device).type != "meta":
+            self.reset_parameters()
+
+    # -- parameters ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Initialise weights: normal(0, std) for projections and embeddings, zeros for biases, ones for norms."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Make the output projection share the embedding matrix again (after a load replaced either)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def num_parameters(self) -> int:
+        """Count parameters, a tied embedding once."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def tp_plan(self) -> dict[str, str]:
+        """How each submodule would be sharded for tensor parallelism, by fully-qualified name pattern.
+
+        ``colwise`` shards a linear layer's output features, ``rowwise`` its input features (with
+        an all-reduce of the output); the embedding is sharded over the vocabulary.
+        """
+        plan = {"model.embed_tokens": "rowwise", "lm_head": "colwise"}
+        for prefix, cls in (("self_attn", Attention), ("mlp", MLP)):
+            for name, style in cls.tp_plan.items():
+                plan[f"model.layers.*.{prefix}.{name}"] = style
+        return plan
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer's activations in backward instead of storing them."""
+        self.activation_checkpointing = enabled
+
+    # -- forward -------------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        attn: AttentionBackend | None = None,
+        *,
+        rope_seq_lens: Tensor | None = None,
+    ) -> Tensor:
+        """Run embeddings, layers and the final norm; return ``[B, T, C]``.
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            positions: ``[B, T]`` positions (default ``0..T-1`` for every row).
+            attn: The attention backend (default: dense causal attention).
+            rope_seq_lens: Dynamic NTK RoPE only: the length of each token's sequence ``[B, T]``
+                (default: the longest position in the call, as the reference implementation does).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}.")
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        attn = DenseAttention() if attn is None else attn
+        cos, sin = self.model.rotary(positions, rope_seq_lens)  # [B, T, D] float32
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn)
+        return self.model.norm(x)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        attn: AttentionBackend | None = None,
+        *,
+        rope_seq_lens: Tensor | None = None,
+        logits_indices: Tensor | None = None,
+    ) -> Tensor:
+        """Return logits ``[B, T, V]``, or ``[N, V]`` for the flat token indices in ``logits_indices``.
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            positions: ``[B, T]`` positions (default ``0..T-1`` for every row).
+            attn: The attention backend (default: dense causal attention).
+            rope_seq_lens: See :meth:`hidden_states`.
+            logits_indices: Optional flat indices into the ``B * T`` tokens: only those tokens'
+                logits are computed (a serving engine needs the last token of each sequence).
+        """
+        h = self.hidden_states(input_ids, positions, attn, rope_seq_lens=rope_seq_lens)
+        if logits_indices is not None:
+            h = h.reshape(-1, h.shape[-1])[logits_indices]
+        return self.lm_head(h)
