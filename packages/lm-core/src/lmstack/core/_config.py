@@ -453,8 +453,8 @@ def _parse_rope(raw: Mapping[str, Any], model_type: str) -> tuple[float, RopeSca
     source: dict[str, Any] = dict(params or {})
     if scaling:
         source.update(scaling)
-    if theta is None:
-        theta = source.get("rope_theta", 10000.0)
+    # As in transformers 5: a theta inside the RoPE dict beats the top-level key.
+    theta = source.get("rope_theta", theta if theta is not None else 10000.0)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)):
         raise ConfigError(f"rope_theta must be a number, got {theta!r}.", field="rope_theta")
     rope_type = source.get("rope_type", source.get("type", "default"))
