@@ -1,0 +1,68 @@
+"""Peak resident memory of loading a sharded checkpoint: lmstack vs transformers, same run, same files.
+
+Each loader runs in a fresh process (see ``_load_memory_probe.py``) so neither sees the other's
+allocations; the figure is the growth of resident memory from just before loading to its peak,
+divided by the size of the weights. Target (issue 2): lmstack <= ~1.3x.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROBE = Path(__file__).with_name("_load_memory_probe.py")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "llama-400mb"
+    # Built in a child process so this process's memory stays small and unrelated to the probes.
+    code = f"""
+import torch
+from lmstack.core import CausalLM, ModelConfig, save_pretrained
+torch.manual_seed(0)
+cfg = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                  num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4)
+save_pretrained(CausalLM(cfg), {str(out)!r}, max_shard_size="100MB")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return out
+
+
+def _probe(loader: str, path: Path) -> dict[str, float]:
+    done = subprocess.run([sys.executable, str(PROBE), loader, str(path)], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.benchmark
+def test_sharded_load_peak_memory(benchmark: pytest.FixtureRequest, checkpoint: Path) -> None:
+    shards = sorted(checkpoint.glob("model-*.safetensors"))
+    assert len(shards) >= 4
+    results: dict[str, dict[str, float]] = {}
+
+    def run() -> None:
+        results["lmstack"] = _probe("lmstack", checkpoint)
+        results["transformers"] = _probe("transformers", checkpoint)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    weights = results["lmstack"]["weights"]
+    assert results["transformers"]["weights"] == weights
+    assert results["lmstack"]["checksum"] == pytest.approx(results["transformers"]["checksum"], rel=1e-4)
+    lines = [f"checkpoint: {len(shards)} shards, weights {weights / 2**20:.0f} MiB (fp32)"]
+    for name, r in results.items():
+        load = (r["peak_load"] - r["baseline"]) / weights
+        touched = (r["peak_touched"] - r["baseline"]) / weights
+        benchmark.extra_info[f"{name}_peak_ratio_load"] = round(load, 3)
+        benchmark.extra_info[f"{name}_peak_ratio_resident"] = round(touched, 3)
+        benchmark.extra_info[f"{name}_seconds"] = round(r["seconds"], 3)
+        lines.append(
+            f"{name:>12}: peak during load {load:.2f}x weights, with every weight resident {touched:.2f}x, "
+            f"{r['seconds']:.2f} s"
+        )
+    print("\n" + "\n".join(lines))
+    ours = (results["lmstack"]["peak_touched"] - results["lmstack"]["baseline"]) / weights
+    assert ours <= 1.3, f"lmstack peaked at {ours:.2f}x the weights (target <= 1.3x)"
