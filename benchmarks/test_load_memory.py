@@ -34,7 +34,9 @@ save_pretrained(CausalLM(cfg), {str(out)!r}, max_shard_size="100MB")
 
 
 def _probe(loader: str, path: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, str(PROBE), loader, str(path)], check=True, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(PROBE), loader, str(path)], check=True, capture_output=True, text=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -36,7 +36,9 @@ def hf_model_from_raw(raw: dict[str, Any], seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     cfg = transformers.AutoConfig.for_model(**raw)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="eager", dtype=torch.float32
+    )
     # Random biases and norm weights too, so a wrong bias or norm placement cannot hide behind zeros/ones.
     with torch.no_grad():
         for name, p in model.named_parameters():

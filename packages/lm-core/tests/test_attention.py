@@ -46,7 +46,9 @@ def test_packed_logits_equal_each_sample_alone(tiny_config: Any, overrides: dict
 
 
 def test_packed_dynamic_ntk_uses_each_samples_length(tiny_config: Any) -> None:
-    model = _model(tiny_config, max_position_embeddings=6, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model = _model(
+        tiny_config, max_position_embeddings=6, rope_scaling={"rope_type": "dynamic", "factor": 2.0}
+    )
     samples = _samples([9, 4, 13])
     ids, positions = _pack(samples)
     seq_lens = torch.cat([torch.full((len(s),), len(s)) for s in samples])[None]

@@ -35,7 +35,12 @@ def _ids() -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("model_type", "tied", "shard"),
-    [("llama", False, "5GB"), ("qwen2", True, "40KB"), ("mistral", False, "30KB"), ("internlm3", True, "5GB")],
+    [
+        ("llama", False, "5GB"),
+        ("qwen2", True, "40KB"),
+        ("mistral", False, "30KB"),
+        ("internlm3", True, "5GB"),
+    ],
 )
 def test_save_then_transformers_loads_same_logits(
     tmp_path: Path, tiny_config: Any, model_type: str, tied: bool, shard: str
@@ -150,7 +155,9 @@ def test_wrong_shape_names_tensor_and_both_shapes(tmp_path: Path, tiny_config: A
     with pytest.raises(CheckpointError) as info:
         load_pretrained(tmp_path / "c")
     message = str(info.value)
-    assert "'model.layers.0.mlp.down_proj.weight'" in message and "[48, 68]" in message and "[48, 70]" in message
+    assert (
+        "'model.layers.0.mlp.down_proj.weight'" in message and "[48, 68]" in message and "[48, 70]" in message
+    )
 
 
 def test_unknown_model_type(tmp_path: Path, tiny_config: Any) -> None:
@@ -203,8 +210,9 @@ def test_no_weights_or_no_directory(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_pretrained(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8,
-        "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}))  # fmt: skip
+    config = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8}
+    config.update(num_hidden_layers=1, num_attention_heads=2)
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(config))
     (tmp_path / "empty" / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="no safetensors weights.*pickled"):
+    with pytest.raises(CheckpointError, match=r"no safetensors weights.*pickled"):
         load_pretrained(tmp_path / "empty")

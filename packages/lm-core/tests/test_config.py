@@ -53,13 +53,19 @@ def test_to_dict_round_trips_and_transformers_reads_it(tiny_config: Any) -> None
         ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling.rope_type", "longrope"),
         ({"rope_scaling": {"type": "linear"}}, "rope_scaling.factor", "needs a 'factor'"),
         ({"rope_scaling": {"type": "linear", "factor": -1}}, "rope_scaling.factor", "positive"),
-        ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "rope_scaling.low_freq_factor", "low_freq_factor"),
+        (
+            {"rope_scaling": {"type": "llama3", "factor": 8.0}},
+            "rope_scaling.low_freq_factor",
+            "low_freq_factor",
+        ),
         ({"rope_scaling": {"type": "linear", "factor": 2.0, "fator": 1}}, "rope_scaling.fator", "unknown"),
         ({"rope_theta": "big"}, "rope_theta", "number"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor", "not supported"),
     ],
 )
-def test_invalid_configs_name_the_field(tiny_config: Any, change: dict[str, Any], field: str, pattern: str) -> None:
+def test_invalid_configs_name_the_field(
+    tiny_config: Any, change: dict[str, Any], field: str, pattern: str
+) -> None:
     raw = tiny_config()
     raw.update(change)
     with pytest.raises(ConfigError, match=pattern) as info:
@@ -79,7 +85,7 @@ def test_type_defaults(tiny_config: Any) -> None:
 
 
 def test_load_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match=r"no config\.json"):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

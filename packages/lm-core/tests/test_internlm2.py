@@ -57,7 +57,10 @@ def _write_internlm2(hf_llama: Any, out: Path, *, bias: bool, rope_scaling: dict
     # Two shards with an index, as real InternLM2 checkpoints come.
     names = sorted(tensors)
     half = len(names) // 2
-    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
     weight_map = {}
     for file, keys in shards.items():
         save_file({k: tensors[k].contiguous() for k in keys}, str(out / file), metadata={"format": "pt"})
@@ -116,7 +119,9 @@ def test_internlm2_layout_loads_equal_to_llama_layout_and_saves_for_transformers
     model = load_pretrained(tmp_path / "internlm2")
     assert model.config.model_type == "internlm2"
     assert model.config.qkv_bias is bias and model.config.o_bias is bias and not model.config.mlp_bias
-    ids = torch.randint(0, raw["vocab_size"], (2, 21))  # longer than max_position_embeddings: dynamic NTK kicks in
+    ids = torch.randint(
+        0, raw["vocab_size"], (2, 21)
+    )  # longer than max_position_embeddings: dynamic NTK kicks in
     with torch.no_grad():
         expected = reference(ids).logits
         assert (model(ids) - expected).abs().max() <= 1e-4
@@ -125,7 +130,9 @@ def test_internlm2_layout_loads_equal_to_llama_layout_and_saves_for_transformers
     save_pretrained(model, tmp_path / "as-llama")
     written = json.loads((tmp_path / "as-llama" / "config.json").read_text())
     assert written["model_type"] == "llama" and "auto_map" not in written
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "as-llama", attn_implementation="eager")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "as-llama", attn_implementation="eager"
+    )
     with torch.no_grad():
         assert (reloaded(ids).logits - expected).abs().max() <= 1e-4
 
@@ -140,5 +147,9 @@ def test_internlm2_config_keys() -> None:
         }
     )  # fmt: skip
     assert cfg.head_dim == 128 and cfg.num_kv_groups == 4
-    assert cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "dynamic" and cfg.rope_scaling.factor == 2.5
+    assert (
+        cfg.rope_scaling is not None
+        and cfg.rope_scaling.rope_type == "dynamic"
+        and cfg.rope_scaling.factor == 2.5
+    )
     assert cfg.rope_theta == 50000000.0

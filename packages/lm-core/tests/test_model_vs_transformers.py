@@ -48,7 +48,9 @@ def _compare(hf_model: Any, raw: dict[str, Any], batch: int = 2, tokens: int = 2
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "internlm3"])
 @pytest.mark.parametrize("rope", list(ROPE_KINDS))
-def test_logits_match_every_type_and_rope_kind(tiny_config: Any, hf_model: Any, model_type: str, rope: str) -> None:
+def test_logits_match_every_type_and_rope_kind(
+    tiny_config: Any, hf_model: Any, model_type: str, rope: str
+) -> None:
     raw = tiny_config(model_type, max_position_embeddings=16)
     if model_type == "mistral":
         raw["sliding_window"] = None
@@ -100,7 +102,9 @@ def test_mistral_sliding_window_matches_and_matters(tiny_config: Any, hf_model: 
 
 
 def test_qwen2_per_layer_sliding_window(tiny_config: Any, hf_model: Any) -> None:
-    raw = tiny_config("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1, num_hidden_layers=3)
+    raw = tiny_config(
+        "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1, num_hidden_layers=3
+    )
     config = ModelConfig.from_dict(raw)
     assert config.layer_types == ("full_attention", "sliding_attention", "sliding_attention")
     assert _compare(hf_model, raw, tokens=19) <= TOL

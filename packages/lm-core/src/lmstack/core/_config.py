@@ -170,7 +170,11 @@ class ModelConfig:
         # Fill derived fields on the frozen instance, then validate everything once.
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
-        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+        if (
+            self.head_dim is None
+            and isinstance(self.num_attention_heads, int)
+            and self.num_attention_heads > 0
+        ):
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.layer_types is None:
             kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
@@ -205,16 +209,22 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}.", field="head_dim")
         if not isinstance(self.rms_norm_eps, (int, float)) or not self.rms_norm_eps > 0:
-            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}.", field="rms_norm_eps")
+            raise ConfigError(
+                f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}.", field="rms_norm_eps"
+            )
         if not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 1:
-            raise ConfigError(f"rope_theta must be a number > 1, got {self.rope_theta!r}.", field="rope_theta")
+            raise ConfigError(
+                f"rope_theta must be a number > 1, got {self.rope_theta!r}.", field="rope_theta"
+            )
         if self.hidden_act not in ("silu", "swish"):
             raise ConfigError(
                 f"hidden_act {self.hidden_act!r} is not supported; the Llama family uses 'silu' (SwiGLU).",
                 field="hidden_act",
             )
         if self.sliding_window is not None and (
-            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window <= 0
+            isinstance(self.sliding_window, bool)
+            or not isinstance(self.sliding_window, int)
+            or self.sliding_window <= 0
         ):
             raise ConfigError(
                 f"sliding_window must be a positive integer or null, got {self.sliding_window!r}.",
@@ -223,17 +233,22 @@ class ModelConfig:
         assert self.layer_types is not None
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
-                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}.",
+                f"layer_types has {len(self.layer_types)} entries "
+                f"but num_hidden_layers is {self.num_hidden_layers}.",
                 field="layer_types",
             )
         for kind in self.layer_types:
             if kind not in ("full_attention", "sliding_attention"):
                 raise ConfigError(
-                    f"layer_types entry {kind!r} is not supported (use 'full_attention' or 'sliding_attention').",
+                    f"layer_types entry {kind!r} is not supported "
+                    "(use 'full_attention' or 'sliding_attention').",
                     field="layer_types",
                 )
             if kind == "sliding_attention" and self.sliding_window is None:
-                raise ConfigError("layer_types asks for sliding_attention but sliding_window is null.", field="sliding_window")
+                raise ConfigError(
+                    "layer_types asks for sliding_attention but sliding_window is null.",
+                    field="sliding_window",
+                )
         if self.rope_scaling is not None:
             _validate_rope(self.rope_scaling)
 
@@ -283,7 +298,9 @@ class ModelConfig:
 
         def need(key: str) -> Any:
             if key not in raw or raw[key] is None:
-                raise ConfigError(f"config is missing required field {key!r} (model_type {model_type}).", field=key)
+                raise ConfigError(
+                    f"config is missing required field {key!r} (model_type {model_type}).", field=key
+                )
             return raw[key]
 
         def get(key: str, default: Any = None) -> Any:
@@ -423,12 +440,15 @@ class ModelConfig:
 def _validate_rope(rs: RopeScaling) -> None:
     if rs.rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
-            f"rope scaling type {rs.rope_type!r} is not supported; use one of {', '.join(SUPPORTED_ROPE_TYPES)} "
+            f"rope scaling type {rs.rope_type!r} is not supported; "
+            f"use one of {', '.join(SUPPORTED_ROPE_TYPES)} "
             f"or none.{_nearest(rs.rope_type, SUPPORTED_ROPE_TYPES)}",
             field="rope_scaling.rope_type",
         )
     if isinstance(rs.factor, bool) or not isinstance(rs.factor, (int, float)) or not rs.factor > 0:
-        raise ConfigError(f"rope scaling factor must be a positive number, got {rs.factor!r}.", field="rope_scaling.factor")
+        raise ConfigError(
+            f"rope scaling factor must be a positive number, got {rs.factor!r}.", field="rope_scaling.factor"
+        )
     if rs.rope_type == "llama3":
         for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if getattr(rs, name) is None:
@@ -436,7 +456,8 @@ def _validate_rope(rs: RopeScaling) -> None:
         assert rs.low_freq_factor is not None and rs.high_freq_factor is not None
         if rs.high_freq_factor <= rs.low_freq_factor:
             raise ConfigError(
-                "llama3 rope scaling needs high_freq_factor > low_freq_factor.", field="rope_scaling.high_freq_factor"
+                "llama3 rope scaling needs high_freq_factor > low_freq_factor.",
+                field="rope_scaling.high_freq_factor",
             )
 
 
@@ -461,7 +482,9 @@ def _parse_rope(raw: Mapping[str, Any], model_type: str) -> tuple[float, RopeSca
     if rope_type in (None, "default"):
         return float(theta), None
     rope_type = str(rope_type)
-    max_pos = raw.get("max_position_embeddings", _TYPE_DEFAULTS[model_type].get("max_position_embeddings", 2048))
+    max_pos = raw.get(
+        "max_position_embeddings", _TYPE_DEFAULTS[model_type].get("max_position_embeddings", 2048)
+    )
     factor = source.get("factor")
     original = source.get("original_max_position_embeddings")
     if rope_type == "yarn":
@@ -470,7 +493,9 @@ def _parse_rope(raw: Mapping[str, Any], model_type: str) -> tuple[float, RopeSca
             factor = max_pos / original
     if factor is None:
         raise ConfigError(f"{rope_type} rope scaling needs a 'factor'.", field="rope_scaling.factor")
-    unknown = set(source) - {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type", "type", "rope_theta"}
+    unknown = (
+        set(source) - {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type", "type", "rope_theta"}
+    )
     if unknown:
         raise ConfigError(
             f"unknown rope scaling key(s) {sorted(unknown)} for type {rope_type!r}.",

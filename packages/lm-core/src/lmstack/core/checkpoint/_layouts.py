@@ -23,12 +23,27 @@ _INTERNLM2 = [
     (re.compile(r"^model\.tok_embeddings\.weight$"), "model.embed_tokens.weight"),
     (re.compile(r"^output\.weight$"), "lm_head.weight"),
     (re.compile(r"^model\.norm\.weight$"), "model.norm.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.attention_norm\.weight$"), r"model.layers.\1.input_layernorm.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.ffn_norm\.weight$"), r"model.layers.\1.post_attention_layernorm.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.attention\.wo\.(weight|bias)$"), r"model.layers.\1.self_attn.o_proj.\2"),
-    (re.compile(r"^model\.layers\.(\d+)\.feed_forward\.w1\.weight$"), r"model.layers.\1.mlp.gate_proj.weight"),
+    (
+        re.compile(r"^model\.layers\.(\d+)\.attention_norm\.weight$"),
+        r"model.layers.\1.input_layernorm.weight",
+    ),
+    (
+        re.compile(r"^model\.layers\.(\d+)\.ffn_norm\.weight$"),
+        r"model.layers.\1.post_attention_layernorm.weight",
+    ),
+    (
+        re.compile(r"^model\.layers\.(\d+)\.attention\.wo\.(weight|bias)$"),
+        r"model.layers.\1.self_attn.o_proj.\2",
+    ),
+    (
+        re.compile(r"^model\.layers\.(\d+)\.feed_forward\.w1\.weight$"),
+        r"model.layers.\1.mlp.gate_proj.weight",
+    ),
     (re.compile(r"^model\.layers\.(\d+)\.feed_forward\.w3\.weight$"), r"model.layers.\1.mlp.up_proj.weight"),
-    (re.compile(r"^model\.layers\.(\d+)\.feed_forward\.w2\.weight$"), r"model.layers.\1.mlp.down_proj.weight"),
+    (
+        re.compile(r"^model\.layers\.(\d+)\.feed_forward\.w2\.weight$"),
+        r"model.layers.\1.mlp.down_proj.weight",
+    ),
 ]
 _WQKV = re.compile(r"^model\.layers\.(\d+)\.attention\.wqkv\.(weight|bias)$")
 

@@ -38,7 +38,9 @@ def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({exc!r}); re-save the checkpoint.") from exc
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index ({exc!r}); re-save the checkpoint."
+            ) from exc
         missing = [s for s in shards if not (root / s).is_file()]
         if missing:
             raise CheckpointError(
@@ -53,11 +55,17 @@ def checkpoint_files(path: str | os.PathLike[str]) -> list[Path]:
         return [root / p for p in others]
     hint = ""
     if any(root.glob("*.bin")) or any(root.glob("*.pt")):
-        hint = " It holds pickled PyTorch weights: convert them to safetensors first (safetensors is required)."
-    raise CheckpointError(f"no safetensors weights in {root} (looked for {INDEX_NAME} and {SINGLE_NAME}).{hint}")
+        hint = (
+            " It holds pickled PyTorch weights: convert them to safetensors first (safetensors is required)."
+        )
+    raise CheckpointError(
+        f"no safetensors weights in {root} (looked for {INDEX_NAME} and {SINGLE_NAME}).{hint}"
+    )
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig, first: TensorInfo | None) -> torch.dtype:
+def _resolve_dtype(
+    dtype: torch.dtype | str | None, config: ModelConfig, first: TensorInfo | None
+) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     name = dtype if isinstance(dtype, str) and dtype != "auto" else None
@@ -66,7 +74,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig, first: 
     if name is not None:
         resolved = getattr(torch, name.replace("torch.", ""), None)
         if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-            raise CheckpointError(f"dtype {name!r} is not a floating-point torch dtype (try 'bfloat16' or 'float32').")
+            raise CheckpointError(
+                f"dtype {name!r} is not a floating-point torch dtype (try 'bfloat16' or 'float32')."
+            )
         return resolved
     return first.dtype if first is not None and first.dtype.is_floating_point else torch.float32
 
@@ -124,13 +134,20 @@ def load_pretrained(
     loaded: set[str] = set()
     unexpected: list[str] = []
     total = sum(len(h) for _, h in headers)
-    bar = tqdm(total=total, desc=f"Loading {root.name}", unit="tensor", disable=None if progress is None else not progress)
+    bar = tqdm(
+        total=total,
+        desc=f"Loading {root.name}",
+        unit="tensor",
+        disable=None if progress is None else not progress,
+    )
     for file, header in headers:
         with open(file, "rb") as f:
             for key, info in sorted(header.items(), key=lambda kv: kv[1].start):
                 bar.update(1)
                 targets = map_key(config, key)
-                if targets is None or any(t not in expected and not (tied and t == "lm_head.weight") for t in targets):
+                if targets is None or any(
+                    t not in expected and not (tied and t == "lm_head.weight") for t in targets
+                ):
                     if IGNORED_KEYS.match(key):
                         continue
                     unexpected.append(key)
@@ -143,7 +160,8 @@ def load_pretrained(
                     want = expected[targets[0]]
                 if info.shape != tuple(want):
                     raise CheckpointError(
-                        f"shape mismatch for tensor {key!r} in {file.name}: the checkpoint has {list(info.shape)} "
+                        f"shape mismatch for tensor {key!r} in {file.name}: "
+                        f"the checkpoint has {list(info.shape)} "
                         f"but the config ({config.model_type}, {root / 'config.json'}) implies {list(want)}; "
                         "the config and the weights do not belong together."
                     )
@@ -155,7 +173,9 @@ def load_pretrained(
                     loaded.add(target)
     bar.close()
     if unexpected:
-        message = f"checkpoint {root} has tensors this {config.model_type} model does not use: {unexpected[:8]}"
+        message = (
+            f"checkpoint {root} has tensors this {config.model_type} model does not use: {unexpected[:8]}"
+        )
         if len(unexpected) > 8:
             message += f" and {len(unexpected) - 8} more"
         if strict:
@@ -168,5 +188,7 @@ def load_pretrained(
             "the checkpoint is incomplete or belongs to another architecture."
         )
     model.tie_weights()
-    logger.info("loaded %s (%s, %d parameters, %s)", root, config.model_type, model.num_parameters(), target_dtype)
+    logger.info(
+        "loaded %s (%s, %d parameters, %s)", root, config.model_type, model.num_parameters(), target_dtype
+    )
     return model.eval()

@@ -8,13 +8,13 @@ at the weights themselves plus one tensor, which is what lets loading stay near 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -80,11 +80,14 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Ten
         with p.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{p} is not a safetensors file (only {len(head)} bytes); re-download or re-save it.")
+                raise CheckpointError(
+                    f"{p} is not a safetensors file (only {len(head)} bytes); re-download or re-save it."
+                )
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or 8 + n > size:
                 raise CheckpointError(
-                    f"{p} is corrupt: its header claims {n} bytes but the file has {size}; re-download or re-save it."
+                    f"{p} is corrupt: its header claims {n} bytes but the file has {size}; "
+                    "re-download or re-save it."
                 )
             header_bytes = f.read(n)
     except OSError as exc:
@@ -94,7 +97,9 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Ten
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{p} is corrupt: its header is not valid JSON ({exc}); re-download or re-save it.") from exc
+        raise CheckpointError(
+            f"{p} is corrupt: its header is not valid JSON ({exc}); re-download or re-save it."
+        ) from exc
     metadata = header.pop("__metadata__", None) or {}
     base = 8 + n
     data_size = size - base
@@ -107,18 +112,15 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Ten
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{p} is corrupt: bad header entry for tensor {name!r} ({exc!r}).") from exc
         info = TensorInfo(name, dtype, shape, base + begin, base + end)
-        expected = info.numel * (torch.finfo(dtype).bits if dtype.is_floating_point else _int_bits(dtype)) // 8
+        expected = info.numel * torch.empty((), dtype=dtype).element_size()
         if not 0 <= begin <= end <= data_size or end - begin != expected:
             raise CheckpointError(
-                f"{p} is corrupt or truncated: tensor {name!r} ({entry['dtype']}, shape {list(shape)}) claims bytes "
-                f"{begin}..{end} but needs {expected} bytes and the data section has {data_size}; re-download or re-save it."
+                f"{p} is corrupt or truncated: tensor {name!r} ({entry['dtype']}, shape {list(shape)}) "
+                f"claims bytes {begin}..{end} but needs {expected} bytes (data section: {data_size}); "
+                "re-download or re-save it."
             )
         tensors[name] = info
     return tensors, {str(k): str(v) for k, v in metadata.items()}
-
-
-def _int_bits(dtype: torch.dtype) -> int:
-    return 8 if dtype == torch.bool else torch.iinfo(dtype).bits
 
 
 def _as_bytes(t: Tensor) -> memoryview:
@@ -126,10 +128,10 @@ def _as_bytes(t: Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def read_tensor(f: BinaryIO, info: TensorInfo, path: str | os.PathLike[str] = "?") -> Tensor:
+def read_tensor(f: io.BufferedReader, info: TensorInfo, path: str | os.PathLike[str] = "?") -> Tensor:
     """Read one tensor from an open file into a new CPU tensor."""
     out = torch.empty(info.shape, dtype=info.dtype)
     view = _as_bytes(out)
@@ -138,12 +140,16 @@ def read_tensor(f: BinaryIO, info: TensorInfo, path: str | os.PathLike[str] = "?
     while got < len(view):
         n = f.readinto(view[got:])
         if not n:
-            raise CheckpointError(f"{path} is truncated: tensor {info.name!r} ended after {got} of {len(view)} bytes.")
+            raise CheckpointError(
+                f"{path} is truncated: tensor {info.name!r} ended after {got} of {len(view)} bytes."
+            )
         got += n
     return out
 
 
-def iter_safetensors(path: str | os.PathLike[str], names: Iterable[str] | None = None) -> Iterator[tuple[str, Tensor]]:
+def iter_safetensors(
+    path: str | os.PathLike[str], names: Iterable[str] | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, tensor)`` pairs from a file, one tensor in memory at a time (besides the caller's)."""
     tensors, _ = read_safetensors_header(path)
     wanted = list(tensors) if names is None else list(names)
@@ -168,9 +174,15 @@ def write_safetensors(
     for name in order:
         t = tensors[name]
         if t.dtype not in _NAMES:
-            raise CheckpointError(f"cannot save tensor {name!r}: dtype {t.dtype} has no safetensors encoding.")
+            raise CheckpointError(
+                f"cannot save tensor {name!r}: dtype {t.dtype} has no safetensors encoding."
+            )
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does

@@ -24,7 +24,9 @@ __all__ = ["parse_size", "save_pretrained"]
 logger = logging.getLogger(__name__)
 
 # Files a previous save wrote that a new save replaces (never carried over from an existing directory).
-_WEIGHT_FILES = re.compile(r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json)$")
+_WEIGHT_FILES = re.compile(
+    r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json)$"
+)
 
 
 class _SavesPretrained(Protocol):
@@ -35,7 +37,9 @@ def parse_size(size: int | str) -> int:
     """Parse a byte size such as ``5GB``, ``500MB``, ``2GiB`` or an integer."""
     if isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size.upper().replace("IB", "iB"), flags=re.IGNORECASE)
+    m = re.fullmatch(
+        r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size.upper().replace("IB", "iB"), flags=re.IGNORECASE
+    )
     if not m:
         raise CheckpointError(f"cannot parse size {size!r}; use e.g. '5GB', '500MB' or a number of bytes.")
     number, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
@@ -112,7 +116,9 @@ def save_pretrained(
             tensors = {k: state[k].detach().to(out_dtype[k]) for k in keys}
             total += write_safetensors(tmp / file, tensors, metadata={"format": "pt"})
             del tensors
-            bar.update(sum(state[k].numel() * torch.empty((), dtype=out_dtype[k]).element_size() for k in keys))
+            bar.update(
+                sum(state[k].numel() * torch.empty((), dtype=out_dtype[k]).element_size() for k in keys)
+            )
             weight_map.update(dict.fromkeys(keys, file))
         bar.close()
         if n > 1:

@@ -1,6 +1,11 @@
 """The Llama-family model and its attention backends."""
 
-from lmstack.core.model._attention import AttentionBackend, DenseAttention, PackedAttention, flash_attn_available
+from lmstack.core.model._attention import (
+    AttentionBackend,
+    DenseAttention,
+    PackedAttention,
+    flash_attn_available,
+)
 from lmstack.core.model._rope import RotaryEmbedding, apply_rotary
 from lmstack.core.model._transformer import MLP, Attention, CausalLM, DecoderLayer, RMSNorm, Transformer
 

@@ -53,7 +53,13 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | None,
     """SDPA on ``[B, T, H, D]`` tensors, grouped-query aware, returning ``[B, T, Hq, D]``."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=causal and mask is None,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
     )
     return out.transpose(1, 2)
 
@@ -126,12 +132,18 @@ class PackedAttention:
         use_flash: Force (True) or forbid (False) flash-attn; None picks automatically.
     """
 
-    def __init__(self, cu_seqlens: Tensor, max_seqlen: int | None = None, use_flash: bool | None = None) -> None:
+    def __init__(
+        self, cu_seqlens: Tensor, max_seqlen: int | None = None, use_flash: bool | None = None
+    ) -> None:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0:
-            raise LMStackError("cu_seqlens must be a 1-D tensor [0, len0, len0+len1, ...] with at least one sample.")
+            raise LMStackError(
+                "cu_seqlens must be a 1-D tensor [0, len0, len0+len1, ...] with at least one sample."
+            )
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         if bool((lengths <= 0).any()):
-            raise LMStackError("cu_seqlens must be strictly increasing (every sample needs at least one token).")
+            raise LMStackError(
+                "cu_seqlens must be strictly increasing (every sample needs at least one token)."
+            )
         self.cu_seqlens = cu_seqlens.to(torch.int32)
         self.max_seqlen = int(lengths.max()) if max_seqlen is None else max_seqlen
         # Host copy of the boundaries for the torch path: one sync here instead of one per layer.
@@ -189,6 +201,13 @@ class PackedAttention:
             length = end - start
             mask = None if window is None or window >= length else _causal_mask(length, window, q.device)
             pieces.append(
-                _sdpa(qf[None, start:end], kf[None, start:end], vf[None, start:end], scale=scale, mask=mask, causal=True)
+                _sdpa(
+                    qf[None, start:end],
+                    kf[None, start:end],
+                    vf[None, start:end],
+                    scale=scale,
+                    mask=mask,
+                    causal=True,
+                )
             )
         return torch.cat(pieces, dim=1).reshape(shape)

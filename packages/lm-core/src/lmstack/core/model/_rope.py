@@ -38,7 +38,9 @@ def _llama3_inv_freq(inv_freq: Tensor, rs: RopeScaling) -> Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def _yarn_inv_freq(base: float, dim: int, rs: RopeScaling, max_pos: int, device: torch.device | None) -> Tensor:
+def _yarn_inv_freq(
+    base: float, dim: int, rs: RopeScaling, max_pos: int, device: torch.device | None
+) -> Tensor:
     original = rs.original_max_position_embeddings or max_pos
     beta_fast = rs.beta_fast or 32
     beta_slow = rs.beta_slow or 1
@@ -97,7 +99,9 @@ class RotaryEmbedding(torch.nn.Module):
         max_pos = self.max_position_embeddings
         seq_len = torch.clamp(seq_len, min=max_pos).to(torch.float32)
         base = self.base * ((factor * seq_len / max_pos) - (factor - 1)) ** (self.dim / (self.dim - 2))
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).to(torch.float32) / self.dim
+        exponents = (
+            torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).to(torch.float32) / self.dim
+        )
         return 1.0 / (base.unsqueeze(-1) ** exponents)
 
     def forward(self, positions: Tensor, seq_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -7,6 +7,8 @@ converted at load time. Shapes in comments: B batch, T tokens, H heads, D head d
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,24 +18,26 @@ from lmstack.core._config import ModelConfig
 from lmstack.core.model._attention import AttentionBackend, DenseAttention
 from lmstack.core.model._rope import RotaryEmbedding, apply_rotary
 
-__all__ = ["Attention", "CausalLM", "DecoderLayer", "MLP", "RMSNorm", "Transformer"]
+__all__ = ["MLP", "Attention", "CausalLM", "DecoderLayer", "RMSNorm", "Transformer"]
 
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 and cast back."""
 
-    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self, dim: int, eps: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
-    def reset_parameters(self) -> None:  # noqa: D102
+    def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
 
@@ -43,9 +47,14 @@ class Attention(nn.Module):
     # How tensor parallelism shards this module: heads split across ranks on the way in, the output
     # projection reduces across ranks on the way out. Head counts are read off tensor shapes in
     # forward, so the same code runs on a rank's local shard.
-    tp_plan = {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"}
+    tp_plan: ClassVar[dict[str, str]] = {
+        "q_proj": "colwise",
+        "k_proj": "colwise",
+        "v_proj": "colwise",
+        "o_proj": "rowwise",
+    }
 
-    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None):  # noqa: ANN001
+    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
         assert config.head_dim is not None and config.num_key_value_heads is not None
         self.layer_idx = layer_idx
@@ -59,7 +68,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c, config.num_key_value_heads * d, bias=config.qkv_bias, **kw)
         self.o_proj = nn.Linear(config.num_attention_heads * d, c, bias=config.o_bias, **kw)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim)  # [B, T, Hq, D]
         k = self.k_proj(x).view(b, t, -1, self.head_dim)  # [B, T, Hkv, D]
@@ -72,30 +81,30 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
 
-    tp_plan = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
+    tp_plan: ClassVar[dict[str, str]] = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
 
-    def __init__(self, config: ModelConfig, device=None, dtype=None):  # noqa: ANN001
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
         super().__init__()
         kw = {"device": device, "dtype": dtype, "bias": config.mlp_bias}
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention then feed-forward."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None):  # noqa: ANN001
+    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.self_attn = Attention(config, layer_idx, device, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.mlp = MLP(config, device, dtype)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -103,7 +112,7 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
     """Embeddings, decoder layers and the final norm (the Hugging Face ``model.`` prefix)."""
 
-    def __init__(self, config: ModelConfig, device=None, dtype=None):  # noqa: ANN001
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
@@ -133,11 +142,15 @@ class CausalLM(nn.Module):
         torch.Size([1, 3, 128])
     """
 
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self, config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ):
         super().__init__()
         self.config = config
         self.model = Transformer(config, device, dtype)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype
+        )
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.activation_checkpointing = False
@@ -147,7 +160,7 @@ class CausalLM(nn.Module):
     # -- parameters ----------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
-        """Initialise weights: normal(0, std) for projections and embeddings, zeros for biases, ones for norms."""
+        """Initialise weights: normal(0, std) for projections and embeddings, 0 for biases, 1 for norms."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
