@@ -8,12 +8,15 @@ The bottom of the lmstack stack. Everything a higher layer needs from a model li
   :class:`AttentionBackend` chosen per call (:class:`DenseAttention`, :class:`PackedAttention`, or a
   paged KV cache implemented by lmstack-infer).
 * :func:`load_pretrained` / :func:`save_pretrained`: streaming, atomic Hugging Face checkpoints.
+* :class:`Tokenizer` / :func:`train_bpe_tokenizer`: ``tokenizer.json`` or sentencepiece, the model's own
+  chat template (InternLM2 ChatML built in), byte-level BPE training.
 """
 
 from lmstack.core._config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, load_config
 from lmstack.core._errors import CheckpointError, ConfigError, LMStackError, TokenizerError
 from lmstack.core.checkpoint import load_pretrained, read_safetensors_header, save_pretrained
 from lmstack.core.model import AttentionBackend, CausalLM, DenseAttention, PackedAttention
+from lmstack.core.tokenizer import Tokenizer, train_bpe_tokenizer
 
 __version__ = "0.1.0"
 
@@ -28,10 +31,12 @@ __all__ = [
     "ModelConfig",
     "PackedAttention",
     "RopeScaling",
+    "Tokenizer",
     "TokenizerError",
     "__version__",
     "load_config",
     "load_pretrained",
     "read_safetensors_header",
     "save_pretrained",
+    "train_bpe_tokenizer",
 ]
