@@ -59,9 +59,13 @@ def build_default_model(out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, help="an existing Hugging Face model directory to load instead")
-    parser.add_argument("--out", type=Path, default=REPO / "out" / "quickstart", help="where to write the default model")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "out" / "quickstart", help="where to write the default model"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -72,10 +76,11 @@ def main() -> None:
     start = time.perf_counter()
     model = load_pretrained(path, dtype=torch.float32)
     tokenizer = Tokenizer.from_pretrained(path)
+    rope = config.rope_scaling.rope_type if config.rope_scaling else "plain"
     print(
         f"{config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
         f"{config.num_attention_heads} heads / {config.num_key_value_heads} kv heads, "
-        f"rope {config.rope_scaling.rope_type if config.rope_scaling else 'plain'} (theta {config.rope_theta:g})"
+        f"rope {rope}, theta {config.rope_theta:g}"
     )
     print(f"{model.num_parameters():,} parameters, loaded in {time.perf_counter() - start:.2f} s")
 
@@ -93,7 +98,9 @@ def main() -> None:
     with torch.no_grad():
         logits = model(torch.tensor([ids]))
     top = torch.topk(logits[0, -1].softmax(-1), k=5)
-    guesses = ", ".join(f"{tokenizer.decode([int(i)])!r} {p:.3f}" for p, i in zip(top.values, top.indices, strict=True))
+    guesses = ", ".join(
+        f"{tokenizer.decode([int(i)])!r} {p:.3f}" for p, i in zip(top.values, top.indices, strict=True)
+    )
     print(f"logits {tuple(logits.shape)}; next-token top 5: {guesses}")
     if args.model is None:
         print("(random weights: the default model is trained once lmstack-train lands)")

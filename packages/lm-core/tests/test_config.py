@@ -93,3 +93,31 @@ def test_load_config_errors(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 3}))
     with pytest.raises(ConfigError, match="no 'model_type'"):
         load_config(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "internlm2", "internlm3"])
+def test_config_built_in_code_survives_to_dict_and_back(model_type: str) -> None:
+    cfg = ModelConfig(
+        model_type=model_type, vocab_size=11, hidden_size=16, intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    back = ModelConfig.from_dict(cfg.to_dict())
+    assert (back.qkv_bias, back.o_bias, back.mlp_bias) == (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias)
+    assert cfg.qkv_bias is (model_type == "qwen2")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "biases"),
+    [
+        ("qwen2", {"qkv_bias": False}),
+        ("mistral", {"qkv_bias": True}),
+        ("llama", {"qkv_bias": True, "o_bias": False}),
+    ],
+)
+def test_bias_patterns_a_type_cannot_express_are_refused(model_type: str, biases: dict[str, bool]) -> None:
+    with pytest.raises(ConfigError, match="cannot have qkv_bias") as info:
+        ModelConfig(
+            model_type=model_type, vocab_size=11, hidden_size=16, intermediate_size=24,
+            num_hidden_layers=2, num_attention_heads=4, **biases,
+        )  # fmt: skip
+    assert info.value.field == "qkv_bias"

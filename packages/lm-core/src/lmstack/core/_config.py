@@ -127,8 +127,9 @@ class ModelConfig:
         rms_norm_eps: Epsilon of every RMSNorm.
         rope_theta: RoPE base.
         rope_scaling: RoPE scaling, or None for plain RoPE.
-        qkv_bias: Bias on the q, k and v projections.
-        o_bias: Bias on the attention output projection.
+        qkv_bias: Bias on the q, k and v projections (default: True for qwen2, else False).
+        o_bias: Bias on the attention output projection (default: as ``qkv_bias`` where the type ties
+            them, llama, internlm2 and internlm3; else False).
         mlp_bias: Bias on the feed-forward projections.
         tie_word_embeddings: Whether the output projection shares the input embedding matrix.
         sliding_window: Attention window of layers whose type is ``sliding_attention``.
@@ -153,8 +154,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
-    qkv_bias: bool = False
-    o_bias: bool = False
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
@@ -168,6 +169,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # Fill derived fields on the frozen instance, then validate everything once.
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.model_type == "qwen2")
+        if self.o_bias is None:
+            tied_bias = self.model_type in ("llama", "internlm2", "internlm3")
+            object.__setattr__(self, "o_bias", bool(self.qkv_bias) and tied_bias)
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if (
@@ -251,6 +257,24 @@ class ModelConfig:
                 )
         if self.rope_scaling is not None:
             _validate_rope(self.rope_scaling)
+        self._validate_biases()
+
+    def _validate_biases(self) -> None:
+        # Only bias patterns each type's reference implementation (and checkpoint format) can express.
+        allowed = {
+            "llama": self.qkv_bias == self.o_bias,
+            "internlm3": self.qkv_bias == self.o_bias,
+            "internlm2": self.qkv_bias == self.o_bias and not self.mlp_bias,
+            "qwen2": self.qkv_bias and not self.o_bias and not self.mlp_bias,
+            "mistral": not (self.qkv_bias or self.o_bias or self.mlp_bias),
+        }[self.model_type]
+        if not allowed:
+            raise ConfigError(
+                f"{self.model_type} cannot have qkv_bias={self.qkv_bias}, o_bias={self.o_bias}, "
+                f"mlp_bias={self.mlp_bias}: llama/internlm3 use one attention bias for q, k, v and o; "
+                "internlm2 the same without mlp bias; qwen2 biases q, k, v only; mistral has none.",
+                field="qkv_bias",
+            )
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -387,8 +411,9 @@ class ModelConfig:
         target = model_type or ("llama" if self.model_type == "internlm2" else self.model_type)
         if target not in _ARCHITECTURES:
             raise ConfigError(f"cannot write a config of model_type {target!r}.", field="model_type")
-        if target in ("llama", "internlm3") and self.qkv_bias != self.o_bias:
-            raise ConfigError(f"{target} applies one attention_bias to q, k, v and o; this model differs.")
+        if target != self.model_type and self.model_type != "internlm2":
+            # Bias patterns differ per type: check that the target type can express this model's.
+            self.replace(model_type=target)
         out: dict[str, Any] = dict(self.extra)
         out.update(
             {
@@ -420,8 +445,6 @@ class ModelConfig:
         if target in ("llama", "internlm3"):
             out["attention_bias"] = self.qkv_bias
             out["mlp_bias"] = self.mlp_bias
-        elif self.mlp_bias:
-            raise ConfigError(f"{target} has no feed-forward bias; this model has one.", field="mlp_bias")
         if target == "mistral":
             out["sliding_window"] = self.sliding_window
         elif self.sliding_window is not None:

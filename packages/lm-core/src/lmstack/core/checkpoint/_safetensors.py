@@ -8,6 +8,7 @@ at the weights themselves plus one tensor, which is what lets loading stay near 
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import os
@@ -124,11 +125,16 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, Ten
 
 
 def _as_bytes(t: Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (no copy)."""
-    flat = t.reshape(-1)
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+    """A writable byte view of a contiguous CPU tensor's memory (no copy, and no numpy needed).
+
+    The view does not keep the tensor alive: callers hold ``t`` while they use it.
+    """
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("expected a contiguous CPU tensor")
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(t.data_ptr())).cast("B")
 
 
 def read_tensor(f: io.BufferedReader, info: TensorInfo, path: str | os.PathLike[str] = "?") -> Tensor:

@@ -63,10 +63,10 @@ class Attention(nn.Module):
         self.window = config.window_of(layer_idx)
         kw = {"device": device, "dtype": dtype}
         c, d = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(c, config.num_attention_heads * d, bias=config.qkv_bias, **kw)
-        self.k_proj = nn.Linear(c, config.num_key_value_heads * d, bias=config.qkv_bias, **kw)
-        self.v_proj = nn.Linear(c, config.num_key_value_heads * d, bias=config.qkv_bias, **kw)
-        self.o_proj = nn.Linear(config.num_attention_heads * d, c, bias=config.o_bias, **kw)
+        self.q_proj = nn.Linear(c, config.num_attention_heads * d, bias=bool(config.qkv_bias), **kw)
+        self.k_proj = nn.Linear(c, config.num_key_value_heads * d, bias=bool(config.qkv_bias), **kw)
+        self.v_proj = nn.Linear(c, config.num_key_value_heads * d, bias=bool(config.qkv_bias), **kw)
+        self.o_proj = nn.Linear(config.num_attention_heads * d, c, bias=bool(config.o_bias), **kw)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:
         b, t, _ = x.shape

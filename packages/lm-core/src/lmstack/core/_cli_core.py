@@ -1,0 +1,169 @@
+"""lmstack-core's own command-line verbs: ``lmstack inspect`` and ``lmstack convert``.
+
+They are registered through the ``lmstack.commands`` entry-point group like any other layer's verbs.
+The checkpoint and model code is imported inside the commands, when one runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lmstack.core._errors import CheckpointError
+
+__all__ = ["count_safetensors_parameters", "register_convert", "register_inspect"]
+
+logger = logging.getLogger(__name__)
+
+# Files a converted checkpoint takes along from the source, over anything `save_pretrained` wrote
+# (its generation_config.json has only the special token ids; the source's may set sampling defaults).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "tokenization_*.py",  # remote-code tokenizers (InternLM2) that tokenizer_config.json points at
+)
+
+
+def count_safetensors_parameters(directory: str | os.PathLike[str]) -> tuple[int, dict[str, int], int]:
+    """Count a checkpoint's parameters from its safetensors headers, without reading any weights.
+
+    Args:
+        directory: A Hugging Face checkpoint folder.
+
+    Returns:
+        The number of parameters stored (a tied embedding counts once, as it is stored once), the
+        number of parameters per dtype (``"bfloat16"``, ``"float32"``...), and the number of files read.
+
+    Raises:
+        CheckpointError: If the folder has no safetensors weights or a header is corrupt.
+    """
+    from lmstack.core.checkpoint import checkpoint_files, read_safetensors_header
+
+    files = checkpoint_files(directory)
+    by_dtype: Counter[str] = Counter()
+    for file in files:
+        tensors, _ = read_safetensors_header(file)
+        for info in tensors.values():
+            by_dtype[str(info.dtype).removeprefix("torch.")] += info.numel
+    return sum(by_dtype.values()), dict(sorted(by_dtype.items())), len(files)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from lmstack.core import load_config
+
+    path = Path(args.path)
+    config = load_config(path)
+    parameters, by_dtype, n_files = count_safetensors_parameters(path if path.is_dir() else path.parent)
+    rope = config.rope_scaling
+    report: dict[str, Any] = {
+        "model_type": config.model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "rope_scaling": None if rope is None else {"rope_type": rope.rope_type, "factor": rope.factor},
+        "vocab_size": config.vocab_size,
+        "parameters": parameters,
+        "parameters_by_dtype": by_dtype,
+        "safetensors_files": n_files,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    rope_text = "none" if rope is None else f"{rope.rope_type} (factor {rope.factor:g})"
+    dtypes = ", ".join(f"{dtype} {count:,}" for dtype, count in by_dtype.items())
+    rows = [
+        ("model type", config.model_type),
+        ("layers", config.num_hidden_layers),
+        ("hidden size", config.hidden_size),
+        ("attention heads", f"{config.num_attention_heads} (kv heads {config.num_key_value_heads})"),
+        ("rope scaling", rope_text),
+        ("vocab size", f"{config.vocab_size:,}"),
+        ("parameters", f"{parameters:,} ({_human(parameters)}; {dtypes}; {n_files} safetensors file(s))"),
+    ]
+    for label, value in rows:
+        print(f"{label + ':':<17}{value}")
+    return 0
+
+
+def _human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+def register_inspect(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``lmstack inspect PATH``: a checkpoint's architecture and parameter count."""
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show a checkpoint's architecture and parameter count (reads no weights)",
+        description="Read config.json and the safetensors headers of a Hugging Face checkpoint and show "
+        "its architecture and parameter count. No weights are loaded.",
+    )
+    parser.add_argument("path", help="checkpoint directory (or its config.json)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=_run_inspect)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    src, dst = Path(args.src), Path(args.dst)
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"convert writes a new checkpoint; DST must differ from SRC ({src}).")
+
+    import torch
+
+    from lmstack.core import load_pretrained, save_pretrained
+
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    logger.info("loading %s (dtype %s)", src, args.dtype or "as stored")
+    model = load_pretrained(src, dtype=dtype)
+    shard_size = {} if args.max_shard_size is None else {"max_shard_size": args.max_shard_size}
+    save_pretrained(model, dst, **shard_size)
+    copied = []
+    for pattern in _TOKENIZER_FILES:
+        for file in sorted(src.glob(pattern)):
+            if file.is_file():
+                shutil.copy2(file, dst / file.name)
+                copied.append(file.name)
+    logger.info("copied %s", ", ".join(copied) or "no tokenizer files")
+    print(
+        f"wrote {dst} ({args.dtype or 'dtype as stored'}; copied {len(copied)} tokenizer/generation file(s))"
+    )
+    return 0
+
+
+def register_convert(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``lmstack convert SRC DST [--dtype ...]``: rewrite a checkpoint through lmstack."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="load a checkpoint and write it again (cast dtype, reshard), tokenizer files included",
+        description="Load a Hugging Face checkpoint with lmstack and save it to DST in the Hugging Face "
+        "layout (sharded safetensors with index), optionally cast to another dtype. Tokenizer and "
+        "generation files are copied along.",
+    )
+    parser.add_argument("src", help="source checkpoint directory")
+    parser.add_argument("dst", help="destination directory (created)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="cast the weights (default: keep as stored)",
+    )
+    parser.add_argument(
+        "--max-shard-size", help="largest safetensors shard, e.g. 2GB (default: save_pretrained's)"
+    )
+    parser.set_defaults(func=_run_convert)
