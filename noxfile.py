@@ -112,9 +112,9 @@ def layers(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """Mypy over lmstack-core's source (settings in pyproject.toml)."""
-    _install(session, "mypy", _local("core"))
-    session.run("mypy", "packages/lm-core/src", *session.posargs)
+    """Mypy over the libraries' sources that have landed (settings in pyproject.toml)."""
+    _install(session, "mypy", _local("core"), _local("infer"))
+    session.run("mypy", "packages/lm-core/src", "packages/lm-infer/src", *session.posargs)
 
 
 @nox.session

@@ -1,9 +1,29 @@
-"""lmstack.infer: Inference engine, paged KV cache, kernels, quantization and an OpenAI-compatible server.
+"""lmstack.infer: serve models fast.
 
-This layer's features have not landed yet; the package installs, versions and
-imports so that the stack's layout, layering and CI are real from day one.
+* :class:`LLM`: the offline API (``LLM(path).generate(prompts, SamplingParams(...))``), chat, async
+  streaming and log-likelihood scoring on a continuous-batching engine with a paged KV cache.
+* :class:`LLMProtocol`: the interface lmstack-eval, lmstack-agent and lmstack-rag use.
 """
+
+from lmstack.infer._errors import CapacityError, InferError, InvalidRequestError
+from lmstack.infer._llm import LLM
+from lmstack.infer._outputs import CompletionOutput, RequestOutput
+from lmstack.infer._protocol import LLMProtocol
+from lmstack.infer._sampling_params import SamplingParams
+from lmstack.infer.engine import EngineConfig, LLMEngine
 
 __version__ = "0.1.0"
 
-__all__: list[str] = []
+__all__ = [
+    "LLM",
+    "CapacityError",
+    "CompletionOutput",
+    "EngineConfig",
+    "InferError",
+    "InvalidRequestError",
+    "LLMEngine",
+    "LLMProtocol",
+    "RequestOutput",
+    "SamplingParams",
+    "__version__",
+]

@@ -1,0 +1,460 @@
+"""The offline API, ``LLM(path).generate(prompts, SamplingParams(...))``, and the local LLM protocol.
+
+:class:`LLM` wraps one :class:`~lmstack.infer.engine.LLMEngine`. Synchronous calls
+(:meth:`LLM.generate`, :meth:`LLM.chat`) drive the engine in the caller's thread; async streams
+(:meth:`LLM.stream`) are served by a background thread. Both share the engine under a lock, so a
+stream and a batch generation run in the same continuous batch. Every step's outputs are routed to
+the caller that owns each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from tqdm.auto import tqdm
+
+from lmstack.core import CausalLM, PackedAttention, Tokenizer, load_pretrained
+from lmstack.infer._errors import InvalidRequestError
+from lmstack.infer._outputs import CompletionOutput, RequestOutput
+from lmstack.infer._sampling_params import SamplingParams
+from lmstack.infer.engine._engine import EngineConfig, LLMEngine
+
+__all__ = ["LLM", "Message", "Prompt"]
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+Message = Mapping[str, Any]
+
+
+@dataclass
+class _Sink:
+    """Where one request's outputs go, and how much of each sample was already delivered."""
+
+    deliver: Callable[[RequestOutput], None]
+    delta: bool = False
+    sent_text: list[int] = field(default_factory=list)
+    sent_tokens: list[int] = field(default_factory=list)
+
+    def view(self, out: RequestOutput) -> RequestOutput:
+        """A snapshot of ``out`` that the engine will not mutate afterwards (only the new part if delta)."""
+        if not self.sent_text:
+            self.sent_text = [0] * len(out.outputs)
+            self.sent_tokens = [0] * len(out.outputs)
+        outputs = []
+        for c in out.outputs:
+            t0, k0 = (self.sent_text[c.index], self.sent_tokens[c.index]) if self.delta else (0, 0)
+            outputs.append(
+                CompletionOutput(
+                    index=c.index,
+                    text=c.text[t0:],
+                    token_ids=c.token_ids[k0:],
+                    cumulative_logprob=c.cumulative_logprob,
+                    logprobs=None if c.logprobs is None else c.logprobs[k0:],
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+            self.sent_text[c.index], self.sent_tokens[c.index] = len(c.text), len(c.token_ids)
+        return RequestOutput(
+            out.request_id, out.prompt, list(out.prompt_token_ids), outputs, out.finished, out.error,
+            out.num_cached_tokens,
+        )  # fmt: skip
+
+
+class LLM:
+    """A local model behind the LLM protocol: generate, chat, stream and score.
+
+    Args:
+        model: A Hugging Face checkpoint directory, or a loaded :class:`~lmstack.core.CausalLM`.
+        tokenizer: The tokenizer (default: loaded from ``model`` when it is a path).
+        dtype: Weight dtype when loading from a path (default: the checkpoint's).
+        device: Device when loading from a path.
+        **engine_options: Fields of :class:`~lmstack.infer.engine.EngineConfig` (``block_size``,
+            ``num_kv_blocks``, ``kv_cache_memory``, ``max_num_seqs``, ``max_num_batched_tokens``,
+            ``max_model_len``, ``enable_prefix_caching``, ``enable_chunked_prefill``).
+
+    Example:
+        >>> llm = LLM("out/quickstart/tiny-model")  # doctest: +SKIP
+        >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))  # doctest: +SKIP
+        >>> out[0].outputs[0].text  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | CausalLM,
+        tokenizer: Tokenizer | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+        **engine_options: Any,
+    ) -> None:
+        if isinstance(model, CausalLM):
+            if tokenizer is None:
+                raise InvalidRequestError("LLM(model) with a model object needs tokenizer=...")
+            net = model
+        else:
+            net = load_pretrained(model, dtype=dtype, device=device)
+            tokenizer = tokenizer or Tokenizer.from_pretrained(model)
+        self.engine = LLMEngine(net, tokenizer, EngineConfig(**engine_options))
+        self._lock = threading.RLock()
+        self._work = threading.Condition(self._lock)
+        self._sinks: dict[str, _Sink] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- protocol: tokenizer -------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer."""
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt plus output) the engine serves."""
+        return self.engine.max_model_len
+
+    # -- routing -----------------------------------------------------------------------------------
+    def _step_locked(self) -> None:
+        for out in self.engine.step():
+            sink = self._sinks.get(out.request_id)
+            if sink is not None:
+                sink.deliver(sink.view(out))
+                if out.finished:
+                    self._sinks.pop(out.request_id, None)
+
+    def _add_locked(self, prompt: Prompt, params: SamplingParams, sink: _Sink) -> str:
+        request_id = self.engine.add_request(prompt, params)
+        self._sinks[request_id] = sink
+        return request_id
+
+    # -- protocol: generate / chat -----------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Generate completions for a batch of prompts, returned in the prompts' order.
+
+        Args:
+            prompts: One prompt or a list; each is text or a list of token ids.
+            sampling_params: One set for all prompts, or one per prompt (default ``SamplingParams()``).
+            use_tqdm: Show a progress bar (default: only on an interactive terminal).
+
+        Raises:
+            InvalidRequestError: if any prompt or parameter set is invalid (nothing is queued then).
+        """
+        batch = _as_batch(prompts)
+        params = _as_params(sampling_params, len(batch))
+        for p in params:
+            p.validate_for_vocab(self.engine.vocab_size)
+        results: dict[str, RequestOutput] = {}
+        ids: list[str] = []
+        bar = tqdm(
+            total=len(batch),
+            desc="Generating",
+            unit="req",
+            disable=None if use_tqdm is None else not use_tqdm,
+        )
+
+        def collect(out: RequestOutput) -> None:
+            if out.finished:
+                results[out.request_id] = out
+                bar.update(1)
+
+        with self._lock:
+            try:
+                for prompt, p in zip(batch, params, strict=True):
+                    ids.append(self._add_locked(prompt, p, _Sink(collect)))
+            except BaseException:
+                for rid in ids:
+                    self._sinks.pop(rid, None)
+                    self.engine.abort_request(rid)
+                raise
+        try:
+            while len(results) < len(ids):
+                with self._lock:
+                    self._step_locked()
+        finally:
+            with self._lock:
+                for rid in ids:
+                    if rid not in results:  # interrupted: free what is left
+                        self._sinks.pop(rid, None)
+                        self.engine.abort_request(rid)
+            bar.close()
+        return [results[rid] for rid in ids]
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool | None = None,
+        **template_kwargs: Any,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the model's chat template."""
+        prompts = [
+            self.render_chat(conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                             **template_kwargs)
+            for conv in _as_conversations(messages)
+        ]  # fmt: skip
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def render_chat(
+        self,
+        conversation: Sequence[Message],
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """Token ids of a conversation rendered by the chat template (special tokens come from it)."""
+        text = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+            **template_kwargs,
+        )  # fmt: skip
+        assert isinstance(text, str)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- protocol: stream --------------------------------------------------------------------------------
+    async def stream(
+        self, prompt: Prompt | Sequence[Message], sampling_params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's progress as deltas: each output carries only the new text and tokens.
+
+        ``prompt`` may also be a conversation (a list of messages), rendered with the chat template.
+        Closing or cancelling the generator aborts the request and frees its KV blocks at once.
+        """
+        if _is_conversation(prompt):
+            prompt = self.render_chat(cast(Sequence[Message], prompt))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+        def deliver(out: RequestOutput) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        with self._lock:
+            request_id = self._add_locked(
+                cast(Prompt, prompt), sampling_params or SamplingParams(), _Sink(deliver, delta=True)
+            )
+            self._ensure_thread()
+            self._work.notify()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                with self._lock:
+                    self._sinks.pop(request_id, None)
+                    self.engine.abort_request(request_id)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve, name="lmstack-engine", daemon=True)
+            self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            with self._work:
+                while not self._closed and not self.engine.has_unfinished_requests():
+                    self._work.wait()
+                if self._closed:
+                    return
+                try:
+                    self._step_locked()
+                except Exception:  # a broken step must not hang every waiting stream
+                    logger.exception("engine step failed; aborting all requests")
+                    for request_id in list(self._sinks):
+                        out = self.engine.abort_request(request_id)
+                        sink = self._sinks.pop(request_id)
+                        if out is not None:
+                            out.error = out.error or "engine step failed"
+                            sink.deliver(sink.view(out))
+
+    def close(self) -> None:
+        """Stop the background thread (pending streams are aborted)."""
+        with self._work:
+            self._closed = True
+            self._work.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- protocol: scoring -------------------------------------------------------------------------------
+    def loglikelihood(
+        self,
+        requests: Sequence[tuple[str, str]] | Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        max_batch_tokens: int = 4096,
+        use_tqdm: bool | None = None,
+    ) -> list[tuple[float, bool]]:
+        """Score continuations given contexts: summed log-probability, and whether greedy decoding agrees.
+
+        For each ``(context, continuation)``: the summed log-probability of the continuation's tokens
+        given the context, and whether greedy decoding would have produced them.
+
+        Text pairs are tokenized together, so a token spanning the boundary is attributed to the
+        continuation (as lm-evaluation-harness does); token-id pairs are used as given. Contexts too
+        long for the model are truncated from the left.
+
+        Args:
+            requests: ``(context, continuation)`` pairs, both text or both token ids.
+            max_batch_tokens: Token budget of one packed forward pass.
+            use_tqdm: Show a progress bar (default: only on an interactive terminal).
+        """
+        pairs = [self._split(ctx, cont) for ctx, cont in requests]
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        bar = tqdm(
+            total=len(pairs), desc="Scoring", unit="req", disable=None if use_tqdm is None else not use_tqdm
+        )
+        batch: list[int] = []
+        tokens = 0
+        for i in order:
+            n = len(pairs[i][0]) + len(pairs[i][1]) - 1
+            if batch and tokens + n > max_batch_tokens:
+                self._score(batch, pairs, results)
+                bar.update(len(batch))
+                batch, tokens = [], 0
+            batch.append(i)
+            tokens += n
+        if batch:
+            self._score(batch, pairs, results)
+            bar.update(len(batch))
+        bar.close()
+        return [r for r in results if r is not None]
+
+    def _split(
+        self, context: str | Sequence[int], continuation: str | Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        if isinstance(context, str) != isinstance(continuation, str):
+            raise InvalidRequestError("a loglikelihood pair must be two strings or two token-id lists.")
+        if isinstance(context, str) and isinstance(continuation, str):
+            if not continuation:
+                raise InvalidRequestError("the continuation to score is empty.")
+            whole = self.tokenizer.encode(context + continuation)
+            ctx = self.tokenizer.encode(context)
+            if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+                ctx_ids, cont_ids = ctx, whole[len(ctx) :]
+            else:
+                ctx_ids, cont_ids = ctx, self.tokenizer.encode(continuation, add_special_tokens=False)
+        else:
+            ctx_ids, cont_ids = [int(t) for t in context], [int(t) for t in continuation]
+        if not cont_ids:
+            raise InvalidRequestError("the continuation to score is empty.")
+        if not ctx_ids:
+            bos = (
+                self.tokenizer.bos_token_id
+                if self.tokenizer.bos_token_id is not None
+                else self.tokenizer.eos_token_id
+            )
+            if bos is None:
+                raise InvalidRequestError(
+                    "the context is empty and the tokenizer has no bos/eos token to start from."
+                )
+            ctx_ids = [bos]
+        limit = self.engine.max_model_len
+        if len(cont_ids) >= limit:
+            raise InvalidRequestError(
+                f"the continuation has {len(cont_ids)} tokens; the context limit is {limit}."
+            )
+        if len(ctx_ids) + len(cont_ids) > limit:
+            ctx_ids = ctx_ids[len(ctx_ids) + len(cont_ids) - limit :]
+        return ctx_ids, cont_ids
+
+    @torch.inference_mode()
+    def _score(
+        self,
+        batch: list[int],
+        pairs: list[tuple[list[int], list[int]]],
+        results: list[tuple[float, bool] | None],
+    ) -> None:
+        # All sequences of the batch packed in one row: no padding, no attention across sequences.
+        ids: list[int] = []
+        positions: list[int] = []
+        cu = [0]
+        picks: list[int] = []
+        targets: list[int] = []
+        for i in batch:
+            ctx, cont = pairs[i]
+            seq = (ctx + cont)[:-1]  # the last token predicts nothing we need
+            start = len(ids)
+            ids.extend(seq)
+            positions.extend(range(len(seq)))
+            cu.append(len(ids))
+            picks.extend(range(start + len(ctx) - 1, start + len(seq)))
+            targets.extend(cont)
+        device = self.engine.device
+        model = self.engine.model
+        logits = model(
+            torch.tensor([ids], device=device),
+            torch.tensor([positions], device=device),
+            PackedAttention(torch.tensor(cu)),
+            logits_indices=torch.tensor(picks, device=device),
+        ).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(targets, device=device)
+        chosen = logprobs.gather(-1, target[:, None])[:, 0]
+        greedy = logits.argmax(-1) == target
+        offset = 0
+        for i in batch:
+            n = len(pairs[i][1])
+            results[i] = (float(chosen[offset : offset + n].sum()), bool(greedy[offset : offset + n].all()))
+            offset += n
+
+
+def _is_conversation(value: object) -> bool:
+    return (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and bool(value)
+        and isinstance(value[0], Mapping)
+    )
+
+
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # type: ignore[arg-type]
+    if isinstance(prompts, torch.Tensor):
+        raise InvalidRequestError("pass prompts as text or lists of token ids, not tensors.")
+    batch = list(cast(Sequence[Prompt], prompts))
+    if not batch:
+        raise InvalidRequestError("no prompts given.")
+    for p in batch:
+        if not isinstance(p, str) and not (isinstance(p, Sequence) and all(isinstance(t, int) for t in p)):
+            raise InvalidRequestError(
+                f"a prompt must be text or a list of token ids, got {type(p).__name__}."
+            )
+    return batch
+
+
+def _as_params(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    out = list(params)
+    if len(out) != n:
+        raise InvalidRequestError(f"got {len(out)} sampling parameter sets for {n} prompts.")
+    return out
+
+
+def _as_conversations(messages: Sequence[Message] | Sequence[Sequence[Message]]) -> list[Sequence[Message]]:
+    if _is_conversation(messages):
+        return [messages]  # type: ignore[list-item]
+    return list(messages)  # type: ignore[arg-type]

@@ -1,0 +1,60 @@
+"""The LLM protocol: the one interface lmstack-eval, lmstack-agent and lmstack-rag talk to.
+
+Two implementations satisfy it: the local engine (:class:`~lmstack.infer.LLM`) and, with the server
+issue, a remote client for any OpenAI-compatible server. Code above this layer takes an
+``LLMProtocol`` and never knows which one it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from lmstack.core import Tokenizer
+from lmstack.infer._outputs import RequestOutput
+from lmstack.infer._sampling_params import SamplingParams
+
+__all__ = ["LLMProtocol"]
+
+
+@runtime_checkable
+class LLMProtocol(Protocol):
+    """Generate, chat, stream and score with a language model.
+
+    Prompts are text or token ids; conversations are lists of ``{"role": ..., "content": ...}``.
+    """
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer."""
+        ...
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Complete each prompt; outputs come back in the prompts' order."""
+        ...
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation or each of a list of them, through the model's chat template."""
+        ...
+
+    def stream(
+        self,
+        prompt: str | Sequence[int] | Sequence[Mapping[str, Any]],
+        sampling_params: SamplingParams | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield one request's progress as deltas (new text and tokens); closing it cancels the request."""
+        ...
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]] | Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[tuple[float, bool]]:
+        """For each ``(context, continuation)``: summed log-probability of the continuation, and is-greedy."""
+        ...

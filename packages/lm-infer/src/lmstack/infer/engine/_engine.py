@@ -1,0 +1,374 @@
+"""The synchronous engine: requests in, one batched forward per step, outputs out.
+
+Each :meth:`LLMEngine.step` asks the scheduler which sequences run and how many tokens each (decode
+tokens and prefill chunks together, under a token budget), builds one flattened batch with its
+positions and KV slots, runs the model once with a :class:`PagedAttention` backend, samples the
+sequences whose chunk reached their end, and feeds the new tokens back (detokenizing, matching stop
+strings, finishing sequences). Requests join and leave at every step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from lmstack.core import CausalLM, Tokenizer
+from lmstack.core.checkpoint._save import parse_size
+from lmstack.infer._errors import InvalidRequestError
+from lmstack.infer._outputs import CompletionOutput, RequestOutput
+from lmstack.infer._sampling_params import SamplingParams
+from lmstack.infer.engine._block_manager import BlockManager
+from lmstack.infer.engine._detokenizer import IncrementalDetokenizer
+from lmstack.infer.engine._paged_attention import KVCache, PagedAttention, kv_bytes_per_block
+from lmstack.infer.engine._sampler import Sampler, SamplingTensors, make_generator
+from lmstack.infer.engine._scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from lmstack.infer.engine._sequence import Sequence, SequenceStatus
+
+__all__ = ["EngineConfig", "LLMEngine"]
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+    SequenceStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass
+class EngineConfig:
+    """How the engine sizes its KV cache and batches.
+
+    Attributes:
+        block_size: Token slots per KV block.
+        num_kv_blocks: KV blocks to allocate; overrides ``kv_cache_memory``.
+        kv_cache_memory: KV cache budget in bytes or as ``"2GB"``; default: enough for
+            ``max_num_seqs`` full-context sequences, capped at 1 GiB.
+        max_num_seqs: Most sequences in one step.
+        max_num_batched_tokens: Token budget of one step (prefill chunks plus decode tokens).
+        max_model_len: Longest sequence (prompt plus output); default: the model's
+            ``max_position_embeddings``.
+        enable_prefix_caching: Share full KV blocks between requests with a common prefix.
+        enable_chunked_prefill: Split long prompts across steps under the token budget.
+        kv_cache_dtype: Storage dtype of the cache (default: the model's dtype).
+    """
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | str | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kv_cache_dtype: torch.dtype | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    generators: list[torch.Generator | None]
+    outputs: list[CompletionOutput]
+    error: str | None = None
+    reported_finished: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache.
+
+    Not thread-safe: drive it from one thread (the :class:`~lmstack.infer.LLM` wrapper serialises
+    access for its async streams).
+
+    Args:
+        model: The model (its parameters' device and dtype are used).
+        tokenizer: Its tokenizer.
+        config: Cache and batching settings.
+    """
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        mc = model.config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        self.vocab_size = mc.vocab_size
+        kv_dtype = config.kv_cache_dtype or self.dtype
+        per_block = kv_bytes_per_block(mc, config.block_size, kv_dtype)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        elif config.kv_cache_memory is not None:
+            num_blocks = parse_size(config.kv_cache_memory) // per_block
+        else:
+            wanted = config.max_num_seqs * math.ceil(self.max_model_len / config.block_size)
+            num_blocks = min(wanted, (1 << 30) // per_block)
+        if num_blocks < 1:
+            raise InvalidRequestError(
+                f"the KV cache budget holds no block (one block takes {per_block} bytes); "
+                "raise kv_cache_memory."
+            )
+        self.cache = KVCache(mc, num_blocks, config.block_size, kv_dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                max_model_len=self.max_model_len,
+            ),
+            self.block_manager,
+        )
+        self.sampler = Sampler()
+        self._windows = sorted({mc.window_of(i) for i in range(mc.num_hidden_layers)}, key=lambda w: w or 0)
+        self._requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        eos = mc.eos_token_id if mc.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_token_ids = sorted(set(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%.1f MB)",
+            num_blocks,
+            config.block_size,
+            self.cache.nbytes / 1e6,
+        )
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; it starts at the next step.
+
+        Args:
+            prompt: Text (encoded with the tokenizer's special tokens) or token ids.
+            params: Sampling parameters (default: ``SamplingParams()``).
+            request_id: A unique id (default: a new one).
+
+        Returns:
+            The request id.
+
+        Raises:
+            InvalidRequestError: for an empty prompt, a prompt that leaves no room to generate,
+                unknown token ids, invalid parameters or a duplicate id. The engine is unaffected.
+        """
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use.")
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            prompt_ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            text, prompt_ids = None, [int(t) for t in prompt]
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token.")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})."
+            )
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context is {self.max_model_len}; "
+                f"shorten it to at most {self.max_model_len - 1} tokens to leave room for output."
+            )
+        params.validate_for_vocab(self.vocab_size)
+        room = self.max_model_len - len(prompt_ids)
+        max_total = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
+        req = _Request(request_id, text, prompt_ids, params, [], [], [], [])
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), max_total)
+            req.seqs.append(seq)
+            req.detoks.append(
+                IncrementalDetokenizer(self.tokenizer, prompt_ids, params, eos_token_ids=self.eos_token_ids)
+            )
+            req.generators.append(make_generator(params.seed, index) if params.seed is not None else None)
+            req.outputs.append(
+                CompletionOutput(
+                    index,
+                    logprobs=[] if params.logprobs is not None else None,
+                    cumulative_logprob=0.0 if params.logprobs is not None else None,
+                )
+            )
+        self._requests[request_id] = req
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output (None if unknown)."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.abort(request_id)
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.status = SequenceStatus.FINISHED_ABORTED
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether any request is still queued or running."""
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests queued or running."""
+        return len(self._requests)
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step and one forward; return the outputs of requests that changed."""
+        plan = self.scheduler.schedule()
+        touched: dict[str, _Request] = {}
+        for seq in plan.failed:
+            req = self._requests.get(seq.request_id)
+            if req is not None:
+                req.error = seq.error or "the request failed"
+                if not all(s.is_finished for s in req.seqs):  # its other samples go with it
+                    self.scheduler.abort(req.request_id)
+                touched[req.request_id] = req
+        finished_ids: set[int] = set()
+        # A sequence aborted since schedule() (its failed sibling's request) holds no blocks: skip it.
+        scheduled = [s for s in plan.scheduled if not s.seq.is_finished]
+        if scheduled:
+            finished_ids = self._run(scheduled, touched)
+            done = self.scheduler.update(scheduled, finished_ids)
+            for seq in done:
+                req = self._requests.get(seq.request_id)
+                if req is not None:
+                    touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                self._requests.pop(req.request_id, None)
+        return outputs
+
+    def _run(self, scheduled: list[ScheduledSeq], touched: dict[str, _Request]) -> set[int]:
+        bs = self.config.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_at: list[int] = []
+        sampled: list[ScheduledSeq] = []
+        for item in scheduled:
+            seq, n = item.seq, item.num_tokens
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids_slice(start, start + n))
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if item.samples:
+                sample_at.append(len(ids) - 1)
+                sampled.append(item)
+        attn = PagedAttention(
+            self.cache,
+            torch.tensor(slots, dtype=torch.long),
+            [s.num_tokens for s in scheduled],
+            [s.seq.num_computed_tokens + s.num_tokens for s in scheduled],
+            [s.seq.block_table for s in scheduled],
+            window_sizes=self._windows,
+        )
+        device = self.device
+        logits = self.model(
+            torch.tensor([ids], device=device),
+            torch.tensor([positions], device=device),
+            attn,
+            logits_indices=torch.tensor(sample_at, device=device) if sample_at else None,
+        )
+        if not sampled:
+            return set()
+        reqs = [self._requests[s.seq.request_id] for s in sampled]
+        index = [r.seqs.index(s.seq) for r, s in zip(reqs, sampled, strict=True)]
+        tensors = SamplingTensors.build(
+            [r.params for r in reqs],
+            [s.seq.prompt_token_ids for s in sampled],
+            [s.seq.output_token_ids for s in sampled],
+            [r.generators[i] for r, i in zip(reqs, index, strict=True)],
+            self.vocab_size,
+            device,
+            eos_token_ids=self.eos_token_ids,
+        )
+        out = self.sampler(logits, tensors)
+        tokens = out.token_ids.tolist()
+        chosen_lp = out.logprobs.tolist()
+        top = None
+        if out.top_logprobs is not None:
+            top = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())
+        finished: set[int] = set()
+        for row, (item, req, i) in enumerate(zip(sampled, reqs, index, strict=True)):
+            seq, token = item.seq, tokens[row]
+            seq.output_token_ids.append(token)
+            completion = req.outputs[i]
+            completion.token_ids.append(token)
+            if req.params.logprobs is not None:
+                entry = {token: chosen_lp[row]}
+                if top is not None:
+                    for lp, tid in itertools.islice(
+                        zip(top[0][row], top[1][row], strict=True), req.params.logprobs
+                    ):
+                        entry.setdefault(tid, lp)
+                assert completion.logprobs is not None and completion.cumulative_logprob is not None
+                completion.logprobs.append(entry)
+                completion.cumulative_logprob += chosen_lp[row]
+            detok = req.detoks[i]
+            completion.text += detok.push(token)
+            if detok.stopped:  # eos, a stop token id or a stop string
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                completion.stop_reason = detok.stop_reason
+            elif seq.num_tokens >= seq.max_total_tokens:
+                seq.status = SequenceStatus.FINISHED_LENGTH
+                completion.text += detok.finish()
+            if seq.is_finished:
+                completion.finish_reason = _FINISH_REASONS[seq.status]
+                finished.add(seq.seq_id)
+            touched[req.request_id] = req
+        return finished
+
+    def _output(self, req: _Request) -> RequestOutput:
+        if req.error is not None:
+            for completion in req.outputs:
+                completion.finish_reason = completion.finish_reason or "error"
+        for seq, completion in zip(req.seqs, req.outputs, strict=True):
+            if seq.is_finished and completion.finish_reason is None:
+                completion.finish_reason = _FINISH_REASONS[seq.status]
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_ids,
+            outputs=req.outputs,
+            finished=req.finished,
+            error=req.error,
+            num_cached_tokens=max((s.num_cached_prompt_tokens for s in req.seqs), default=0),
+        )
+
+    # -- introspection -----------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """KV blocks free now (cached-but-unreferenced prefix blocks count as free)."""
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        """KV blocks in the cache."""
+        return self.block_manager.num_blocks

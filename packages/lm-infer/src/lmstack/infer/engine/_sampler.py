@@ -1,0 +1,389 @@
+"""Batched token sampling: penalties, greedy, temperature, top-k, top-p, min-p and log-probs.
+
+One :class:`SamplingTensors` is built per engine step from the running sequences' parameters and
+token histories; :class:`Sampler` then turns a ``[N, V]`` logits tensor into one token per row with
+whole-batch tensor operations. The only Python loop on the hot path is over *seeded* rows, which
+draw their random numbers from their own generator so that a seeded request's tokens do not depend
+on what else is in the batch.
+
+Processing order, per row:
+
+1. penalties on the logits: repetition (prompt and output tokens), then frequency and presence
+   (output tokens only);
+2. ``min_tokens``: the end-of-sequence and ``stop_token_ids`` logits are set to ``-inf`` while the
+   output is shorter than ``min_tokens``;
+3. greedy rows (``temperature == 0`` or ``top_k == 1``) take ``argmax`` of these logits;
+4. the other rows: divide by the temperature, keep the ``top_k`` largest, then the top-p nucleus of
+   what is left (renormalised), then drop tokens below ``min_p`` times the most likely one, and
+   sample from the softmax of the remaining logits.
+
+Log-probs are those of the *processed* logits of steps 1-2: ``log_softmax`` after penalties and the
+``min_tokens`` mask, before temperature and truncation. They describe the model's (penalised)
+distribution rather than the truncated one the token was drawn from, so a token sampled at high
+temperature or from a narrow nucleus still gets a meaningful log-prob (never 0 just because top-k
+kept one token), and a greedy row's token is always the one with the highest reported log-prob.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmstack.infer._errors import InvalidRequestError
+from lmstack.infer._sampling_params import SamplingParams
+
+__all__ = ["Sampler", "SamplerOutput", "SamplingTensors", "make_generator"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    # SplitMix64's finaliser: nearby (seed, index) pairs get unrelated generator seeds.
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def make_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Creates the random generator of one completion of a seeded request.
+
+    Each of a request's ``n`` completions gets its own stream, and the stream depends only on
+    ``(seed, index)``, never on the engine's state or the other requests.
+
+    Args:
+        seed: The request's ``SamplingParams.seed`` (any int; negative and large values are fine).
+        index: Which of the request's ``n`` completions, from 0.
+        device: Device of the logits the generator will sample for.
+
+    Returns:
+        A freshly seeded generator on ``device``.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)))
+    return generator
+
+
+def _flat_ids(
+    sequences: Sequence[Sequence[int]], vocab_size: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (row, id) index tensors of every token of ``sequences``, without padding."""
+    lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.int64)
+    ids = torch.tensor(list(itertools.chain.from_iterable(sequences)), dtype=torch.int64)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise InvalidRequestError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    rows = torch.repeat_interleave(torch.arange(len(sequences), dtype=torch.int64), lengths)
+    return rows, ids
+
+
+@dataclass
+class SamplingTensors:
+    """The sampling parameters of one step's batch of ``N`` sequences, as tensors.
+
+    Build it with :meth:`build`. Per-row parameters are ``[N]`` tensors on the logits' device; the
+    ``do_*`` flags say whether any row needs a processing stage, so the sampler skips the others
+    without reading tensors back from the device.
+
+    Attributes:
+        temperature: ``[N]`` float32; 1.0 on greedy rows (they never divide by it).
+        top_p: ``[N]`` float32.
+        top_k: ``[N]`` int64; ``vocab_size`` where top-k is disabled or ``k > vocab_size``.
+        min_p: ``[N]`` float32.
+        repetition_penalty: ``[N]`` float32.
+        presence_penalty: ``[N]`` float32.
+        frequency_penalty: ``[N]`` float32.
+        greedy: ``[N]`` bool; rows that take the argmax.
+        output_counts: ``[N, V]`` float32 count of each token in each row's output, or None when no
+            row has a presence or frequency penalty.
+        seen_mask: ``[N, V]`` bool, tokens in each row's prompt or output, or None when no row has a
+            repetition penalty.
+        suppress: ``(rows, ids)`` index tensors of the logits masked for ``min_tokens``, or None.
+        generators: Per row, its own generator (seeded requests) or None (the shared default one).
+        max_logprobs: The most top log-probs any row asked for (0 when none did).
+        vocab_size: ``V``.
+        all_greedy: Every row is greedy.
+        do_top_k: Some row has top-k enabled.
+        do_top_p: Some row has ``top_p < 1``.
+        do_min_p: Some row has ``min_p > 0``.
+    """
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    greedy: torch.Tensor
+    output_counts: torch.Tensor | None
+    seen_mask: torch.Tensor | None
+    suppress: tuple[torch.Tensor, torch.Tensor] | None
+    generators: tuple[torch.Generator | None, ...]
+    max_logprobs: int
+    vocab_size: int
+    all_greedy: bool
+    do_top_k: bool
+    do_top_p: bool
+    do_min_p: bool
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        prompt_ids: Sequence[Sequence[int]],
+        output_ids: Sequence[Sequence[int]],
+        generators: Sequence[torch.Generator | None],
+        vocab_size: int,
+        device: torch.device | str,
+        *,
+        eos_token_ids: Sequence[int] = (),
+    ) -> SamplingTensors:
+        """Builds the tensors for one step.
+
+        Token counts are built with one ``scatter_add`` over the flattened histories, not a loop
+        over tokens, and only when some row needs them.
+
+        Args:
+            params: Each row's sampling parameters (a request with ``n > 1`` has ``n`` rows).
+            prompt_ids: Each row's prompt token ids (for the repetition penalty).
+            output_ids: Each row's generated token ids so far.
+            generators: Each row's own generator (see :func:`make_generator`) or None. A seeded
+                row's generator must be on ``device``.
+            vocab_size: Width ``V`` of the logits.
+            device: Device of the logits.
+            eos_token_ids: The model's end-of-sequence ids, masked out while a row (without
+                ``ignore_eos``) has fewer than ``min_tokens`` output tokens.
+
+        Returns:
+            The batch's sampling tensors.
+
+        Raises:
+            ValueError: The sequences do not all have one entry per row.
+            InvalidRequestError: A prompt or output holds an id outside ``[0, vocab_size)``.
+        """
+        n = len(params)
+        if not len(prompt_ids) == len(output_ids) == len(generators) == n:
+            raise ValueError(
+                f"params, prompt_ids, output_ids and generators need one entry per row, got "
+                f"{n}, {len(prompt_ids)}, {len(output_ids)} and {len(generators)}"
+            )
+
+        greedy = [p.greedy for p in params]
+        # top_k == 1 rows are greedy too, so the value in the other stages does not matter for them.
+        top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        do_repetition = any(p.repetition_penalty != 1.0 for p in params)
+        do_counts = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+
+        output_counts = seen_mask = None
+        if do_repetition or do_counts:
+            out_rows, out_ids = _flat_ids(output_ids, vocab_size, "an output")
+            flat = (out_rows * vocab_size + out_ids).to(device)
+            counts = torch.zeros(n * vocab_size, dtype=torch.float32, device=device)
+            counts.scatter_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float32, device=device))
+            counts = counts.view(n, vocab_size)
+            if do_counts:
+                output_counts = counts
+            if do_repetition:
+                prompt_rows, prompt_ids_flat = _flat_ids(prompt_ids, vocab_size, "a prompt")
+                seen = counts > 0
+                seen.view(-1)[(prompt_rows * vocab_size + prompt_ids_flat).to(device)] = True
+                seen_mask = seen
+
+        suppress = None
+        suppress_rows: list[int] = []
+        suppress_ids: list[int] = []
+        for row, (p, out) in enumerate(zip(params, output_ids, strict=True)):
+            if len(out) < p.min_tokens:
+                ids = {*(p.stop_token_ids or ()), *(() if p.ignore_eos else eos_token_ids)}
+                ids = {i for i in ids if 0 <= i < vocab_size}
+                suppress_rows.extend([row] * len(ids))
+                suppress_ids.extend(sorted(ids))
+        if suppress_rows:
+            suppress = (
+                torch.tensor(suppress_rows, dtype=torch.int64, device=device),
+                torch.tensor(suppress_ids, dtype=torch.int64, device=device),
+            )
+
+        # One host-to-device copy for all float parameters rather than one per tensor.
+        floats = torch.tensor(
+            [
+                [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                [p.top_p for p in params],
+                [p.min_p for p in params],
+                [p.repetition_penalty for p in params],
+                [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params],
+            ],
+            dtype=torch.float32,
+        ).to(device)
+        temperature, top_p, min_p, repetition, presence, frequency = floats.unbind(0)
+        sampled = [p for p in params if not p.greedy]
+        return cls(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+            min_p=min_p,
+            repetition_penalty=repetition,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            output_counts=output_counts,
+            seen_mask=seen_mask,
+            suppress=suppress,
+            generators=tuple(generators),
+            max_logprobs=min(max((p.logprobs or 0 for p in params), default=0), vocab_size),
+            vocab_size=vocab_size,
+            all_greedy=all(greedy),
+            do_top_k=any(0 < p.top_k < vocab_size for p in sampled),
+            do_top_p=any(p.top_p < 1.0 for p in sampled),
+            do_min_p=any(p.min_p > 0.0 for p in sampled),
+        )
+
+
+@dataclass
+class SamplerOutput:
+    """What :class:`Sampler` produced for one step.
+
+    Attributes:
+        token_ids: ``[N]`` int64, the chosen token of each row.
+        logprobs: ``[N]`` float32, each chosen token's log-prob under the processed distribution
+            (``log_softmax`` of the logits after penalties and the ``min_tokens`` mask, before
+            temperature and truncation).
+        top_logprobs: ``(values, ids)``, both ``[N, K]`` (float32, int64), the ``K`` largest
+            log-probs of that same distribution in descending order, ``K`` being the most any row
+            asked for; slice ``[:, :k]`` for a row that asked for ``k``. None when no row asked.
+    """
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+    top_logprobs: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> None:
+    """Applies the repetition, frequency and presence penalties to float32 ``logits`` in place."""
+    if t.seen_mask is not None:
+        penalty = t.repetition_penalty.unsqueeze(1)
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits.copy_(torch.where(t.seen_mask, penalised, logits))
+    if t.output_counts is not None:
+        logits -= t.frequency_penalty.unsqueeze(1) * t.output_counts
+        logits -= t.presence_penalty.unsqueeze(1) * (t.output_counts > 0)
+
+
+def _truncate(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Masks (to ``-inf``) the tokens that top-k, top-p and min-p drop; returns new logits."""
+    if t.do_top_k or t.do_top_p:
+        # One descending sort serves both: top-k cuts by rank, top-p by the cumulative mass of
+        # the ranks top-k kept.
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[-1], device=logits.device)
+        drop = ranks.unsqueeze(0) >= t.top_k.unsqueeze(1)
+        if t.do_top_p:
+            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs
+            # top_p == 1 rows keep everything explicitly: rounding can push the running sum to 1
+            # before the tail, and a row's result must not depend on its neighbours' settings.
+            nucleus_drop = (mass_before >= t.top_p.unsqueeze(1)) & (t.top_p < 1).unsqueeze(1)
+            drop |= nucleus_drop
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
+    if t.do_min_p:
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p): no softmax needed, and
+        # the ratio is the same before and after renormalising over the top-k/top-p survivors.
+        threshold = logits.amax(dim=-1, keepdim=True) + torch.log(t.min_p).unsqueeze(1)
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    return logits
+
+
+def _exponential_noise(rows: int, vocab: int, t: SamplingTensors, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise for the race; a seeded row's comes from its own generator only."""
+    noise = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+    seeded = [row for row, g in enumerate(t.generators) if g is not None]
+    if len(seeded) < rows:
+        noise.exponential_()  # one draw from the default generator for all unseeded rows
+    for row in seeded:
+        noise[row].exponential_(generator=t.generators[row])
+    return noise
+
+
+class Sampler:
+    """Chooses the next token of every row of a batch (see the module docstring for the stages)."""
+
+    def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+        """Samples one token per row.
+
+        Args:
+            logits: ``[N, V]`` logits of the last position of each sequence, any float dtype; they
+                are not modified (work happens on a float32 copy).
+            t: The batch's :class:`SamplingTensors`.
+
+        Returns:
+            The chosen tokens with their log-probs.
+
+        Raises:
+            ValueError: ``logits`` is not ``[N, V]`` matching ``t``.
+        """
+        with torch.no_grad():
+            processed = self._processed(logits, t)
+            token_ids = processed.argmax(dim=-1)
+            if not t.all_greedy:
+                probs = self._sampling_probs(processed, t)
+                # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability
+                # p_i, one independent draw per row, so a row's outcome depends on its own noise only.
+                noise = _exponential_noise(probs.shape[0], probs.shape[1], t, probs.device)
+                # Exp(1) can return 0; a zero-probability token must not win by 0/0 = nan.
+                sampled = (probs / noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+                token_ids = torch.where(t.greedy, token_ids, sampled)
+
+            normaliser = processed.logsumexp(dim=-1, keepdim=True)
+            chosen = processed.gather(1, token_ids.unsqueeze(1)) - normaliser
+            top = None
+            if t.max_logprobs > 0:
+                values, ids = processed.topk(t.max_logprobs, dim=-1)
+                top = (values - normaliser, ids)
+        return SamplerOutput(token_ids=token_ids, logprobs=chosen.squeeze(1), top_logprobs=top)
+
+    def probs(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+        """Returns the distribution each row's token is drawn from, without sampling.
+
+        The same stages as :meth:`__call__` (for checks, and for callers such as speculative
+        decoding that need the target distribution); greedy rows get a one-hot at their argmax.
+
+        Args:
+            logits: ``[N, V]`` logits, as for :meth:`__call__`.
+            t: The batch's :class:`SamplingTensors`.
+
+        Returns:
+            ``[N, V]`` float32 probabilities; each row sums to 1.
+
+        Raises:
+            ValueError: ``logits`` is not ``[N, V]`` matching ``t``.
+        """
+        with torch.no_grad():
+            processed = self._processed(logits, t)
+            one_hot = torch.zeros_like(processed).scatter_(1, processed.argmax(dim=-1, keepdim=True), 1.0)
+            if t.all_greedy:
+                return one_hot
+            return torch.where(t.greedy.unsqueeze(1), one_hot, self._sampling_probs(processed, t))
+
+    @staticmethod
+    def _processed(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+        """Float32 copy of ``logits`` after the penalties and the ``min_tokens`` mask."""
+        if logits.dim() != 2 or logits.shape[0] != len(t.generators) or logits.shape[1] != t.vocab_size:
+            raise ValueError(
+                f"logits must be [{len(t.generators)}, {t.vocab_size}] for this batch, "
+                f"got {list(logits.shape)}"
+            )
+        processed = logits.to(dtype=torch.float32, copy=True)
+        _apply_penalties(processed, t)
+        if t.suppress is not None:
+            processed[t.suppress] = float("-inf")
+        return processed
+
+    @staticmethod
+    def _sampling_probs(processed: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+        """Temperature, top-k, top-p and min-p, then softmax (greedy rows' values are meaningless)."""
+        return _truncate(processed / t.temperature.unsqueeze(1), t).softmax(dim=-1)

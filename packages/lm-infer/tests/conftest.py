@@ -1,0 +1,59 @@
+"""Fixtures for lmstack-infer tests: a tiny random model with a real trained tokenizer, on disk."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmstack.core import CausalLM, ModelConfig, save_pretrained, train_bpe_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hex",
+    "jovial",
+    "zebras",
+]
+
+
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A llama-type model with weights scaled up so greedy choices have clear margins (no near-ties
+    that float rounding could flip), and a byte-level BPE tokenizer trained on a small corpus."""
+    tokenizer = train_bpe_tokenizer(iter(corpus()), vocab_size=300, min_frequency=2)
+    torch.manual_seed(0)
+    config = ModelConfig(
+        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=112,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    model = CausalLM(config)
+    model.reset_parameters(std=0.25)
+    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+    save_pretrained(model, out, tokenizer=tokenizer)
+    return out
