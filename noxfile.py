@@ -119,8 +119,8 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def quickstart(session: nox.Session) -> None:
-    """Run examples/quickstart.py on a fresh install of lmstack-core."""
-    _install(session, _local("core"))
+    """Run examples/quickstart.py on a fresh install of lmstack-core and lmstack-infer."""
+    _install(session, _local("core"), _local("infer"))
     session.run("python", "examples/quickstart.py", *session.posargs)
 
 

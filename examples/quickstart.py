@@ -1,13 +1,17 @@
 """lmstack quickstart: the whole chain on the bundled defaults, as far as it has landed.
 
-Today that is lmstack-core alone:
+Today that is lmstack-core and lmstack-infer:
   1. train a byte-level BPE tokenizer on text shipped in this repository (its docs);
   2. create a tiny InternLM-style model (random weights: training arrives with lmstack-train)
      and save it with the tokenizer as a Hugging Face directory;
   3. load that directory back as a user would load any checkpoint: config, parameter count;
-  4. chat-format and tokenize a conversation with the model's own template, and run a forward pass.
+  4. chat-format and tokenize a conversation with the model's own template, and run a forward pass;
+  5. generate with lmstack-infer's engine: greedy completions, a chat reply, seeded samples.
 
-Run it with `nox -s quickstart`, or `python examples/quickstart.py [--model PATH]` to point steps 3-4
+The default model's weights are random until lmstack-train lands, so the text it generates is
+noise: the quickstart shows the machinery, not a model.
+
+Run it with `nox -s quickstart`, or `python examples/quickstart.py [--model PATH]` to point steps 3-5
 at an existing Hugging Face directory (llama, mistral, qwen2, internlm2, internlm3) instead.
 """
 
@@ -22,6 +26,7 @@ import torch
 
 from lmstack.core import CausalLM, ModelConfig, load_config, load_pretrained, save_pretrained
 from lmstack.core.tokenizer import Tokenizer, train_bpe_tokenizer
+from lmstack.infer import LLM, RequestOutput, SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +109,46 @@ def main() -> None:
     print(f"logits {tuple(logits.shape)}; next-token top 5: {guesses}")
     if args.model is None:
         print("(random weights: the default model is trained once lmstack-train lands)")
+    del model  # step 5 loads its own copy
+
+    generate_with_infer(path, conversation, random_weights=args.model is None)
     print("\nquickstart finished")
+
+
+def show(outputs: list[RequestOutput], labels: list[str] | None = None) -> int:
+    """Print each request's completions under its label (default: its prompt); return their tokens."""
+    tokens = 0
+    for i, out in enumerate(outputs):
+        head = labels[i] if labels else repr(out.prompt)
+        for c in out.outputs:
+            sample = f" [sample {c.index}]" if len(out.outputs) > 1 else ""
+            print(f"{head}{sample} -> {c.text!r} ({len(c.token_ids)} tokens, {c.finish_reason})")
+            tokens += len(c.token_ids)
+    return tokens
+
+
+def generate_with_infer(path: Path, conversation: list[dict[str, str]], *, random_weights: bool) -> None:
+    step("5. generate with lmstack-infer")
+    if random_weights:
+        print("The default model's weights are random until lmstack-train lands: expect noise, not text.")
+    llm = LLM(path, dtype=torch.float32)
+    engine = llm.engine
+    print(
+        f"engine: KV cache of {engine.num_blocks} blocks x {engine.config.block_size} tokens, "
+        f"context {llm.max_model_len}"
+    )
+    start = time.perf_counter()
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    print("greedy:")
+    tokens = show(llm.generate(["lmstack is", "The KV cache holds", "def main():"], greedy, use_tqdm=False))
+    print("chat:")
+    tokens += show(llm.chat(conversation, greedy, use_tqdm=False), [f"user: {conversation[-1]['content']!r}"])
+    print("sampled (temperature 0.8, top_p 0.95, seed 0, n=2):")
+    sampled = SamplingParams(n=2, temperature=0.8, top_p=0.95, seed=0, max_tokens=16)
+    tokens += show(llm.generate(["Once upon a time"], sampled, use_tqdm=False))
+    seconds = time.perf_counter() - start
+    print(f"generated {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.0f} tokens/s)")
+    llm.close()
 
 
 if __name__ == "__main__":

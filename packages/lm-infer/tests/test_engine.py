@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from lmstack.infer import LLM, InvalidRequestError, SamplingParams
+from lmstack.core import ConfigError
+from lmstack.infer import LLM, InferError, InvalidRequestError, SamplingParams
 
 
 def _prompts(n: int, vocab: int, seed: int = 0, shared_prefix: int = 0) -> list[list[int]]:
@@ -232,3 +233,29 @@ def test_chat_uses_the_template(model_dir: Path) -> None:
     text = llm.tokenizer.apply_chat_template(conv, add_generation_prompt=True)
     assert out.prompt_token_ids == llm.tokenizer.encode(text, add_special_tokens=False)
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_close_ends_pending_streams_and_frees_blocks(model_dir: Path) -> None:
+    llm = LLM(model_dir)
+
+    async def main() -> Any:
+        agen = llm.stream([5, 6, 7], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        first = await agen.__anext__()
+        llm.close()
+        last = first
+        async for out in agen:
+            last = out
+        return last
+
+    last = asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert last.finished and last.error == "the LLM was closed"
+    assert llm.engine.num_free_blocks == llm.engine.num_blocks
+    with pytest.raises(InferError, match="closed"):
+        asyncio.run(llm.stream([5, 6]).__anext__())
+
+
+@pytest.mark.parametrize("option", ["block_size", "max_num_seqs", "num_kv_blocks"])
+def test_engine_options_must_be_positive(model_dir: Path, option: str) -> None:
+    with pytest.raises(ConfigError, match=option) as info:
+        LLM(model_dir, **{option: 0})
+    assert info.value.field == option

@@ -5,7 +5,7 @@
 * :class:`LLMProtocol`: the interface lmstack-eval, lmstack-agent and lmstack-rag use.
 """
 
-from lmstack.infer._errors import CapacityError, InferError, InvalidRequestError
+from lmstack.infer._errors import InferError, InvalidRequestError
 from lmstack.infer._llm import LLM
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
 from lmstack.infer._protocol import LLMProtocol
@@ -16,7 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
-    "CapacityError",
     "CompletionOutput",
     "EngineConfig",
     "InferError",

@@ -14,8 +14,13 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts.extend(line.rstrip("\n") for line in f if line.strip())
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts.extend(line.rstrip("\n") for line in f if line.strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(f"error: cannot read --prompts-file {args.prompts_file}: {reason}", file=sys.stderr)
+            return 2
     if not prompts:
         print("error: give at least one --prompt (or --prompts-file)", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmstack.core import LMStackError
 
-__all__ = ["CapacityError", "InferError", "InvalidRequestError"]
+__all__ = ["InferError", "InvalidRequestError"]
 
 
 class InferError(LMStackError):
@@ -16,7 +16,3 @@ class InvalidRequestError(InferError, ValueError):
 
     Only that request fails; the engine keeps serving the others.
     """
-
-
-class CapacityError(InferError):
-    """A request can never fit: it needs more KV-cache blocks than the whole cache holds."""

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmstack.core import CausalLM, PackedAttention, Tokenizer, load_pretrained
-from lmstack.infer._errors import InvalidRequestError
+from lmstack.infer._errors import InferError, InvalidRequestError
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
 from lmstack.infer._sampling_params import SamplingParams
 from lmstack.infer.engine._engine import EngineConfig, LLMEngine
@@ -236,6 +236,8 @@ class LLM:
         ``prompt`` may also be a conversation (a list of messages), rendered with the chat template.
         Closing or cancelling the generator aborts the request and frees its KV blocks at once.
         """
+        if self._closed:
+            raise InferError("this LLM is closed; create a new one to stream.")
         if _is_conversation(prompt):
             prompt = self.render_chat(cast(Sequence[Message], prompt))
         loop = asyncio.get_running_loop()
@@ -278,17 +280,23 @@ class LLM:
                     self._step_locked()
                 except Exception:  # a broken step must not hang every waiting stream
                     logger.exception("engine step failed; aborting all requests")
-                    for request_id in list(self._sinks):
-                        out = self.engine.abort_request(request_id)
-                        sink = self._sinks.pop(request_id)
-                        if out is not None:
-                            out.error = out.error or "engine step failed"
-                            sink.deliver(sink.view(out))
+                    self._abort_all_locked("the engine step failed; see the server log")
+
+    def _abort_all_locked(self, reason: str) -> None:
+        """Finish every routed request with an error, so no waiting caller hangs."""
+        for request_id in list(self._sinks):
+            out = self.engine.abort_request(request_id)
+            sink = self._sinks.pop(request_id)
+            if out is not None:
+                out.error = out.error or reason
+                out.finished = True
+                sink.deliver(sink.view(out))
 
     def close(self) -> None:
-        """Stop the background thread (pending streams are aborted)."""
+        """Stop the background thread; pending streams end with an error and their blocks are freed."""
         with self._work:
             self._closed = True
+            self._abort_all_locked("the LLM was closed")
             self._work.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)

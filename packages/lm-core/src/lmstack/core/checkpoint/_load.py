@@ -120,7 +120,10 @@ def load_pretrained(
     """
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint directory {root} does not exist.")
+        what = "is a file, not a checkpoint directory" if root.exists() else "does not exist"
+        raise CheckpointError(
+            f"{root} {what}; pass the directory holding config.json and the safetensors files."
+        )
     config = load_config(root)
     files = checkpoint_files(root)
     headers = [(f, read_safetensors_header(f)[0]) for f in files]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmstack.core import CausalLM, Tokenizer
+from lmstack.core import CausalLM, ConfigError, Tokenizer
 from lmstack.core.checkpoint._save import parse_size
 from lmstack.infer._errors import InvalidRequestError
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
@@ -68,6 +68,20 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     kv_cache_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "num_kv_blocks",
+            "max_model_len",
+        ):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(
+                    f"EngineConfig.{name} must be a positive integer, got {value!r}.", field=name
+                )
 
 
 @dataclass
@@ -120,9 +134,10 @@ class LLMEngine:
             wanted = config.max_num_seqs * math.ceil(self.max_model_len / config.block_size)
             num_blocks = min(wanted, (1 << 30) // per_block)
         if num_blocks < 1:
-            raise InvalidRequestError(
+            raise ConfigError(
                 f"the KV cache budget holds no block (one block takes {per_block} bytes); "
-                "raise kv_cache_memory."
+                "raise kv_cache_memory.",
+                field="kv_cache_memory",
             )
         self.cache = KVCache(mc, num_blocks, config.block_size, kv_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
