@@ -40,6 +40,7 @@ class _Sink:
 
     deliver: Callable[[RequestOutput], None]
     delta: bool = False
+    final_only: bool = False  # deliver only the finished output (batch generation needs no progress)
     sent_text: list[int] = field(default_factory=list)
     sent_tokens: list[int] = field(default_factory=list)
 
@@ -125,7 +126,7 @@ class LLM:
     def _step_locked(self) -> None:
         for out in self.engine.step():
             sink = self._sinks.get(out.request_id)
-            if sink is not None:
+            if sink is not None and (out.finished or not sink.final_only):
                 sink.deliver(sink.view(out))
                 if out.finished:
                     self._sinks.pop(out.request_id, None)
@@ -167,14 +168,13 @@ class LLM:
         )
 
         def collect(out: RequestOutput) -> None:
-            if out.finished:
-                results[out.request_id] = out
-                bar.update(1)
+            results[out.request_id] = out
+            bar.update(1)
 
         with self._lock:
             try:
                 for prompt, p in zip(batch, params, strict=True):
-                    ids.append(self._add_locked(prompt, p, _Sink(collect)))
+                    ids.append(self._add_locked(prompt, p, _Sink(collect, final_only=True)))
             except BaseException:
                 for rid in ids:
                     self._sinks.pop(rid, None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmstack.core import CausalLM, ConfigError, Tokenizer
-from lmstack.core.checkpoint._save import parse_size
+from lmstack.core.checkpoint import parse_size
 from lmstack.infer._errors import InvalidRequestError
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
 from lmstack.infer._sampling_params import SamplingParams
