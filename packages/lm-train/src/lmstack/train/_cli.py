@@ -1,0 +1,35 @@
+"""``lmstack train pretrain|sft CONFIG.yaml [--key value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register_train"]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lmstack.train._config import load_config
+    from lmstack.train.recipes import PretrainConfig, SFTConfig, pretrain, sft
+
+    if args.recipe == "pretrain":
+        result = pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    else:
+        result = sft(load_config(SFTConfig, args.config, args.overrides))
+    print(
+        f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f} s; "
+        f"final loss {result.final_loss:.4f}; model: {result.model_dir}"
+    )
+    return 0
+
+
+def register_train(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``lmstack train``."""
+    p = subparsers.add_parser(
+        "train",
+        help="pretrain or finetune a model",
+        description="Run a training recipe from a YAML config; override any key as --section.key value.",
+    )
+    p.add_argument("recipe", choices=["pretrain", "sft"], help="which recipe")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (optional: overrides alone work too)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs, e.g. --run.max_steps 10")
+    p.set_defaults(func=_run)

@@ -1,0 +1,175 @@
+"""The training loop: exact resume after SIGKILL, gradient accumulation, NaN stop, configs, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmstack.core import CausalLM, ModelConfig, Tokenizer, load_pretrained
+from lmstack.train import DataConfig, TrainError
+from lmstack.train._loop import OptimConfig, RunConfig, train_loop
+
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "river",
+    "stone",
+    "seven",
+    "quiet",
+    "bright",
+    "north",
+    "green",
+    "apple",
+    "ocean",
+]
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    with path.open("w") as f:
+        for i in range(300):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))
+            f.write(json.dumps({"id": i, "text": words.capitalize() + "."}) + "\n")
+    return path
+
+
+def _lmstack() -> str:
+    return str(Path(sys.executable).with_name("lmstack"))
+
+
+def _pretrain_cmd(data: Path, out: Path, steps: int) -> list[str]:
+    return [
+        _lmstack(), "train", "pretrain", "--data.paths", str(data), "--data.max_length", "64",
+        "--run.output_dir", str(out), "--run.max_steps", str(steps), "--run.save_every", "3",
+        "--run.batch_size", "2", "--run.grad_accum", "2", "--tokenizer.vocab_size", "300",
+        "--arch.hidden_size", "64", "--arch.intermediate_size", "128", "--arch.num_hidden_layers", "2",
+        "--arch.num_attention_heads", "4", "--arch.num_key_value_heads", "2", "--optim.warmup_steps", "3",
+    ]  # fmt: skip
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record["loss"]  # a step logged again after resuming: the later one counts
+    return out
+
+
+def test_sigkill_and_resume_reproduces_the_loss_curve(text_data: Path, tmp_path: Path) -> None:
+    steps = 24
+    whole = subprocess.run(
+        _pretrain_cmd(text_data, tmp_path / "whole", steps), capture_output=True, text=True
+    )
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    reference = _losses(tmp_path / "whole")
+    assert sorted(reference) == list(range(1, steps + 1))
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _pretrain_cmd(text_data, run, steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 14:
+            proc.kill()  # SIGKILL: no cleanup, no final save
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -9, "the run finished before it could be killed; make it longer"
+    assert not (run / "final").exists()
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert checkpoints and checkpoints[-1] >= "step-00000012"
+
+    resumed = subprocess.run(_pretrain_cmd(text_data, run, steps), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = _losses(run)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert got[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    whole_model = load_pretrained(tmp_path / "whole" / "final")
+    resumed_model = load_pretrained(run / "final")
+    for (name, a), (_, b) in zip(
+        whole_model.state_dict().items(), resumed_model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _tiny_model(tokenizer: Tokenizer) -> CausalLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=48, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    return CausalLM(cfg)
+
+
+def _run(tokenizer: Tokenizer, data: Path, out: Path, batch: int, accum: int, steps: int = 3) -> CausalLM:
+    model = _tiny_model(tokenizer)
+    train_loop(
+        model,
+        tokenizer,
+        DataConfig(paths=[str(data)], format="text", train_on="all", max_length=64),
+        OptimConfig(lr=1e-3, warmup_steps=0, decay="constant", grad_clip=0.0),
+        RunConfig(output_dir=str(out), max_steps=steps, batch_size=batch, grad_accum=accum, save_every=0),
+    )
+    return model
+
+
+def test_gradient_accumulation_equals_a_big_batch(
+    tokenizer: Tokenizer, text_data: Path, tmp_path: Path
+) -> None:
+    small = _run(tokenizer, text_data, tmp_path / "a", batch=1, accum=8)
+    big = _run(tokenizer, text_data, tmp_path / "b", batch=8, accum=1)
+    for (name, a), (_, b) in zip(small.state_dict().items(), big.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-5)
+
+
+def test_non_finite_loss_stops_with_last_checkpoint_intact(
+    tokenizer: Tokenizer, text_data: Path, tmp_path: Path
+) -> None:
+    model = _tiny_model(tokenizer)
+    calls = {"n": 0}
+
+    def poison(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] > 8 else output  # from step 5 (2 micro-batches a step)
+
+    model.lm_head.register_forward_hook(poison)
+    with pytest.raises(TrainError, match=r"non-finite loss at step 5.*step-00000004"):
+        train_loop(
+            model,
+            tokenizer,
+            DataConfig(paths=[str(text_data)], format="text", train_on="all", max_length=64),
+            OptimConfig(warmup_steps=0),
+            RunConfig(output_dir=str(tmp_path), max_steps=10, batch_size=2, grad_accum=2, save_every=2),
+        )
+    saved = torch.load(tmp_path / "checkpoints" / "step-00000004" / "model.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert (
+        json.loads((tmp_path / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())["step"]
+        == 4
+    )
+
+
+def test_config_typo_names_the_nearest_key(text_data: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [_lmstack(), "train", "pretrain", "--data.paths", str(text_data), "--run.max_step", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "run.max_step" in done.stderr and "run.max_steps" in done.stderr
