@@ -173,3 +173,24 @@ def test_config_typo_names_the_nearest_key(text_data: Path, tmp_path: Path) -> N
     )
     assert done.returncode == 2
     assert "run.max_step" in done.stderr and "run.max_steps" in done.stderr
+
+
+def test_two_process_data_parallel_matches_one_process(text_data: Path, tmp_path: Path) -> None:
+    def cmd(out: Path, batch: int) -> list[str]:
+        args = _pretrain_cmd(text_data, out, 6)
+        args[args.index("--run.batch_size") + 1] = str(batch)
+        return args
+
+    single = subprocess.run(cmd(tmp_path / "one", 4), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    ddp = subprocess.run(torchrun + cmd(tmp_path / "two", 2), capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    a = load_pretrained(tmp_path / "one" / "final").state_dict()
+    b = load_pretrained(tmp_path / "two" / "final").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

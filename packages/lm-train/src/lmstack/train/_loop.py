@@ -10,6 +10,7 @@ the optimizer touches the weights, so the last checkpoint stays the last good on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,10 +22,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lmstack.core import CausalLM, Tokenizer, save_pretrained
 from lmstack.train._config import DataConfig, save_config
+from lmstack.train._dist import all_reduce_sum, barrier, init_distributed
 from lmstack.train._errors import TrainError
 from lmstack.train._schedule import lr_factor
 from lmstack.train._state import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -77,7 +80,7 @@ class RunConfig:
         log_every: Steps between progress-bar updates (metrics.jsonl gets every step).
         precision: ``float32``, or ``bfloat16`` autocast where the device supports it.
         activation_checkpointing: Recompute activations in backward to save memory.
-        device: ``cpu``, ``cuda`` or ``auto``.
+        device: ``cpu``, ``cuda`` or ``auto`` (under torchrun: this rank's ``cuda:LOCAL_RANK``).
     """
 
     output_dir: str = "runs/default"
@@ -130,14 +133,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def _device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise TrainError("run.device is 'cuda' but no CUDA device is available; use 'cpu' or 'auto'.")
-    return torch.device(choice)
-
-
 def _batches(loader: ResumableLoader[Any]) -> Iterator[Any]:
     while True:  # epochs follow each other; the loader advances its own position
         yield from loader
@@ -174,15 +169,23 @@ def train_loop(
     """
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if config_to_save is not None:
+    info = init_distributed(run.device)
+    device = info.device
+    if config_to_save is not None and info.is_main:
         save_config(config_to_save, out / "config.yaml")
-    device = _device(run.device)
     torch.manual_seed(run.seed)
     model.to(device).train()
     if run.activation_checkpointing:
         model.enable_activation_checkpointing()
+    # Under torchrun each rank holds a replica; DDP averages gradients during backward.
+    ddp = None
+    if info.world_size > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net: torch.nn.Module = ddp if ddp is not None else model
     dataset = build_dataset(data, tokenizer)
-    loader: ResumableLoader[Any] = ResumableLoader(dataset, run.batch_size, seed=run.seed)
+    loader: ResumableLoader[Any] = ResumableLoader(
+        dataset, run.batch_size, seed=run.seed, rank=info.rank, world_size=info.world_size
+    )
     optimizer = torch.optim.AdamW(
         _param_groups(model, optim.weight_decay),
         lr=optim.lr,
@@ -211,30 +214,41 @@ def train_loop(
         start_step, tokens_seen = int(state["step"]), int(state["tokens"])
         logger.info("resumed from %s (step %d)", ckpt, start_step)
     autocast = run.precision == "bfloat16" and (device.type == "cuda" or device.type == "cpu")
-    metrics = (out / "metrics.jsonl").open("a", encoding="utf-8")
+    metrics = (out / "metrics.jsonl").open("a", encoding="utf-8") if info.is_main else None
     batches = _batches(loader)
     losses: list[float] = []
     started = time.perf_counter()
-    bar = tqdm(total=run.max_steps, initial=start_step, desc="Training", unit="step")
+    bar = tqdm(
+        total=run.max_steps,
+        initial=start_step,
+        desc="Training",
+        unit="step",
+        disable=not info.is_main or None,
+    )
     loss_value = float("nan")
     try:
         for step in range(start_step, run.max_steps):
             t0 = time.perf_counter()
             window: list[PackedBatch] = [next(batches) for _ in range(run.grad_accum)]
-            loss_tokens = sum(b.num_loss_tokens for b in window)
+            # Normalise by the loss tokens of the whole step on every rank; DDP's gradient average
+            # divides by the world size, which the factor undoes.
+            loss_tokens = all_reduce_sum(sum(b.num_loss_tokens for b in window), device)
             if loss_tokens == 0:
                 raise TrainError(
                     f"step {step + 1} has no token to learn from; check data.train_on and the data."
                 )
             total = torch.zeros((), device=device)
-            for micro in window:
+            for i, micro in enumerate(window):
                 b = micro.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    logits = model(b.input_ids, b.position_ids, b.attention())
-                loss = token_loss(logits, b.labels) / loss_tokens
-                loss.backward()
+                last_micro = i == len(window) - 1
+                sync = ddp.no_sync() if ddp is not None and not last_micro else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        logits = net(b.input_ids, b.position_ids, b.attention())
+                    loss = token_loss(logits, b.labels) * (info.world_size / loss_tokens)
+                    loss.backward()
                 total += loss.detach()
-            loss_value = float(total)
+            loss_value = all_reduce_sum(float(total), device) / info.world_size
             params = [p for p in model.parameters() if p.requires_grad]
             clip = optim.grad_clip if optim.grad_clip > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -250,39 +264,45 @@ def train_loop(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step_tokens = sum(b.num_tokens for b in window)
+            step_tokens = int(all_reduce_sum(sum(b.num_tokens for b in window), device))
             tokens_seen += step_tokens
-            slots = sum(b.input_ids.numel() for b in window)
+            slots = all_reduce_sum(sum(b.input_ids.numel() for b in window), device)
             record = {
                 "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
                 "tokens_per_s": step_tokens / max(time.perf_counter() - t0, 1e-9),
                 "padding_ratio": 1 - step_tokens / max(slots, 1),
             }  # fmt: skip
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             losses.append(loss_value)
             bar.update(1)
             if (step + 1) % max(run.log_every, 1) == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if run.save_every and (step + 1) % run.save_every == 0 and step + 1 < run.max_steps:
-                save_checkpoint(
-                    out,
-                    step + 1,
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    trainer_state={"data": loader.state_dict(), "tokens": tokens_seen},
-                    keep_last=run.keep_last,
-                )
+                if info.is_main:  # replicas are identical: one rank writes
+                    save_checkpoint(
+                        out,
+                        step + 1,
+                        model=model,
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        trainer_state={"data": loader.state_dict(), "tokens": tokens_seen},
+                        keep_last=run.keep_last,
+                    )
+                barrier()
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     final = out / "final"
     model.eval()
-    if save_model is not None:
-        save_model(model, final)
-    else:
-        save_pretrained(model, final, tokenizer=tokenizer)
+    if info.is_main:
+        if save_model is not None:
+            save_model(model, final)
+        else:
+            save_pretrained(model, final, tokenizer=tokenizer)
+    barrier()
     seconds = time.perf_counter() - started
     logger.info(
         "finished %d steps in %.1f s; final loss %.4f; model in %s", run.max_steps, seconds, loss_value, final

@@ -14,6 +14,7 @@ import torch
 
 from lmstack.core import CausalLM, ModelConfig, Tokenizer, train_bpe_tokenizer
 from lmstack.train._config import DataConfig
+from lmstack.train._dist import barrier, init_distributed
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
 from lmstack.train.data import iter_samples, resolve_data_files
 
@@ -62,7 +63,12 @@ def _tokenizer(cfg: PretrainConfig) -> Tokenizer:
     if cfg.tokenizer.path:
         return Tokenizer.from_pretrained(cfg.tokenizer.path)
     saved = Path(cfg.run.output_dir) / "tokenizer"
+    info = init_distributed(cfg.run.device)
+    if not info.is_main:  # rank 0 trains the tokenizer; the others load what it wrote
+        barrier()
+        return Tokenizer.from_pretrained(saved)
     if (saved / "tokenizer.json").is_file():  # a resumed run keeps the tokenizer it started with
+        barrier()
         return Tokenizer.from_pretrained(saved)
     files = resolve_data_files(cfg.data.paths)
     texts = (s.text if s.text is not None else " ".join(m["content"] or "" for m in s.messages or [])
@@ -72,6 +78,7 @@ def _tokenizer(cfg: PretrainConfig) -> Tokenizer:
         texts, cfg.tokenizer.vocab_size, min_frequency=cfg.tokenizer.min_frequency
     )
     tokenizer.save_pretrained(saved)
+    barrier()
     return tokenizer
 
 
