@@ -75,6 +75,10 @@ def test_sigkill_and_resume_reproduces_the_loss_curve(text_data: Path, tmp_path:
     assert whole.returncode == 0, whole.stderr[-2000:]
     reference = _losses(tmp_path / "whole")
     assert sorted(reference) == list(range(1, steps + 1))
+    # The ChatML end-of-turn token stops generation as well as the document end.
+    written = json.loads((tmp_path / "whole" / "final" / "config.json").read_text())
+    tok = Tokenizer.from_pretrained(tmp_path / "whole" / "final")
+    assert written["eos_token_id"] == [tok.eos_token_id, tok.token_to_id("<|im_end|>")]
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(

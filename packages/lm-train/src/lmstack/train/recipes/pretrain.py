@@ -86,6 +86,11 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     """Create a model from ``cfg.arch`` and train it on ``cfg.data``; returns the run's result."""
     tokenizer = _tokenizer(cfg)
     a = cfg.arch
+    # A chat model must stop at its end-of-turn token, not only at the document end.
+    eos: list[int] = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    end_of_turn = tokenizer.token_to_id("<|im_end|>")
+    if end_of_turn is not None and "<|im_end|>" in (tokenizer.chat_template or "") and end_of_turn not in eos:
+        eos.append(end_of_turn)
     config = ModelConfig(
         model_type=a.model_type,
         vocab_size=tokenizer.vocab_size,
@@ -98,7 +103,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         rope_theta=a.rope_theta,
         tie_word_embeddings=a.tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(cfg.run.seed)
