@@ -1,4 +1,4 @@
-"""``lmstack train pretrain|sft CONFIG.yaml [--key value ...]``."""
+"""``lmstack train pretrain|sft|lora|qlora CONFIG.yaml [--key value ...]``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,22 @@ __all__ = ["register_train"]
 
 def _run(args: argparse.Namespace) -> int:
     from lmstack.train._config import load_config
-    from lmstack.train.recipes import PretrainConfig, SFTConfig, pretrain, sft
+    from lmstack.train.recipes import (
+        LoRAConfig,
+        PretrainConfig,
+        SFTConfig,
+        lora,
+        pretrain,
+        qlora,
+        sft,
+    )
 
     if args.recipe == "pretrain":
         result = pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    elif args.recipe == "lora":
+        result = lora(load_config(LoRAConfig, args.config, args.overrides))
+    elif args.recipe == "qlora":
+        result = qlora(load_config(LoRAConfig, args.config, args.overrides))
     else:
         result = sft(load_config(SFTConfig, args.config, args.overrides))
     print(
@@ -29,7 +41,11 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
         help="pretrain or finetune a model",
         description="Run a training recipe from a YAML config; override any key as --section.key value.",
     )
-    p.add_argument("recipe", choices=["pretrain", "sft"], help="which recipe")
+    p.add_argument(
+        "recipe",
+        choices=["pretrain", "sft", "lora", "qlora"],
+        help="which recipe (lora/qlora write final/adapter in PEFT format; final/merged with merge: true)",
+    )
     p.add_argument("config", nargs="?", default=None, help="YAML config (optional: overrides alone work too)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs, e.g. --run.max_steps 10")
     p.set_defaults(func=_run)
