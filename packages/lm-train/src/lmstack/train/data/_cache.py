@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 from lmstack.core import Tokenizer
 from lmstack.core.tokenizer import INTERNLM2_CHAT_TEMPLATE
 from lmstack.train._config import DataConfig
-from lmstack.train._errors import DataError, format_location
-from lmstack.train.data._formats import Sample, iter_samples
+from lmstack.train._errors import DataError
+from lmstack.train.data._formats import Sample, SkipCounter, iter_samples
 from lmstack.train.data._readers import resolve_data_files
 from lmstack.train.data._stats import DataStats
 from lmstack.train.data._tokenize import ChatTemplateError, SampleTokenizer, TokenizedSample
@@ -63,7 +63,6 @@ CACHE_VERSION = 1
 
 _FILES = ("input_ids.bin", "loss_mask.bin", "offsets.bin", "kinds.bin")
 _BATCH = 512  # samples rendered and tokenized per batched call
-_WARN_LIMIT = 5
 
 
 class TokenizedDataset:
@@ -355,7 +354,7 @@ def _tokenize_into(
         tokenizer, train_on=config.train_on, add_eos=config.add_eos, chat_template=config.chat_template
     )
     writer = _Writer(directory)
-    refused = 0
+    skips = SkipCounter()
     try:
         progress = tqdm(
             desc="tokenizing", unit=" samples", disable=None if show_progress is None else not show_progress
@@ -369,18 +368,8 @@ def _tokenize_into(
                     except ChatTemplateError:
                         raise
                     except DataError as exc:
-                        if config.on_malformed == "fail":
-                            raise DataError(
-                                f"{exc.detail} (set data.on_malformed=skip to skip and count such records)",
-                                source=exc.source,
-                                line=exc.line,
-                            ) from exc
+                        skips.handle(exc, config.on_malformed, "data.on_malformed")
                         stats.skipped_malformed += 1
-                        refused += 1
-                        if refused <= _WARN_LIMIT:
-                            logger.warning(
-                                "skipping %s: %s", format_location(exc.source, exc.line), exc.detail
-                            )
                 for tokenized in sample_tokenizer.encode(rendered):
                     writer.add(tokenized)
                 stats.samples += len(rendered)

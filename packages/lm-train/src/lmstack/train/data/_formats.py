@@ -67,6 +67,31 @@ _DEFAULT_MESSAGES_FIELD = {"messages": "messages", "sharegpt": "conversations"}
 _WARN_LIMIT = 5
 
 
+class SkipCounter:
+    """Applies a ``fail``/``skip`` policy to bad records: raise with a hint, or warn (a few times)."""
+
+    def __init__(self) -> None:
+        self.warned = 0
+
+    def handle(self, exc: DataError, policy: str, option: str) -> None:
+        """Re-raise ``exc`` (with how to skip it) when ``policy`` is ``fail``; otherwise log it.
+
+        Args:
+            exc: The record's error.
+            policy: ``fail`` or ``skip``.
+            option: The config key that sets the policy (named in the message).
+        """
+        if policy == "fail":
+            raise type(exc)(
+                f"{exc.detail} (set {option}=skip to skip and count such records)",
+                source=exc.source,
+                line=exc.line,
+            ) from None
+        self.warned += 1
+        if self.warned <= _WARN_LIMIT:
+            logger.warning("skipping %s: %s", format_location(exc.source, exc.line), exc.detail)
+
+
 @dataclass
 class Sample:
     """One training example: a conversation or a text document.
@@ -410,7 +435,7 @@ def iter_samples(
                 "use data.format=auto or text"
             )
         fmt: FormatName | None = None if config.format == "auto" else config.format
-        warned = 0
+        skips = SkipCounter()
         for raw in read_records(
             path, txt_mode=config.txt_mode, on_malformed=config.on_malformed, stats=stats
         ):
@@ -430,28 +455,12 @@ def iter_samples(
                 stats.skipped_empty += 1
                 continue
             except EmptyTurnError as exc:
-                if config.on_empty_assistant == "fail":
-                    raise EmptyTurnError(
-                        f"{exc.detail} (set data.on_empty_assistant=skip to skip and count such samples)",
-                        source=exc.source,
-                        line=exc.line,
-                    ) from None
+                skips.handle(exc, config.on_empty_assistant, "data.on_empty_assistant")
                 stats.skipped_empty += 1
-                warned += 1
-                if warned <= _WARN_LIMIT:
-                    logger.warning("skipping %s: %s", format_location(exc.source, exc.line), exc.detail)
                 continue
             except DataError as exc:
-                if config.on_malformed == "fail":
-                    raise DataError(
-                        f"{exc.detail} (set data.on_malformed=skip to skip and count such records)",
-                        source=exc.source,
-                        line=exc.line,
-                    ) from None
+                skips.handle(exc, config.on_malformed, "data.on_malformed")
                 stats.skipped_malformed += 1
-                warned += 1
-                if warned <= _WARN_LIMIT:
-                    logger.warning("skipping %s: %s", format_location(exc.source, exc.line), exc.detail)
                 continue
             stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
             yield sample
