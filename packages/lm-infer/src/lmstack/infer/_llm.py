@@ -156,8 +156,6 @@ class LLM:
         """
         batch = _as_batch(prompts)
         params = _as_params(sampling_params, len(batch))
-        for p in params:
-            p.validate_for_vocab(self.engine.vocab_size)
         results: dict[str, RequestOutput] = {}
         ids: list[str] = []
         bar = tqdm(

@@ -213,7 +213,8 @@ def train_loop(
         loader.load_state_dict(state["data"])
         start_step, tokens_seen = int(state["step"]), int(state["tokens"])
         logger.info("resumed from %s (step %d)", ckpt, start_step)
-    autocast = run.precision == "bfloat16" and (device.type == "cuda" or device.type == "cpu")
+    autocast = run.precision == "bfloat16"
+    params = [p for p in model.parameters() if p.requires_grad]
     metrics = (out / "metrics.jsonl").open("a", encoding="utf-8") if info.is_main else None
     batches = _batches(loader)
     losses: list[float] = []
@@ -249,7 +250,6 @@ def train_loop(
                     loss.backward()
                 total += loss.detach()
             loss_value = all_reduce_sum(float(total), device) / info.world_size
-            params = [p for p in model.parameters() if p.requires_grad]
             clip = optim.grad_clip if optim.grad_clip > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             if not math.isfinite(loss_value) or not math.isfinite(grad_norm):

@@ -37,8 +37,8 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -140,6 +140,18 @@ class PackedBin:
     num_padding: int = 0
 
 
+_B = TypeVar("_B", "PackedBatch", "PaddedBatch")
+
+
+def _moved(batch: _B, device: torch.device | str, non_blocking: bool) -> _B:
+    """A copy of a batch with every tensor field on ``device``."""
+    tensors = {f.name: getattr(batch, f.name) for f in fields(batch)}
+    moved: dict[str, Any] = {
+        k: v.to(device, non_blocking=non_blocking) for k, v in tensors.items() if isinstance(v, Tensor)
+    }
+    return replace(batch, **moved)
+
+
 @dataclass
 class PackedBatch:
     """A batch of packed bins, ready for the model with :class:`lmstack.core.PackedAttention`.
@@ -172,13 +184,7 @@ class PackedBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         """The batch on another device (``cu_seqlens`` moves too)."""
-        return replace(
-            self,
-            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            position_ids=self.position_ids.to(device, non_blocking=non_blocking),
-            cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking),
-        )
+        return _moved(self, device, non_blocking)
 
 
 @dataclass
@@ -209,13 +215,7 @@ class PaddedBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PaddedBatch:
         """The batch on another device."""
-        return replace(
-            self,
-            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            position_ids=self.position_ids.to(device, non_blocking=non_blocking),
-            attention_mask=self.attention_mask.to(device, non_blocking=non_blocking),
-        )
+        return _moved(self, device, non_blocking)
 
 
 def collate_packed(bins: Sequence[PackedBin]) -> PackedBatch:
