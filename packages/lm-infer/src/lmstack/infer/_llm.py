@@ -10,10 +10,11 @@ the caller that owns each request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from lmstack.core import CausalLM, PackedAttention, Tokenizer, load_pretrained
 from lmstack.infer._errors import InferError, InvalidRequestError
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
-from lmstack.infer._sampling_params import SamplingParams
+from lmstack.infer._sampling_params import MAX_LOGPROBS, SamplingParams
 from lmstack.infer.engine._engine import EngineConfig, LLMEngine
 
 __all__ = ["LLM", "Message", "Prompt"]
@@ -32,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 Message = Mapping[str, Any]
+
+# Positions per slice of the lm head when computing prompt log-probs (bounds the [T, vocab] logits).
+_LOGITS_CHUNK = 512
 
 
 @dataclass
@@ -107,6 +111,11 @@ class LLM:
         self.engine = LLMEngine(net, tokenizer, EngineConfig(**engine_options))
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)
+        # A released lock is not handed to a waiting thread: the engine thread, re-taking it right
+        # after each step, could starve a caller (a new stream, an abort, close) for many steps.
+        # Callers hold the turnstile while they wait for the lock, and the engine thread passes
+        # through it before each step, so a waiting caller gets the lock after at most one step.
+        self._turnstile = threading.Lock()
         self._sinks: dict[str, _Sink] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -123,6 +132,12 @@ class LLM:
         return self.engine.max_model_len
 
     # -- routing -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the engine lock, taking it ahead of the engine thread's next step."""
+        with self._turnstile, self._lock:
+            yield
+
     def _step_locked(self) -> None:
         for out in self.engine.step():
             sink = self._sinks.get(out.request_id)
@@ -169,7 +184,7 @@ class LLM:
             results[out.request_id] = out
             bar.update(1)
 
-        with self._lock:
+        with self._locked():
             try:
                 for prompt, p in zip(batch, params, strict=True):
                     ids.append(self._add_locked(prompt, p, _Sink(collect, final_only=True)))
@@ -180,10 +195,10 @@ class LLM:
                 raise
         try:
             while len(results) < len(ids):
-                with self._lock:
+                with self._locked():
                     self._step_locked()
         finally:
-            with self._lock:
+            with self._locked():
                 for rid in ids:
                     if rid not in results:  # interrupted: free what is left
                         self._sinks.pop(rid, None)
@@ -244,7 +259,7 @@ class LLM:
         def deliver(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, out)
 
-        with self._lock:
+        with self._locked():
             request_id = self._add_locked(
                 cast(Prompt, prompt), sampling_params or SamplingParams(), _Sink(deliver, delta=True)
             )
@@ -258,7 +273,7 @@ class LLM:
                 yield out
         finally:
             if not finished:
-                with self._lock:
+                with self._locked():
                     self._sinks.pop(request_id, None)
                     self.engine.abort_request(request_id)
 
@@ -269,6 +284,8 @@ class LLM:
 
     def _serve(self) -> None:
         while True:
+            with self._turnstile:  # let a caller waiting for the lock go first
+                pass
             with self._work:
                 while not self._closed and not self.engine.has_unfinished_requests():
                     self._work.wait()
@@ -292,7 +309,7 @@ class LLM:
 
     def close(self) -> None:
         """Stop the background thread; pending streams end with an error and their blocks are freed."""
-        with self._work:
+        with self._turnstile, self._work:
             self._closed = True
             self._abort_all_locked("the LLM was closed")
             self._work.notify_all()
@@ -343,6 +360,80 @@ class LLM:
         bar.close()
         return [r for r in results if r is not None]
 
+    def prompt_logprobs(self, token_ids: Sequence[int], top_k: int = 0) -> list[dict[int, float] | None]:
+        """Log-probability of each prompt token given the tokens before it, from one forward pass.
+
+        This is what an OpenAI ``echo`` + ``logprobs`` completion reports for the prompt, and what
+        :meth:`loglikelihood` sums: the raw model distribution (no penalties, no temperature). It runs
+        under the LLM's lock, so it does not compete with the engine thread for the model, and it does
+        not touch the KV cache.
+
+        Args:
+            token_ids: The prompt's token ids (at most ``max_model_len`` of them).
+            top_k: How many of the most likely alternatives to report per position, 0 to 20.
+
+        Returns:
+            One entry per prompt token: None for the first (nothing predicts it), then
+            ``{token_id: logprob}`` holding the token's own log-prob and the ``top_k`` most likely
+            tokens (the layout of :attr:`CompletionOutput.logprobs`).
+
+        Raises:
+            InvalidRequestError: if the prompt is empty, too long or holds ids outside the vocabulary,
+                or ``top_k`` is out of range.
+        """
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token.")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"top_k must be an int in [0, {MAX_LOGPROBS}], got {top_k!r}")
+        vocab = self.engine.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
+        if len(ids) > self.engine.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the model's context is {self.engine.max_model_len}."
+            )
+        result: list[dict[int, float] | None] = [None]
+        if len(ids) == 1:
+            return result
+        with self._locked():
+            chosen, top = self._prompt_logprobs_locked(ids, top_k)
+        for i, lp in enumerate(chosen):
+            entry = {ids[i + 1]: lp}
+            if top is not None:
+                for tid, alt in zip(top[1][i], top[0][i], strict=True):
+                    entry.setdefault(tid, alt)
+            result.append(entry)
+        return result
+
+    @torch.inference_mode()
+    def _prompt_logprobs_locked(
+        self, ids: list[int], top_k: int
+    ) -> tuple[list[float], tuple[list[list[float]], list[list[int]]] | None]:
+        device = self.engine.device
+        model = self.engine.model
+        seq = ids[:-1]  # the last token predicts nothing we report
+        hidden = model.hidden_states(
+            torch.tensor([seq], device=device),
+            torch.arange(len(seq), device=device)[None],
+            PackedAttention(torch.tensor([0, len(seq)])),
+        )[0]
+        targets = torch.tensor(ids[1:], device=device)
+        chosen: list[float] = []
+        top_values: list[list[float]] = []
+        top_ids: list[list[int]] = []
+        # The lm head in slices: a long prompt's full [T, vocab] logits would not fit in memory.
+        for start in range(0, len(seq), _LOGITS_CHUNK):
+            logits = model.lm_head(hidden[start : start + _LOGITS_CHUNK]).float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            chosen.extend(logprobs.gather(-1, targets[start : start + _LOGITS_CHUNK, None])[:, 0].tolist())
+            if top_k:
+                values, indices = logprobs.topk(top_k, dim=-1)
+                top_values.extend(values.tolist())
+                top_ids.extend(indices.tolist())
+        return chosen, (top_values, top_ids) if top_k else None
+
     def _split(
         self, context: str | Sequence[int], continuation: str | Sequence[int]
     ) -> tuple[list[int], list[int]]:
@@ -351,6 +442,11 @@ class LLM:
         if isinstance(context, str) and isinstance(continuation, str):
             if not continuation:
                 raise InvalidRequestError("the continuation to score is empty.")
+            # The context's trailing whitespace belongs to the continuation (as in lm-evaluation-harness):
+            # byte-level BPE merges a space into the next word, so "ctx " + "word" tokenizes as "ctx" " word".
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
             whole = self.tokenizer.encode(context + continuation)
             ctx = self.tokenizer.encode(context)
             if whole[: len(ctx)] == ctx and len(whole) > len(ctx):

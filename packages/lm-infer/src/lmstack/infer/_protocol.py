@@ -1,7 +1,7 @@
 """The LLM protocol: the one interface lmstack-eval, lmstack-agent and lmstack-rag talk to.
 
-Two implementations satisfy it: the local engine (:class:`~lmstack.infer.LLM`) and, with the server
-issue, a remote client for any OpenAI-compatible server. Code above this layer takes an
+Two implementations satisfy it: the local engine (:class:`~lmstack.infer.LLM`) and the remote client
+for any OpenAI-compatible server (:class:`~lmstack.infer.RemoteLLM`). Code above this layer takes an
 ``LLMProtocol`` and never knows which one it holds.
 """
 

@@ -1,0 +1,538 @@
+"""Between lmstack's types and OpenAI's JSON: sampling fields out, completions and stream chunks in."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmstack.core import Tokenizer
+from lmstack.infer._errors import RemoteError
+from lmstack.infer._outputs import CompletionOutput, RequestOutput
+from lmstack.infer._sampling_params import SamplingParams
+from lmstack.infer.remote._sse import ServerSentEvent
+
+__all__ = [
+    "RemoteRequestOutput",
+    "StreamAssembler",
+    "TokenResolver",
+    "Usage",
+    "parse_chat",
+    "parse_completion",
+    "sampling_fields",
+    "token_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+_TOKEN_ID_PREFIX = "token_id:"  # vLLM's `return_tokens_as_token_ids` spelling of a token
+
+
+@dataclass
+class Usage:
+    """Token counts the server reported for a request (or summed over many).
+
+    Attributes:
+        prompt_tokens: Tokens in the prompt(s).
+        completion_tokens: Tokens generated.
+        total_tokens: Both together.
+        cached_tokens: Prompt tokens served from the server's prefix cache, when it says.
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_tokens: int | None = None
+
+    @classmethod
+    def from_json(cls, value: Any) -> Usage | None:
+        """Reads an OpenAI ``usage`` object (None when absent or malformed)."""
+        if not isinstance(value, Mapping):
+            return None
+        details = value.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
+        try:
+            prompt = int(value.get("prompt_tokens") or 0)
+            completion = int(value.get("completion_tokens") or 0)
+            total = int(value.get("total_tokens") or prompt + completion)
+            return cls(prompt, completion, total, None if cached is None else int(cached))
+        except (TypeError, ValueError):
+            return None
+
+    def add(self, other: Usage) -> None:
+        """Adds ``other``'s counts to these."""
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.total_tokens += other.total_tokens
+        if other.cached_tokens is not None:
+            self.cached_tokens = (self.cached_tokens or 0) + other.cached_tokens
+
+
+@dataclass
+class RemoteRequestOutput(RequestOutput):
+    """A :class:`~lmstack.infer.RequestOutput` from a server, with what the server reported about it.
+
+    Attributes:
+        usage: Token counts of the request (on a stream, only on the last output, and only when the
+            server sends them).
+        model: The model that served the request, as the server names it.
+    """
+
+    usage: Usage | None = None
+    model: str | None = None
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """Byte-level BPE's alphabet (GPT-2's): printable Latin-1 bytes are themselves, the rest shifted up."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table: dict[int, str] = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTES_TOKEN = re.compile(r"bytes:((?:\\x[0-9A-Fa-f]{2})+)")
+
+
+def token_bytes(token: str) -> bytes:
+    r"""A token's bytes: its UTF-8 text, or what a ``bytes:\xe2\x80`` token (part of a character) spells."""
+    match = _BYTES_TOKEN.fullmatch(token)
+    if match:
+        return bytes.fromhex(match.group(1).replace("\\x", ""))
+    return token.encode()
+
+
+class TokenResolver:
+    """Token ids for text and token strings, from the server's answer or else the local tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[str, int | None] = {}
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int] | None:
+        """The local tokenizer's ids for ``text`` (None without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        r"""The id of one token as a server spells it, if it can tell.
+
+        ``token_id:42`` (vLLM's ``return_tokens_as_token_ids``) is read as is. Otherwise, with a
+        tokenizer, the token's bytes (its text, or what ``bytes:\x..`` spells) are looked up as a
+        vocabulary entry (byte-level, sentencepiece or plain spelling), else encoded: a text that
+        encodes to exactly one token gives that token.
+        """
+        if token.startswith(_TOKEN_ID_PREFIX):
+            try:
+                return int(token[len(_TOKEN_ID_PREFIX) :])
+            except ValueError:
+                return None
+        if self.tokenizer is None or not token:
+            return None
+        if token not in self._cache:
+            self._cache[token] = self._lookup(token)
+        return self._cache[token]
+
+    def _lookup(self, token: str) -> int | None:
+        assert self.tokenizer is not None
+        raw = token_bytes(token)
+        candidates = ["".join(_BYTE_LEVEL[b] for b in raw)]
+        if len(raw) == 1:
+            candidates.append(f"<0x{raw[0]:02X}>")  # sentencepiece byte fallback
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None:
+            candidates += ["\u2581" + text[1:] if text.startswith(" ") else text, text]
+        for piece in candidates:
+            found = self.tokenizer.token_to_id(piece)
+            if found is not None:
+                return found
+        if text is not None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) == 1:
+                return ids[0]
+        return None
+
+
+def sampling_fields(params: SamplingParams, *, chat: bool) -> dict[str, Any]:
+    """The request fields for ``params``.
+
+    OpenAI's own fields are always sent where they mean something; vLLM's extensions (``top_k``,
+    ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
+    ``skip_special_tokens``, ``include_stop_str_in_output``) only when they differ from the default,
+    so a plain OpenAI server, which rejects unknown fields, sees none of them.
+    """
+    body: dict[str, Any] = {"n": params.n, "temperature": params.temperature, "top_p": params.top_p}
+    if params.max_tokens is not None or not chat:
+        # On /v1/completions null means "until the context is full" (vLLM, lmstack serve); chat's default.
+        body["max_tokens"] = params.max_tokens
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if params.presence_penalty:
+        body["presence_penalty"] = params.presence_penalty
+    if params.frequency_penalty:
+        body["frequency_penalty"] = params.frequency_penalty
+    if params.logprobs is not None:
+        if chat:
+            body["logprobs"] = True
+            body["top_logprobs"] = params.logprobs
+        else:
+            body["logprobs"] = params.logprobs
+    if params.top_k > 0:
+        body["top_k"] = params.top_k
+    if params.min_p:
+        body["min_p"] = params.min_p
+    if params.repetition_penalty != 1.0:
+        body["repetition_penalty"] = params.repetition_penalty
+    if params.min_tokens:
+        body["min_tokens"] = params.min_tokens
+    if params.stop_token_ids:
+        body["stop_token_ids"] = list(params.stop_token_ids)
+    if params.ignore_eos:
+        body["ignore_eos"] = True
+    if not params.skip_special_tokens:
+        body["skip_special_tokens"] = False
+    if params.include_stop_str_in_output:
+        body["include_stop_str_in_output"] = True
+    return body
+
+
+# -- log-probs ---------------------------------------------------------------------------------------
+_Step = tuple[str, float | None, list[tuple[str, float]]]  # token text, its log-prob, alternatives
+
+
+def _completion_steps(logprobs: Any) -> list[_Step] | None:
+    """Steps of a /v1/completions ``logprobs`` object (``tokens``, ``token_logprobs``, ``top_logprobs``)."""
+    if not isinstance(logprobs, Mapping) or not isinstance(logprobs.get("tokens"), list):
+        return None
+    tokens = logprobs["tokens"]
+    values = logprobs.get("token_logprobs") or [None] * len(tokens)
+    tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+    steps: list[_Step] = []
+    for token, value, top in zip(tokens, values, tops, strict=False):
+        alternatives = [(str(k), float(v)) for k, v in top.items()] if isinstance(top, Mapping) else []
+        steps.append((str(token), None if value is None else float(value), alternatives))
+    return steps
+
+
+def _chat_steps(logprobs: Any) -> list[_Step] | None:
+    """Steps of a /v1/chat/completions ``logprobs`` object (``content`` entries)."""
+    if not isinstance(logprobs, Mapping) or not isinstance(logprobs.get("content"), list):
+        return None
+    steps: list[_Step] = []
+    for item in logprobs["content"]:
+        if not isinstance(item, Mapping):
+            continue
+        alternatives = [
+            (str(alt.get("token", "")), float(alt["logprob"]))
+            for alt in item.get("top_logprobs") or ()
+            if isinstance(alt, Mapping) and alt.get("logprob") is not None
+        ]
+        value = item.get("logprob")
+        steps.append((str(item.get("token", "")), None if value is None else float(value), alternatives))
+    return steps
+
+
+def _logprob_dicts(
+    steps: list[_Step], token_ids: Sequence[int] | None, resolver: TokenResolver
+) -> list[dict[int, float]]:
+    """``{token_id: logprob}`` per step: the chosen token first, then the alternatives whose id is known."""
+    out: list[dict[int, float]] = []
+    for i, (token, value, alternatives) in enumerate(steps):
+        entry: dict[int, float] = {}
+        chosen = token_ids[i] if token_ids is not None and i < len(token_ids) else resolver.token_id(token)
+        if chosen is not None and value is not None:
+            entry[chosen] = value
+        for alt, alt_value in alternatives:
+            alt_id = resolver.token_id(alt)
+            if alt_id is not None:
+                entry.setdefault(alt_id, alt_value)
+        out.append(entry)
+    return out
+
+
+def _ids_from_steps(steps: list[_Step] | None) -> list[int] | None:
+    """Token ids when the server spelled every token as ``token_id:N``."""
+    if not steps or not all(token.startswith(_TOKEN_ID_PREFIX) for token, _, _ in steps):
+        return None
+    ids = [TokenResolver(None).token_id(token) for token, _, _ in steps]
+    return None if any(i is None for i in ids) else [int(i) for i in ids if i is not None]
+
+
+def _int_list(value: Any) -> list[int] | None:
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [int(v) for v in value]
+    return None
+
+
+@dataclass
+class _Sample:
+    text: str
+    token_ids: list[int] | None
+    steps: list[_Step] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+
+
+def _sample(choice: Mapping[str, Any], *, chat: bool, delta: bool) -> _Sample:
+    if chat:
+        message = choice.get("delta" if delta else "message") or {}
+        text = message.get("content") if isinstance(message, Mapping) else None
+        steps = _chat_steps(choice.get("logprobs"))
+    else:
+        text = choice.get("text")
+        steps = _completion_steps(choice.get("logprobs"))
+    ids = _int_list(choice.get("token_ids"))
+    if ids is None:
+        ids = _ids_from_steps(steps)
+    stop_reason = choice.get("stop_reason")
+    if not isinstance(stop_reason, (str, int)) or isinstance(stop_reason, bool):
+        stop_reason = None
+    finish = choice.get("finish_reason")
+    return _Sample(text if isinstance(text, str) else "", ids, steps, finish or None, stop_reason)
+
+
+def _completion_output(
+    index: int, sample: _Sample, resolver: TokenResolver, want_logprobs: bool, *, tokenize: bool
+) -> CompletionOutput:
+    token_ids = sample.token_ids
+    if token_ids is None and sample.steps:
+        # The log-probs name each generated token: their ids are the tokens themselves, unlike the
+        # text's re-tokenization (which can differ).
+        resolved = [resolver.token_id(token) for token, _, _ in sample.steps]
+        if all(i is not None for i in resolved):
+            token_ids = [int(i) for i in resolved if i is not None]
+    if token_ids is None and tokenize and sample.text:
+        token_ids = resolver.encode(sample.text)
+    logprobs = cumulative = None
+    if want_logprobs:
+        steps = sample.steps or []
+        logprobs = _logprob_dicts(steps, token_ids, resolver)
+        cumulative = sum(value for _, value, _ in steps if value is not None)
+    return CompletionOutput(
+        index=index,
+        text=sample.text,
+        token_ids=list(token_ids or []),
+        cumulative_logprob=cumulative,
+        logprobs=logprobs,
+        finish_reason=sample.finish_reason,
+        stop_reason=sample.stop_reason,
+    )
+
+
+def _choices(body: Any, server: str) -> list[Mapping[str, Any]]:
+    choices = body.get("choices") if isinstance(body, Mapping) else None
+    if not isinstance(choices, list) or not all(isinstance(c, Mapping) for c in choices):
+        raise RemoteError(
+            f"{server} answered without a 'choices' list; is it an OpenAI-compatible server? "
+            f"Got: {json.dumps(body)[:300]}",
+            server=server,
+        )
+    return sorted(choices, key=lambda c: int(c.get("index", 0)))
+
+
+def _prompt_ids(body: Mapping[str, Any], choices: Sequence[Mapping[str, Any]]) -> list[int] | None:
+    for source in (*choices[:1], body):
+        ids = _int_list(source.get("prompt_token_ids"))
+        if ids is not None:
+            return ids
+    return None
+
+
+def parse_completion(
+    body: Any,
+    *,
+    prompt: str | None,
+    prompt_token_ids: list[int] | None,
+    params: SamplingParams,
+    resolver: TokenResolver,
+    server: str,
+    chat: bool = False,
+) -> RemoteRequestOutput:
+    """A finished :class:`RemoteRequestOutput` from a /v1/completions (or, with ``chat``, chat) response.
+
+    Token ids come from the server when it sends them (vLLM's ``return_token_ids``, or tokens spelled
+    ``token_id:N``), else from the local tokenizer, else stay empty.
+    """
+    choices = _choices(body, server)
+    outputs = [
+        _completion_output(
+            int(c.get("index", i)), _sample(c, chat=chat, delta=False), resolver,
+            params.logprobs is not None, tokenize=True,
+        )
+        for i, c in enumerate(choices)
+    ]  # fmt: skip
+    usage = Usage.from_json(body.get("usage"))
+    ids = _prompt_ids(body, choices) or prompt_token_ids
+    return RemoteRequestOutput(
+        request_id=str(body.get("id") or ""),
+        prompt=prompt,
+        prompt_token_ids=list(ids or []),
+        outputs=outputs,
+        finished=True,
+        num_cached_tokens=(usage.cached_tokens or 0) if usage else 0,
+        usage=usage,
+        model=body.get("model"),
+    )
+
+
+def parse_chat(
+    body: Any, *, params: SamplingParams, resolver: TokenResolver, server: str
+) -> RemoteRequestOutput:
+    """A finished :class:`RemoteRequestOutput` from a /v1/chat/completions response."""
+    return parse_completion(
+        body, prompt=None, prompt_token_ids=None, params=params, resolver=resolver, server=server, chat=True
+    )
+
+
+def stream_error(obj: Any, event: ServerSentEvent, server: str) -> RemoteError | None:
+    """The error a stream event reports, if it is one (``{"error": {...}}`` or an ``error`` event)."""
+    err = obj.get("error") if isinstance(obj, Mapping) else None
+    if not err and event.event != "error":
+        return None
+    if isinstance(err, Mapping):
+        message = str(err.get("message") or json.dumps(err))
+        code = err.get("code")
+    else:
+        message, code = str(err or event.data), None
+    status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600 else None
+    return RemoteError(f"{server} reported an error in the middle of the stream: {message}",
+                       status_code=status, server=server)  # fmt: skip
+
+
+@dataclass
+class StreamAssembler:
+    """Turns one request's stream chunks into delta :class:`RemoteRequestOutput` s.
+
+    Each chunk with new text, tokens or a finish reason becomes one output holding only what is new.
+    The one that finishes the last sample is held back until the stream ends, so the usage chunk that
+    follows it (``stream_options.include_usage``) can be attached: the last output has ``finished``.
+
+    Args:
+        chat: Whether the chunks are chat completion chunks.
+        params: The request's sampling parameters (``n`` and ``logprobs`` matter).
+        prompt: The prompt text, when the request gave text.
+        prompt_token_ids: The prompt's ids, when known before the server says.
+        resolver: Maps token strings to ids.
+        server: The server's URL, for messages.
+    """
+
+    chat: bool
+    params: SamplingParams
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    resolver: TokenResolver
+    server: str
+    done: bool = False
+    request_id: str = ""
+    model: str | None = None
+    usage: Usage | None = None
+    _finished: set[int] = field(default_factory=set)
+    _cumulative: dict[int, float] = field(default_factory=dict)
+    _held: RemoteRequestOutput | None = None
+
+    def feed(self, event: ServerSentEvent) -> list[RemoteRequestOutput]:
+        """Consumes one event; returns the outputs to deliver now.
+
+        Raises:
+            RemoteError: the event reports an error or is not JSON.
+        """
+        if self.done:
+            return []
+        if event.data.strip() == "[DONE]":
+            self.done = True
+            return []
+        try:
+            obj = json.loads(event.data)
+        except ValueError as exc:
+            raise RemoteError(
+                f"{self.server} sent a stream event that is not JSON: {event.data[:200]!r}",
+                server=self.server,
+            ) from exc
+        error = stream_error(obj, event, self.server)
+        if error is not None:
+            raise error
+        if not isinstance(obj, Mapping):
+            return []
+        self.request_id = str(obj.get("id") or self.request_id)
+        self.model = obj.get("model") or self.model
+        usage = Usage.from_json(obj.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        choices = obj.get("choices") or []
+        ids = _prompt_ids(obj, [c for c in choices if isinstance(c, Mapping)])
+        if ids is not None:
+            self.prompt_token_ids = ids
+        outputs: list[CompletionOutput] = []
+        for choice in choices:
+            if not isinstance(choice, Mapping):
+                continue
+            index = int(choice.get("index", 0))
+            sample = _sample(choice, chat=self.chat, delta=True)
+            if not (sample.text or sample.token_ids or sample.steps or sample.finish_reason):
+                continue  # a chat role announcement, or an empty keep-alive chunk
+            out = _completion_output(
+                index, sample, self.resolver, self.params.logprobs is not None, tokenize=False
+            )
+            if out.cumulative_logprob is not None:
+                self._cumulative[index] = self._cumulative.get(index, 0.0) + out.cumulative_logprob
+                out.cumulative_logprob = self._cumulative[index]
+            if out.finish_reason is not None:
+                self._finished.add(index)
+            outputs.append(out)
+        if not outputs:
+            return []
+        delta = self._output(sorted(outputs, key=lambda o: o.index))
+        if delta.finished:
+            self._held = delta
+            return []
+        return [delta]
+
+    def finish(self) -> list[RemoteRequestOutput]:
+        """The stream ended: returns the held last output.
+
+        Raises:
+            RemoteError: the stream ended before every sample finished and without ``[DONE]``.
+        """
+        if self._held is not None:
+            held, self._held = self._held, None
+            held.usage = self.usage
+            if self.usage is not None and self.usage.cached_tokens is not None:
+                held.num_cached_tokens = self.usage.cached_tokens
+            return [held]
+        if not self.done:
+            raise RemoteError(
+                f"the stream from {self.server} ended before the request finished (no finish_reason and no "
+                "[DONE]); the server may have crashed or a proxy cut the response.",
+                server=self.server,
+            )
+        missing = sorted(set(range(self.params.n)) - self._finished)
+        logger.warning("%s ended a stream without a finish_reason for samples %s", self.server, missing)
+        final = self._output([CompletionOutput(index=i, finish_reason="stop") for i in missing])
+        final.finished = True
+        final.usage = self.usage
+        return [final]
+
+    def _output(self, outputs: list[CompletionOutput]) -> RemoteRequestOutput:
+        return RemoteRequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids or []),
+            outputs=outputs,
+            finished=len(self._finished) >= self.params.n,
+            model=self.model,
+        )
