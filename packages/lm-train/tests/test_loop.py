@@ -198,3 +198,116 @@ def test_two_process_data_parallel_matches_one_process(text_data: Path, tmp_path
     b = load_pretrained(tmp_path / "two" / "final").state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# -- FSDP2 ----------------------------------------------------------------------------------------
+
+# The FSDP case, as source: the torchrun driver runs it, and the one-process reference executes the
+# same text in the test process (which saves a Python start on these small machines).
+_FSDP_CASE = """
+import torch
+from lmstack.core import CausalLM, ModelConfig
+from lmstack.train import DataConfig
+from lmstack.train._loop import OptimConfig, RunConfig, train_loop
+
+def fsdp_case(tokenizer, data, out, mode, batch):
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=48,
+                      intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return train_loop(
+        CausalLM(cfg), tokenizer, DataConfig(paths=[str(data)], format="text", train_on="all", max_length=64),
+        OptimConfig(lr=1e-3, warmup_steps=2),
+        RunConfig(output_dir=str(out), max_steps=6, batch_size=batch, grad_accum=2, save_every=3,
+                  data_parallel=mode, device="cpu", tensorboard=False),
+    )
+"""
+
+_FSDP_MAIN = """
+import shutil, sys
+from pathlib import Path
+from lmstack.core import Tokenizer
+from lmstack.train._dist import barrier, init_distributed
+
+data, tok_dir, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+tokenizer = Tokenizer.from_pretrained(tok_dir)
+fsdp_case(tokenizer, data, root / "fsdp", "fsdp", 2)
+# Resume a copy of the run from its step-3 checkpoint, in the same process group.
+if init_distributed("cpu").is_main:
+    step3 = Path("checkpoints") / "step-00000003"
+    shutil.copytree(root / "fsdp" / step3, root / "resumed" / step3)
+barrier()
+fsdp_case(tokenizer, data, root / "resumed", "fsdp", 2)
+"""
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tokenizer: Tokenizer, text_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """torchrun 2 x batch 2 with FSDP2 (``fsdp``) and a copy of it resumed from its step-3 checkpoint
+    (``resumed``); one process x batch 4 as the reference (``single``). 6 steps of 2 micro-batches."""
+    root = tmp_path_factory.mktemp("fsdp")
+    tokenizer.save_pretrained(root / "tokenizer")
+    driver = root / "driver.py"
+    driver.write_text(_FSDP_CASE + _FSDP_MAIN)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    fsdp = subprocess.Popen(
+        [*torchrun, str(driver), str(text_data), str(root / "tokenizer"), str(root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(_FSDP_CASE, "fsdp_case", "exec"), namespace)
+    namespace["fsdp_case"](tokenizer, text_data, root / "single", "ddp", 4)  # one process: unsharded
+    _, stderr = fsdp.communicate(timeout=300)
+    assert fsdp.returncode == 0, stderr[-3000:]
+    return root
+
+
+def test_fsdp_two_processes_match_one_process(fsdp_runs: Path) -> None:
+    one, two = _losses(fsdp_runs / "single"), _losses(fsdp_runs / "fsdp")
+    assert sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    # The final model is a plain Hugging Face directory with whole (gathered) weights.
+    a = load_pretrained(fsdp_runs / "single" / "final").state_dict()
+    b = load_pretrained(fsdp_runs / "fsdp" / "final").state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Checkpoints hold whole tensors in the unsharded layout: the same files as one process writes.
+    ckpt_one, ckpt_two = (fsdp_runs / k / "checkpoints" / "step-00000003" for k in ("single", "fsdp"))
+    w1, w2 = (torch.load(c / "model.pt", weights_only=True) for c in (ckpt_one, ckpt_two))
+    assert list(w1) == list(w2)
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-5, atol=1e-6, msg=name)
+    o1, o2 = (torch.load(c / "optimizer.pt", weights_only=True) for c in (ckpt_one, ckpt_two))
+    assert o1["param_groups"] == o2["param_groups"]
+    assert sorted(o1["state"]) == sorted(o2["state"])
+    for index, s1 in o1["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(s1[key], o2["state"][index][key], rtol=1e-4, atol=1e-9)
+
+
+def test_fsdp_resume_continues_the_curve(fsdp_runs: Path) -> None:
+    whole, resumed = _losses(fsdp_runs / "fsdp"), _losses(fsdp_runs / "resumed")
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-6), step
+    a = load_pretrained(fsdp_runs / "fsdp" / "final").state_dict()
+    b = load_pretrained(fsdp_runs / "resumed" / "final").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fsdp_refuses_frozen_parameters(tokenizer: Tokenizer, text_data: Path, tmp_path: Path) -> None:
+    model = _tiny_model(tokenizer)
+    model.model.embed_tokens.weight.requires_grad_(False)  # as a LoRA base is
+    with pytest.raises(TrainError, match=r"data_parallel='fsdp'.*frozen.*'ddp'"):
+        train_loop(
+            model,
+            tokenizer,
+            DataConfig(paths=[str(text_data)], format="text", train_on="all", max_length=64),
+            OptimConfig(),
+            RunConfig(output_dir=str(tmp_path), max_steps=1, data_parallel="fsdp"),
+        )
+    assert not (tmp_path / "metrics.jsonl").exists()

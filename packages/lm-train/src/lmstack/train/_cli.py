@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 __all__ = ["register_train"]
 
@@ -27,10 +28,8 @@ def _run(args: argparse.Namespace) -> int:
         result = qlora(load_config(LoRAConfig, args.config, args.overrides))
     else:
         result = sft(load_config(SFTConfig, args.config, args.overrides))
-    print(
-        f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f} s; "
-        f"final loss {result.final_loss:.4f}; model: {result.model_dir}"
-    )
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary rather than one per rank
+        print(result.summary(), flush=True)
     return 0
 
 

@@ -1,22 +1,48 @@
-"""Data parallelism under ``torchrun``: one process per device, gradients averaged by DDP.
+"""Data parallelism under ``torchrun``: one process per device, gradients averaged by DDP or FSDP2.
 
 Scale-out rides torch.distributed only: the process group comes from torchrun's environment
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...), with the gloo backend on CPU and
 NCCL on CUDA. A plain ``python`` run is world size 1 and touches no process group.
+
+Two ways to spread a model over the ranks (:func:`wrap_data_parallel`):
+
+* ``ddp``: every rank holds the whole model and optimizer; ``DistributedDataParallel`` all-reduces
+  (averages) gradients during backward.
+* ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every parameter, gradient and
+  optimizer state over the ranks: each decoder layer is one unit (all-gathered just before its
+  forward and backward, freed after), the root holds the embeddings, final norm and output head.
+  Parameters become ``DTensor`` shards; gradients are reduce-scattered with an average, exactly
+  the gradient DDP produces. Runs on CPU with gloo (torch 2.13 has the reduce-scatter and
+  all-gather FSDP2 needs) and on CUDA with NCCL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from lmstack.core import CausalLM
 from lmstack.train._errors import TrainError
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "init_distributed"]
+__all__ = [
+    "DataParallel",
+    "DistInfo",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "init_distributed",
+    "scalar_value",
+    "wrap_data_parallel",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +96,91 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest value of a number over every rank (itself outside a process group)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def scalar_value(value: torch.Tensor) -> float:
+    """A one-element tensor's value; a DTensor (as FSDP2's gradient norm is) is made whole first."""
+    if dist.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+    return float(value)
+
+
+@dataclass
+class DataParallel:
+    """A model as the training loop drives it, however it is spread over the ranks.
+
+    Attributes:
+        module: What to call forward on (the DDP wrapper, or the model itself).
+        mode: ``none`` (one process), ``ddp`` or ``fsdp``.
+    """
+
+    module: nn.Module
+    mode: Literal["none", "ddp", "fsdp"]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters and optimizer states are FSDP shards (DTensors), not whole tensors."""
+        return self.mode == "fsdp"
+
+    @contextlib.contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Run a micro-batch's backward with (last micro-batch) or without gradient communication.
+
+        Without it gradients accumulate locally, so a step of ``grad_accum`` micro-batches
+        communicates once.
+        """
+        if self.mode == "ddp" and not enabled:
+            assert isinstance(self.module, DistributedDataParallel)
+            with self.module.no_sync():
+                yield
+            return
+        if self.mode == "fsdp":
+            from torch.distributed.fsdp import FSDPModule
+
+            assert isinstance(self.module, FSDPModule)
+            self.module.set_requires_gradient_sync(enabled)
+        yield
+
+
+def wrap_data_parallel(model: CausalLM, info: DistInfo, mode: Literal["ddp", "fsdp"]) -> DataParallel:
+    """Spread ``model`` (already on ``info.device``) over the ranks; a no-op for one process.
+
+    With ``fsdp`` the model is sharded in place (its class becomes an FSDP subclass and its
+    parameters DTensors), so build the optimizer from its parameters *after* this call.
+
+    Args:
+        model: The model to train.
+        info: This process's place in the run.
+        mode: ``ddp`` or ``fsdp``.
+
+    Returns:
+        The model as the loop drives it.
+    """
+    if info.world_size == 1:
+        return DataParallel(model, "none")
+    if mode == "ddp":
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DataParallel(DistributedDataParallel(model, device_ids=ids), "ddp")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    # One unit per decoder layer bounds the unsharded memory to one layer at a time; the root unit
+    # picks up what is left (embeddings, final norm, output head; a tied head shares one shard).
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    logger.info("sharded the model with FSDP2 over %d ranks (%s)", info.world_size, info.device.type)
+    return DataParallel(model, "fsdp")

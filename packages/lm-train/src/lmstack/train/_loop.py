@@ -6,11 +6,16 @@ bin give exactly the gradient of 1 micro-batch of 8 bins. A checkpoint every ``s
 holds weights, optimizer, scheduler, random states and the data position; a restarted run resumes
 from the newest one without replaying any batch. A non-finite loss or gradient stops the run before
 the optimizer touches the weights, so the last checkpoint stays the last good one.
+
+Under ``torchrun`` the model is replicated (DDP) or sharded (FSDP2) over the ranks
+(``run.data_parallel``); either way each rank's loss is scaled by ``world_size / step loss tokens`` and
+the gradient average undoes the world size, so N processes equal one process with N times the batch.
+Every step goes to ``metrics.jsonl`` and, when TensorBoard is installed, to ``tensorboard/``; the run
+ends with a :class:`TrainResult` whose :meth:`~TrainResult.summary` is what ``lmstack train`` prints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -22,15 +27,28 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lmstack.core import CausalLM, Tokenizer, save_pretrained
 from lmstack.train._config import DataConfig, save_config
-from lmstack.train._dist import all_reduce_sum, barrier, init_distributed
+from lmstack.train._dist import (
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    scalar_value,
+    wrap_data_parallel,
+)
 from lmstack.train._errors import TrainError
+from lmstack.train._monitor import SCALARS, ScalarWriter, open_tensorboard, peak_memory, use_tensorboard
 from lmstack.train._schedule import lr_factor
-from lmstack.train._state import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmstack.train._state import (
+    gather_train_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    unsharded_model,
+)
 from lmstack.train.data import IGNORE_INDEX, PackedBatch, ResumableLoader, build_dataset
 
 __all__ = ["OptimConfig", "RunConfig", "TrainResult", "token_loss", "train_loop"]
@@ -81,6 +99,16 @@ class RunConfig:
         precision: ``float32``, or ``bfloat16`` autocast where the device supports it.
         activation_checkpointing: Recompute activations in backward to save memory.
         device: ``cpu``, ``cuda`` or ``auto`` (under torchrun: this rank's ``cuda:LOCAL_RANK``).
+        data_parallel: How ``torchrun`` ranks share the model (no effect in one process). ``ddp``
+            keeps a whole replica of weights and optimizer state on every rank and all-reduces
+            gradients. ``fsdp`` shards weights, gradients and optimizer state over the ranks with
+            FSDP2 (one unit per decoder layer plus the root), so each rank holds about 1/N of them;
+            checkpoints and ``final/`` still hold whole tensors (gathered to rank 0), so a run
+            resumes under either mode. Same losses as ``ddp``. Full-weight training only: a model
+            with frozen parameters (LoRA, QLoRA) is refused; use ``ddp`` for those.
+        tensorboard: Log loss, lr, grad_norm, tokens_per_s and padding_ratio every step to
+            ``output_dir/tensorboard/`` (``tensorboard --logdir`` it). None: when TensorBoard is
+            installed (``pip install 'lmstack-train[tensorboard]'``); True: require it; False: off.
     """
 
     output_dir: str = "runs/default"
@@ -95,11 +123,48 @@ class RunConfig:
     precision: Literal["float32", "bfloat16"] = "float32"
     activation_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"
+    tensorboard: bool | None = None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 @dataclass
 class TrainResult:
-    """What a finished run reports."""
+    """What a finished run reports; :meth:`summary` turns it into the text ``lmstack train`` prints.
+
+    Totals (``tokens``, ``best_loss``, ``padding_ratio``) cover the whole run, including steps done
+    before a resume; times and throughput cover this process's part.
+
+    Attributes:
+        steps: Optimizer steps of the whole run (``run.max_steps``).
+        final_loss: The loss of the last step.
+        tokens: Tokens trained on over the whole run (padding excluded).
+        seconds: Wall time of this call, from the first step to the written final model.
+        model_dir: The final model (``output_dir/final``).
+        losses: The loss of every step this call ran.
+        start_step: The step this call resumed from (0: a fresh run).
+        tokens_this_call: Tokens trained on by this call (``tokens`` less those before the resume).
+        best_loss: The lowest step loss of the run.
+        best_step: The step that had it.
+        tokens_per_s: Mean throughput of this call: its tokens over its training time (checkpoint
+            writes included, the final save not).
+        padding_ratio: The share of batch slots that were padding, over the run.
+        peak_memory_bytes: The peak memory of the most demanding rank (see ``peak_memory_kind``).
+        peak_memory_kind: ``CUDA max allocated`` (tensors on the GPU) or ``process peak RSS`` (CPU).
+        output_dir: The run directory.
+        last_checkpoint: The newest checkpoint left in ``output_dir/checkpoints`` (None if none).
+        metrics_file: ``metrics.jsonl``.
+        tensorboard_dir: Where TensorBoard events went, or None when it was off.
+        world_size: Processes that trained.
+        data_parallel: ``none`` (one process), ``ddp`` or ``fsdp``.
+    """
 
     steps: int
     final_loss: float
@@ -107,6 +172,50 @@ class TrainResult:
     seconds: float
     model_dir: Path
     losses: list[float]
+    start_step: int = 0
+    tokens_this_call: int = 0
+    best_loss: float = math.nan
+    best_step: int = 0
+    tokens_per_s: float = 0.0
+    padding_ratio: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = "unknown"
+    output_dir: Path | None = None
+    last_checkpoint: Path | None = None
+    metrics_file: Path | None = None
+    tensorboard_dir: Path | None = None
+    world_size: int = 1
+    data_parallel: str = "none"
+
+    def summary(self) -> str:
+        """A human summary of the run: steps, tokens, time, losses, padding, memory, where things are."""
+        how = "1 process" if self.world_size == 1 else f"{self.world_size} processes ({self.data_parallel})"
+        resumed = f", resumed at step {self.start_step}" if self.start_step else ""
+        best = f"{self.best_loss:.4f} (step {self.best_step})" if math.isfinite(self.best_loss) else "n/a"
+        tokens = f"{self.tokens:,}"
+        if self.start_step:
+            tokens += f" ({self.tokens_this_call:,} in this call)"
+        memory = "unknown"
+        if self.peak_memory_bytes:
+            per = ", largest rank" if self.world_size > 1 else ""
+            memory = f"{_size(self.peak_memory_bytes)} ({self.peak_memory_kind}{per})"
+        checkpoints = "none kept"
+        if self.last_checkpoint is not None:
+            checkpoints = f"{self.last_checkpoint.parent} (latest: {self.last_checkpoint.name})"
+        lines = [
+            f"Training finished: {self.steps} steps ({len(self.losses)} in this call{resumed}) on {how}",
+            f"  tokens        {tokens} in {self.seconds:.1f} s ({self.tokens_per_s:,.0f} tokens/s)",
+            f"  loss          final {self.final_loss:.4f}, best {best}",
+            f"  padding       {self.padding_ratio:.1%} of batch slots",
+            f"  peak memory   {memory}",
+            f"  final model   {self.model_dir}",
+            f"  checkpoints   {checkpoints}",
+        ]
+        if self.metrics_file is not None:
+            lines.append(f"  metrics       {self.metrics_file}")
+        if self.tensorboard_dir is not None:
+            lines.append(f"  tensorboard   tensorboard --logdir {self.tensorboard_dir}")
+        return "\n".join(lines)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -151,23 +260,33 @@ def train_loop(
     """Train ``model`` on ``data``; resume from ``run.output_dir`` when a checkpoint is there.
 
     Args:
-        model: The model to train (its trainable parameters are those with ``requires_grad``).
+        model: The model to train (its trainable parameters are those with ``requires_grad``). With
+            ``run.data_parallel='fsdp'`` under torchrun it is sharded in place.
         tokenizer: Its tokenizer (tokenizes the data, saved with the final model).
         data: The data config.
         optim: Optimizer and schedule.
-        run: Steps, batching, checkpoints.
+        run: Steps, batching, checkpoints, data parallelism, TensorBoard.
         config_to_save: The full recipe config, written to ``config.yaml`` in the run directory.
         save_model: How to write the final model (default: a Hugging Face directory with the
-            tokenizer, via lmstack-core's ``save_pretrained``).
+            tokenizer, via lmstack-core's ``save_pretrained``). It gets a model with whole weights
+            (an FSDP run's is gathered on rank 0) and runs on rank 0 only.
 
     Returns:
-        Steps, final loss, tokens and time; the final model directory.
+        Steps, losses, tokens, time, throughput, padding, peak memory and where the run wrote.
 
     Raises:
-        TrainError: on a non-finite loss or gradient (the last checkpoint stays intact), or when
-            ``resume='never'`` and the run directory already holds checkpoints.
+        TrainError: on a non-finite loss or gradient (the last checkpoint stays intact), when
+            ``resume='never'`` and the run directory already holds checkpoints, when
+            ``run.tensorboard`` is true and TensorBoard is not installed, or when
+            ``run.data_parallel='fsdp'`` meets a model with frozen parameters (LoRA, QLoRA).
     """
     out = Path(run.output_dir)
+    if run.data_parallel == "fsdp" and any(not p.requires_grad for p in model.parameters()):
+        raise TrainError(
+            "run.data_parallel='fsdp' supports full-weight training (pretrain, sft) only, and this model "
+            "has frozen parameters (a LoRA or QLoRA base); use run.data_parallel='ddp' for adapters."
+        )
+    tensorboard = use_tensorboard(run.tensorboard)  # before any work, so a missing package fails fast
     out.mkdir(parents=True, exist_ok=True)
     info = init_distributed(run.device)
     device = info.device
@@ -177,15 +296,15 @@ def train_loop(
     model.to(device).train()
     if run.activation_checkpointing:
         model.enable_activation_checkpointing()
-    # Under torchrun each rank holds a replica; DDP averages gradients during backward.
-    ddp = None
-    if info.world_size > 1:
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    net: torch.nn.Module = ddp if ddp is not None else model
+    if run.data_parallel == "fsdp" and info.world_size == 1:
+        logger.info("run.data_parallel='fsdp' has nothing to shard in one process; training unsharded")
+    # Under torchrun each rank holds a replica (DDP) or a shard (FSDP2); both average gradients.
+    dp = wrap_data_parallel(model, info, run.data_parallel)
     dataset = build_dataset(data, tokenizer)
     loader: ResumableLoader[Any] = ResumableLoader(
         dataset, run.batch_size, seed=run.seed, rank=info.rank, world_size=info.world_size
     )
+    # Built after sharding: FSDP2 replaces the parameters by DTensor shards.
     optimizer = torch.optim.AdamW(
         _param_groups(model, optim.weight_decay),
         lr=optim.lr,
@@ -203,19 +322,31 @@ def train_loop(
         ),
     )
     start_step, tokens_seen = 0, 0
+    # Run-wide totals for the summary, carried through checkpoints.
+    best_loss, best_step, padded_tokens, padded_slots = math.inf, 0, 0, 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         if run.resume == "never":
             raise TrainError(
                 f"{out} already holds checkpoint {ckpt.name}; use resume=auto or a new output_dir."
             )
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(
+            ckpt, model=model, optimizer=optimizer, scheduler=scheduler, sharded=dp.sharded
+        )
         loader.load_state_dict(state["data"])
         start_step, tokens_seen = int(state["step"]), int(state["tokens"])
+        if state.get("best_loss") is not None:
+            best_loss, best_step = float(state["best_loss"]), int(state["best_step"])
+        # Checkpoints from before these counters existed: the ratio covers this call only.
+        padded_tokens, padded_slots = int(state.get("padded_tokens", 0)), int(state.get("padded_slots", 0))
         logger.info("resumed from %s (step %d)", ckpt, start_step)
+    start_tokens = tokens_seen
     autocast = run.precision == "bfloat16"
     params = [p for p in model.parameters() if p.requires_grad]
-    metrics = (out / "metrics.jsonl").open("a", encoding="utf-8") if info.is_main else None
+    metrics_file = out / "metrics.jsonl"
+    tb_dir = out / "tensorboard" if tensorboard else None
+    metrics = metrics_file.open("a", encoding="utf-8") if info.is_main else None
+    writer: ScalarWriter | None = None
     batches = _batches(loader)
     losses: list[float] = []
     started = time.perf_counter()
@@ -228,11 +359,15 @@ def train_loop(
     )
     loss_value = float("nan")
     try:
+        if tb_dir is not None and info.is_main:
+            # purge_step: points a killed run logged after its last checkpoint are replaced.
+            writer = open_tensorboard(tb_dir, purge_step=start_step + 1 if start_step else None)
         for step in range(start_step, run.max_steps):
             t0 = time.perf_counter()
             window: list[PackedBatch] = [next(batches) for _ in range(run.grad_accum)]
-            # Normalise by the loss tokens of the whole step on every rank; DDP's gradient average
-            # divides by the world size, which the factor undoes.
+            # Normalise by the loss tokens of the whole step on every rank; the gradient average
+            # over ranks (DDP all-reduce, FSDP2 reduce-scatter) divides by the world size, which the
+            # factor undoes.
             loss_tokens = all_reduce_sum(sum(b.num_loss_tokens for b in window), device)
             if loss_tokens == 0:
                 raise TrainError(
@@ -241,17 +376,18 @@ def train_loop(
             total = torch.zeros((), device=device)
             for i, micro in enumerate(window):
                 b = micro.to(device)
-                last_micro = i == len(window) - 1
-                sync = ddp.no_sync() if ddp is not None and not last_micro else contextlib.nullcontext()
-                with sync:
+                # Gradients of earlier micro-batches accumulate locally; the last one communicates.
+                with dp.gradient_sync(i == len(window) - 1):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        logits = net(b.input_ids, b.position_ids, b.attention())
+                        logits = dp.module(b.input_ids, b.position_ids, b.attention())
                     loss = token_loss(logits, b.labels) * (info.world_size / loss_tokens)
                     loss.backward()
                 total += loss.detach()
             loss_value = all_reduce_sum(float(total), device) / info.world_size
             clip = optim.grad_clip if optim.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            # With FSDP2 the norm is a replicated DTensor already reduced over every rank's shards.
+            grad_norm = scalar_value(norm)
             if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
                 last = latest_checkpoint(out)
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
@@ -260,13 +396,16 @@ def train_loop(
                     f"the weights were not updated. Last good checkpoint: {last or 'none'}. "
                     "Lower optim.lr, raise warmup, or check the data."
                 )
-            lr = scheduler.get_last_lr()[0]
+            lr = float(scheduler.get_last_lr()[0])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step_tokens = int(all_reduce_sum(sum(b.num_tokens for b in window), device))
             tokens_seen += step_tokens
-            slots = all_reduce_sum(sum(b.input_ids.numel() for b in window), device)
+            slots = int(all_reduce_sum(sum(b.input_ids.numel() for b in window), device))
+            padded_tokens, padded_slots = padded_tokens + step_tokens, padded_slots + slots
+            if loss_value < best_loss:
+                best_loss, best_step = loss_value, step + 1
             record = {
                 "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
                 "tokens_per_s": step_tokens / max(time.perf_counter() - t0, 1e-9),
@@ -275,36 +414,82 @@ def train_loop(
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+            if writer is not None:
+                for name in SCALARS:
+                    writer.add_scalar(f"train/{name}", record[name], step + 1)
             losses.append(loss_value)
             bar.update(1)
             if (step + 1) % max(run.log_every, 1) == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if run.save_every and (step + 1) % run.save_every == 0 and step + 1 < run.max_steps:
-                if info.is_main:  # replicas are identical: one rank writes
+                # Gathering shards takes every rank; replicas are identical, so then only rank 0 reads.
+                gather = dp.sharded or info.is_main
+                weights, optim_state = (
+                    gather_train_state(model, optimizer, sharded=dp.sharded) if gather else ({}, {})
+                )
+                if info.is_main:  # one rank writes
                     save_checkpoint(
                         out,
                         step + 1,
                         model=model,
                         optimizer=optimizer,
                         scheduler=scheduler,
-                        trainer_state={"data": loader.state_dict(), "tokens": tokens_seen},
+                        trainer_state={
+                            "data": loader.state_dict(),
+                            "tokens": tokens_seen,
+                            "best_loss": best_loss,
+                            "best_step": best_step,
+                            "padded_tokens": padded_tokens,
+                            "padded_slots": padded_slots,
+                        },
                         keep_last=run.keep_last,
+                        model_state=weights,
+                        optimizer_state=optim_state,
                     )
+                    if writer is not None:  # what TensorBoard shows survives a kill, like the checkpoint
+                        writer.flush()
                 barrier()
+        train_seconds = time.perf_counter() - started
+        final = out / "final"
+        model.eval()
+        whole = unsharded_model(model, sharded=dp.sharded)  # every rank takes part in the gather
+        if info.is_main:
+            assert whole is not None
+            if save_model is not None:
+                save_model(whole, final)
+            else:
+                save_pretrained(whole, final, tokenizer=tokenizer)
+        barrier()
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
-    final = out / "final"
-    model.eval()
-    if info.is_main:
-        if save_model is not None:
-            save_model(model, final)
-        else:
-            save_pretrained(model, final, tokenizer=tokenizer)
-    barrier()
+        if writer is not None:
+            writer.close()
     seconds = time.perf_counter() - started
+    memory, memory_kind = peak_memory(device)
     logger.info(
         "finished %d steps in %.1f s; final loss %.4f; model in %s", run.max_steps, seconds, loss_value, final
     )
-    return TrainResult(run.max_steps, loss_value, tokens_seen, seconds, final, losses)
+    return TrainResult(
+        steps=run.max_steps,
+        final_loss=loss_value,
+        tokens=tokens_seen,
+        seconds=seconds,
+        model_dir=final,
+        losses=losses,
+        start_step=start_step,
+        best_loss=best_loss if best_step else math.nan,
+        best_step=best_step,
+        tokens_this_call=tokens_seen - start_tokens,
+        tokens_per_s=(tokens_seen - start_tokens) / max(train_seconds, 1e-9),
+        padding_ratio=1 - padded_tokens / padded_slots if padded_slots else 0.0,
+        peak_memory_bytes=int(all_reduce_max(memory, device)),
+        peak_memory_kind=memory_kind,
+        output_dir=out,
+        last_checkpoint=latest_checkpoint(out),
+        metrics_file=metrics_file,
+        tensorboard_dir=tb_dir,
+        world_size=info.world_size,
+        data_parallel=dp.mode,
+    )

@@ -5,6 +5,13 @@ optimizer and scheduler states, every random generator's state, and ``trainer_st
 data position, counters). It is written into a temporary sibling and renamed into place, so a run
 killed mid-save leaves the previous checkpoint intact and no half-written one that looks complete;
 only the newest ``keep_last`` checkpoints are kept.
+
+The files never depend on how the run was spread over processes: weights are whole tensors keyed by
+parameter name, and the optimizer state is in ``torch.optim.Optimizer.state_dict()``'s own layout
+(parameters numbered in parameter-group order). An FSDP2 run gathers its shards into that layout
+before rank 0 writes (:func:`gather_train_state`) and shards it again on load, so a checkpoint's
+weights and optimizer state load under one process, DDP or FSDP2 at any world size (the data
+position in ``trainer_state.json`` is the loader's business: it needs the same batch layout).
 """
 
 from __future__ import annotations
@@ -17,12 +24,23 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+from lmstack.core import CausalLM
+from lmstack.train._errors import TrainError
+
+__all__ = [
+    "gather_train_state",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "unsharded_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +69,94 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Whole tensors, gathered to rank 0's CPU memory (the other ranks get empty dicts).
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _indexed_optimizer_state(named: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's) -> by position."""
+    order = [name for group in named["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    return {
+        "state": {index[name]: value for name, value in named["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
+    }
+
+
+def _named_optimizer_state(
+    indexed: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, path: Path
+) -> dict[str, Any]:
+    """The inverse of :func:`_indexed_optimizer_state` for this model's and optimizer's parameters."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved = sum(len(g["params"]) for g in indexed["param_groups"])
+    if saved != len(order) or len(indexed["param_groups"]) != len(optimizer.param_groups):
+        raise TrainError(
+            f"checkpoint {path} holds optimizer state for {saved} parameters in "
+            f"{len(indexed['param_groups'])} groups, but this run optimizes {len(order)} in "
+            f"{len(optimizer.param_groups)}; resume with the configuration that wrote it."
+        )
+    return {
+        "state": {order[int(i)]: value for i, value in indexed["state"].items()},
+        "param_groups": [
+            {**g, "params": [order[int(i)] for i in g["params"]]} for g in indexed["param_groups"]
+        ],
+    }
+
+
+def gather_train_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable weights and the optimizer state, as :func:`save_checkpoint` writes them.
+
+    Args:
+        model: The model (FSDP2-sharded when ``sharded``).
+        optimizer: Its optimizer.
+        sharded: Gather FSDP2 shards into whole tensors on rank 0's CPU. This is a collective:
+            every rank must call it; ranks other than 0 get empty dicts.
+
+    Returns:
+        ``(weights, optimizer_state)``.
+    """
+    if not sharded:
+        return trainable_state(model), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    full = get_model_state_dict(model, options=_full_options())
+    named = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not full:  # not rank 0
+        return {}, {}
+    wanted = trainable_state(model)  # names only: a tied head appears once, as in the unsharded layout
+    return {name: cast(torch.Tensor, full[name]) for name in wanted}, _indexed_optimizer_state(named)
+
+
+def unsharded_model(model: CausalLM, *, sharded: bool) -> CausalLM | None:
+    """The model with whole weights, to save as a Hugging Face directory.
+
+    Args:
+        model: The trained model.
+        sharded: It is FSDP2-sharded: gather its weights (a collective: every rank must call this)
+            into a new plain model on rank 0's CPU.
+
+    Returns:
+        ``model`` itself when not sharded; else the gathered copy on rank 0 and None elsewhere.
+    """
+    if not sharded:
+        return model
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_full_options())
+    if not full:
+        return None
+    plain = CausalLM(model.config, device="meta")
+    plain.load_state_dict(full, assign=True)
+    plain.tie_weights()
+    return plain.eval()
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     step: int,
@@ -60,15 +166,23 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     keep_last: int = 2,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Atomically write the checkpoint of ``step`` and prune older ones beyond ``keep_last``."""
+    """Atomically write the checkpoint of ``step`` and prune older ones beyond ``keep_last``.
+
+    ``model_state`` and ``optimizer_state`` (from :func:`gather_train_state`) replace reading
+    ``model`` and ``optimizer``, which is how a sharded run writes whole tensors.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        torch.save(trainable_state(model), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(trainable_state(model) if model_state is None else model_state, tmp / "model.pt")
+        torch.save(
+            optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt"
+        )
         torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
         # The JSON goes last: a directory with it is complete.
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
@@ -103,9 +217,23 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    sharded: bool = False,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and random generators; return the trainer state."""
+    """Restore weights, optimizer, scheduler and random generators; return the trainer state.
+
+    Args:
+        path: The checkpoint directory.
+        model: The model to load into.
+        optimizer: Its optimizer.
+        scheduler: Its learning-rate scheduler.
+        sharded: The model is FSDP2-sharded: every rank reads the whole tensors and keeps its shard
+            (a collective: every rank must call this).
+    """
     path = Path(path)
     weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     expected = set(trainable_state(model))
@@ -115,11 +243,28 @@ def load_checkpoint(
             f"checkpoint {path} does not match the model's trainable parameters "
             f"(missing {missing[:3]}, unexpected {extra[:3]}); was it written by another configuration?"
         )
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        # A tied head is saved once; give every name that refers to the parameter its value.
+        canonical = {id(p): name for name, p in model.named_parameters()}
+        full = {name: weights[canonical[id(p)]]
+                for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}  # fmt: skip
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, full, options=options)
+        named = _named_optimizer_state(optim_state, model, optimizer, path)
+        set_optimizer_state_dict(model, optimizer, named, options=options)
+    else:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(optim_state)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
