@@ -6,6 +6,7 @@ The generator is no library: it is imported by path from examples/world/.
 from __future__ import annotations
 
 import importlib.util
+import dataclasses
 import itertools
 import json
 import os
@@ -226,6 +227,41 @@ def test_choices_hold_the_answer_once_at_label(rows: Rows, the_world: world.Worl
         assert choices.count(row["answer"]) == 1 and choices[row["label"]] == row["answer"], row["id"]
         if row["kind"] == "fact":
             assert set(choices) <= set(the_world.value_set(row["attribute"])), row["id"]
+
+
+def test_statements_are_the_answer_sentences_of_each_choice(rows: Rows, the_world: world.World) -> None:
+    chat_answers = {
+        m["content"] for chat in rows["chats.jsonl"] for m in chat["messages"] if m["role"] == "assistant"
+    }
+    for row in rows["heldout.jsonl"]:
+        assert len(row["statements"]) == 4, row["id"]
+        for choice, sentences in zip(row["choices"], row["statements"], strict=True):
+            assert sentences and all(world.mentions(s, choice) for s in sentences), row["id"]
+        if row["kind"] == "fact":
+            spec = world.ATTRIBUTE[row["attribute"]]
+            entity = the_world.entity(row["entity"])
+            # The right choice's sentences are exactly the fact's statements, as chats answer them.
+            truth = {world.state(entity, row["attribute"], t) for t in range(len(spec.statements))}
+            assert set(row["statements"][row["label"]]) == truth, row["id"]
+        else:  # the form arithmetic chats answer in, e.g. "17 + 25 = 42."
+            assert row["statements"][row["label"]] == [f"{row['question'][8:-1]} = {row['answer']}."]
+    arithmetic_answers = [a for a in chat_answers if world.ARITHMETIC_EXPRESSION.search(a)]
+    assert all(re.fullmatch(r"\d+ [-+*] \d+ = \d+\.", a) for a in arithmetic_answers)
+
+
+def test_quickstart_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "world"
+    assert cli.main(["--out", str(out), "--preset", "quickstart"]) == 0
+    preset = world.PRESETS["quickstart"]
+    assert world.is_current(out, 0, preset)
+    heldout = world.read_jsonl(out / "heldout.jsonl")
+    facts = [row for row in heldout if row["kind"] == "fact"]
+    small = world.build_world(0, preset.num_entities)
+    held = world.split_pairs(small, preset.heldout_share)[1]
+    assert {(row["entity"], row["attribute"]) for row in facts} == set(held)
+    assert 0.25 * len(small.pairs()) <= len(held) <= 0.35 * len(small.pairs())
+    assert cli.main(["--out", str(out), "--preset", "quickstart", "--entities", "50"]) == 0
+    assert world.is_current(out, 0, dataclasses.replace(preset, num_entities=50))
 
 
 def test_heldout_questions_use_only_heldout_templates(rows: Rows) -> None:

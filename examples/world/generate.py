@@ -1,6 +1,6 @@
 """Write the bundled world's files into a folder.
 
-Usage: `python examples/world/generate.py --out out/world [--seed 0] [--entities N] [--force]`.
+Usage: `python examples/world/generate.py --out out/world [--seed 0] [--preset NAME] [--entities N] [--force]`.
 
 The folder gets articles.jsonl, pretrain.jsonl, chats.jsonl, context_chats.jsonl, preferences.jsonl,
 heldout.jsonl and manifest.json (see README.md next to this file). When the manifest already there
@@ -11,6 +11,7 @@ SHA-256, nothing is written unless `--force` is given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -31,10 +32,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
+        "--preset",
+        choices=sorted(world.PRESETS),
+        default="default",
+        help="a named parameter set: default, or quickstart (the default model's small world)",
+    )
+    parser.add_argument(
         "--entities",
         type=int,
-        default=defaults.num_entities,
-        help=f"number of entities, 40 to 3000 (default: {defaults.num_entities})",
+        default=None,
+        help=f"number of entities, 40 to 3000 (default: the preset's; {defaults.num_entities} for default)",
     )
     parser.add_argument("--force", action="store_true", help="regenerate even when the manifest matches")
     return parser.parse_args(argv)
@@ -42,7 +49,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    params = world.WorldParams(num_entities=args.entities)
+    params = world.PRESETS[args.preset]
+    if args.entities is not None:
+        params = dataclasses.replace(params, num_entities=args.entities)
+    args.entities = params.num_entities
     if not args.force and world.is_current(args.out, args.seed, params):
         print(
             f"{args.out}: up to date (seed {args.seed}, {args.entities} entities), nothing written; "
@@ -51,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     try:
-        paths = world.generate(args.out, seed=args.seed, num_entities=args.entities, force=True)
+        paths = world.generate(args.out, seed=args.seed, force=True, **dataclasses.asdict(params))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever the same seed and parameters would give different files."""
 
 KINDS = ("city", "person", "creature", "invention")
@@ -1085,6 +1085,19 @@ class WorldParams:
             raise ValueError("article_copies must be at least 1 and heldout_arithmetic at most 1000")
 
 
+PRESETS: dict[str, WorldParams] = {
+    "default": WorldParams(),
+    # The world the quickstart trains the default model on within its 5-minute budget: few entities,
+    # so every fact is seen often; four wordings of each article, so a fact is known apart from one
+    # phrasing; a larger held-out share, so the closed-book score rests on more questions; little
+    # arithmetic, which a model this small does not learn to generalise in the budget.
+    "quickstart": WorldParams(
+        num_entities=40, heldout_share=0.3, article_copies=4, arithmetic_docs=50, arithmetic_chats=200
+    ),
+}
+"""Named parameter sets: `generate.py --preset NAME`."""
+
+
 def _system(rng: random.Random, share: float) -> list[dict[str, str]]:
     return [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < share else []
 
@@ -1319,7 +1332,9 @@ def build_heldout(
 
     Fact questions use `AttributeSpec.heldout_questions` (never used in a training file); the four
     choices are the answer and three other values of the attribute's value set. Arithmetic items
-    ask held-out problems; their choices are the result and three numbers near it.
+    ask held-out problems; their choices are the result and three numbers near it. Each choice also
+    comes as the full answer sentences a model trained on the chats would reply with (every
+    statement template, filled in with that choice), so a scorer can compare whole replies.
     """
     rng = _rng(world.seed, "heldout")
     _, held_problems = split_arithmetic(world.seed, params.heldout_arithmetic)
@@ -1329,6 +1344,7 @@ def build_heldout(
         answer = entity.fact(attribute).value
         template = rng.randrange(len(ATTRIBUTE[attribute].heldout_questions))
         choices, label = _choices(rng, answer, world.value_set(attribute))
+        statements = ATTRIBUTE[attribute].statements
         rows.append(
             {
                 "kind": "fact",
@@ -1336,6 +1352,7 @@ def build_heldout(
                 "answer": answer,
                 "choices": choices,
                 "label": label,
+                "statements": [[_sentence(t, entity, choice) for t in statements] for choice in choices],
                 "entity": entity_id,
                 "attribute": attribute,
             }
@@ -1351,6 +1368,7 @@ def build_heldout(
                 "answer": str(result),
                 "choices": choices,
                 "label": label,
+                "statements": [[f"{a} {op} {b} = {choice}."] for choice in choices],
                 "entity": None,
                 "attribute": "arithmetic",
             }

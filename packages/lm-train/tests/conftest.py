@@ -99,7 +99,7 @@ def make_chats(n: int, seed: int = 0, *, max_turns: int = 3, system: bool = True
     return records
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def chats() -> Callable[..., list[dict[str, Any]]]:
     """``chats(n, seed=0, max_turns=3, system=True)`` -> OpenAI-messages records of varied lengths."""
     return make_chats

@@ -51,7 +51,7 @@ from lmstack.train._state import (
 )
 from lmstack.train.data import IGNORE_INDEX, PackedBatch, ResumableLoader, build_dataset
 
-__all__ = ["OptimConfig", "RunConfig", "TrainResult", "token_loss", "train_loop"]
+__all__ = ["OptimConfig", "RunConfig", "TrainResult", "loss_targets", "token_loss", "train_loop"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +232,29 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose next token carries loss, and those tokens (labels unshifted, as in batches).
+
+    Returns:
+        Flat indices into the ``B * T`` positions (for ``CausalLM.forward(..., logits_indices=)``)
+        and the target token of each.
+    """
+    target = labels[:, 1:]
+    rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols, target[rows, cols]
+
+
+def _batch_loss(module: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Summed next-token cross-entropy of one micro-batch, equal to ``token_loss`` over its full logits.
+
+    Only the positions that carry loss go through the lm head: with the loss on assistant turns that
+    is a small share of the tokens, and the ``[tokens, vocab]`` logits are the largest activation.
+    """
+    indices, targets = loss_targets(batch.labels)
+    logits = module(batch.input_ids, batch.position_ids, batch.attention(), logits_indices=indices)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay: list[torch.nn.Parameter] = []
     plain: list[torch.nn.Parameter] = []
@@ -379,8 +402,7 @@ def train_loop(
                 # Gradients of earlier micro-batches accumulate locally; the last one communicates.
                 with dp.gradient_sync(i == len(window) - 1):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        logits = dp.module(b.input_ids, b.position_ids, b.attention())
-                    loss = token_loss(logits, b.labels) * (info.world_size / loss_tokens)
+                        loss = _batch_loss(dp.module, b) * (info.world_size / loss_tokens)
                     loss.backward()
                 total += loss.detach()
             loss_value = all_reduce_sum(float(total), device) / info.world_size
@@ -408,6 +430,7 @@ def train_loop(
                 best_loss, best_step = loss_value, step + 1
             record = {
                 "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                "loss_tokens": int(loss_tokens),
                 "tokens_per_s": step_tokens / max(time.perf_counter() - t0, 1e-9),
                 "padding_ratio": 1 - step_tokens / max(slots, 1),
             }  # fmt: skip
