@@ -18,7 +18,7 @@ CONSTRAINTS = ROOT / "ci" / "constraints.txt"
 LAYERS = ("core", "train", "infer", "eval", "agent", "rag")
 
 nox.needs_version = ">=2024.4.15"  # nox.project.load_toml, reuse_venv
-nox.options.sessions = ["lint", "layers", "typecheck", *LAYERS, "tests"]
+nox.options.sessions = ["lint", "layers", "typecheck", *LAYERS, "tests", "quickstart"]
 nox.options.reuse_venv = "no"
 # uv cannot see the local CPU torch wheel: keep nox on virtualenv + pip.
 nox.options.default_venv_backend = "virtualenv"
@@ -120,14 +120,21 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def quickstart(session: nox.Session) -> None:
-    """Run examples/quickstart.py on a fresh install of lmstack-core and lmstack-infer."""
-    _install(session, _local("core"), _local("infer"))
+    """Run examples/quickstart.py (train, evaluate, generate, serve the default model) on a fresh install."""
+    # transformers only for the check that it loads the trained model with the same logits.
+    _install(session, _local("core"), _local("train"), _local("infer", "server"), "transformers")
     session.run("python", "examples/quickstart.py", *session.posargs)
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """The pytest-benchmark suites in benchmarks/ (not run by default)."""
-    extras = ("pytest>=8", "pytest-benchmark", "transformers", "psutil")
-    _install(session, *extras, *(_local(layer) for layer in LAYERS))
+    # The baselines the benchmarks measure against, in the same run: transformers (generation, loading, the
+    # SFT Trainer) and TRL's SFTTrainer (with accelerate and datasets, which it trains through).
+    extras = ("pytest>=8", "pytest-benchmark", "transformers", "trl", "accelerate", "datasets", "psutil")
+    # The serving benchmark runs `transformers serve` (its serving extra: FastAPI, uvicorn, openai) against
+    # `lmstack serve` (lmstack-infer's server extra).
+    serving = ("transformers[serving]",)
+    libraries = (_local(layer, "server" if layer == "infer" else "") for layer in LAYERS)
+    _install(session, *extras, *serving, *libraries)
     session.run("pytest", "benchmarks", "-m", "benchmark", "--benchmark-only", *session.posargs)
