@@ -14,7 +14,7 @@
   7. serve it with `lmstack serve` (OpenAI-compatible, when lmstack-infer[server] is installed) and
      query it with the remote client.
 
-Steps 1-3 take about 3-4 minutes on a 2-core CPU. Run it with `nox -s quickstart`, or
+Steps 1-3 take under 3 minutes on an idle 2-core CPU. Run it with `nox -s quickstart`, or
 `python examples/quickstart.py [--model PATH]` to skip training and point steps 4-7 at an existing
 Hugging Face directory (llama, mistral, qwen2, internlm2, internlm3) instead.
 """

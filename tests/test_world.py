@@ -5,8 +5,8 @@ The generator is no library: it is imported by path from examples/world/.
 
 from __future__ import annotations
 
-import importlib.util
 import dataclasses
+import importlib.util
 import itertools
 import json
 import os

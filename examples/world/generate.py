@@ -1,6 +1,7 @@
 """Write the bundled world's files into a folder.
 
-Usage: `python examples/world/generate.py --out out/world [--seed 0] [--preset NAME] [--entities N] [--force]`.
+Usage:
+`python examples/world/generate.py --out out/world [--seed 0] [--preset NAME] [--entities N] [--force]`.
 
 The folder gets articles.jsonl, pretrain.jsonl, chats.jsonl, context_chats.jsonl, preferences.jsonl,
 heldout.jsonl and manifest.json (see README.md next to this file). When the manifest already there
