@@ -3,19 +3,18 @@
   1. generate the bundled world (examples/world, the `quickstart` preset): articles about invented
      entities, question/answer chats, and held-out questions;
   2. pretrain the default model from scratch with lmstack-train: a byte-level BPE tokenizer trained
-     on the world, then a tiny InternLM-style (Llama-layout) decoder on articles and chats mixed
-     (examples/configs/default_model.yaml);
-  3. finetune it on the chats, loss on the assistant turns (examples/configs/default_model_sft.yaml);
-  4. load the result as a user would load any Hugging Face checkpoint, run a forward pass, and, when
+     on the world, then a tiny InternLM-style (Llama-layout) decoder on the articles and the
+     question/answer chats mixed (examples/configs/default_model.yaml);
+  3. load the result as a user would load any Hugging Face checkpoint, run a forward pass, and, when
      transformers is installed, check that transformers loads it with the same logits;
-  5. ask it the world's held-out closed-book questions (facts it read in articles but was never
+  4. ask it the world's held-out closed-book questions (facts it read in articles but was never
      asked about) and report its accuracy against chance;
-  6. generate with lmstack-infer's engine: greedy completions, a chat reply, seeded samples;
-  7. serve it with `lmstack serve` (OpenAI-compatible, when lmstack-infer[server] is installed) and
+  5. generate with lmstack-infer's engine: greedy completions, a chat reply, seeded samples;
+  6. serve it with `lmstack serve` (OpenAI-compatible, when lmstack-infer[server] is installed) and
      query it with the remote client.
 
-Steps 1-3 take under 3 minutes on an idle 2-core CPU. Run it with `nox -s quickstart`, or
-`python examples/quickstart.py [--model PATH]` to skip training and point steps 4-7 at an existing
+Steps 1-2 take under 4 minutes on an idle 2-core CPU. Run it with `nox -s quickstart`, or
+`python examples/quickstart.py [--model PATH]` to skip training and point steps 3-6 at an existing
 Hugging Face directory (llama, mistral, qwen2, internlm2, internlm3) instead.
 """
 
@@ -51,18 +50,17 @@ def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-# -- 1-3: the world and the default model ----------------------------------------------------------
+# -- 1-2: the world and the default model ----------------------------------------------------------
 def build_default_model(out: Path, *, resume: bool) -> Path:
-    """Generate the world, pretrain and finetune the default model under ``out``; return its directory."""
+    """Generate the world and pretrain the default model under ``out``; return its directory."""
     from lmstack.train import load_config as load_train_config
-    from lmstack.train.recipes import PretrainConfig, SFTConfig, pretrain, sft
+    from lmstack.train.recipes import PretrainConfig, pretrain
 
     world_dir = out / "world"
     step("1. generate the bundled world (preset 'quickstart')")
     params = world.PRESETS["quickstart"]
     start = time.perf_counter()
-    fields = vars(params).copy()
-    world.generate(world_dir, seed=0, **fields)
+    world.generate(world_dir, seed=0, **vars(params))
     heldout = world.read_jsonl(world_dir / "heldout.jsonl")
     print(
         f"{params.num_entities} entities in {world_dir} ({time.perf_counter() - start:.2f} s): "
@@ -70,41 +68,26 @@ def build_default_model(out: Path, *, resume: bool) -> Path:
         f"{sum(1 for r in heldout if r['kind'] == 'arithmetic')} held-out arithmetic questions"
     )
 
-    pre_dir, sft_dir = out / "pretrain", out / "sft"
-    if not resume:  # a fresh chain; --resume continues an interrupted one from its checkpoints
-        for run_dir in (pre_dir, sft_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)
-
+    run_dir = out / "pretrain"
+    if not resume:  # a fresh run; --resume continues an interrupted one from its checkpoints
+        shutil.rmtree(run_dir, ignore_errors=True)
     step("2. pretrain the default model (examples/configs/default_model.yaml)")
-    pre_cfg = load_train_config(
+    cfg = load_train_config(
         PretrainConfig,
         CONFIGS / "default_model.yaml",
         [
             "--data.paths", str(world_dir / "pretrain.jsonl"), str(world_dir / "chats.jsonl"),
-            "--run.output_dir", str(pre_dir),
+            "--run.output_dir", str(run_dir),
         ],
     )  # fmt: skip
-    pre = pretrain(pre_cfg)
-    print(pre.summary())
-
-    step("3. finetune it on the chats (examples/configs/default_model_sft.yaml)")
-    sft_cfg = load_train_config(
-        SFTConfig,
-        CONFIGS / "default_model_sft.yaml",
-        [
-            "--model", str(pre.model_dir),
-            "--data.paths", str(world_dir / "chats.jsonl"),
-            "--run.output_dir", str(sft_dir),
-        ],
-    )  # fmt: skip
-    tuned = sft(sft_cfg)
-    print(tuned.summary())
-    return tuned.model_dir
+    result = pretrain(cfg)
+    print(result.summary())
+    return result.model_dir
 
 
-# -- 4: load it like any checkpoint ----------------------------------------------------------------
+# -- 3: load it like any checkpoint ----------------------------------------------------------------
 def load_and_check(path: Path) -> None:
-    step(f"4. load {path}")
+    step(f"3. load {path}")
     config = load_config(path)
     start = time.perf_counter()
     model = load_pretrained(path, dtype=torch.float32)
@@ -145,12 +128,12 @@ def load_and_check(path: Path) -> None:
     assert diff < 1e-4, f"transformers' logits differ from lmstack's by {diff}"
 
 
-# -- 5: closed-book evaluation -----------------------------------------------------------------------
+# -- 4: closed-book evaluation -----------------------------------------------------------------------
 def closed_book(llm: LLM, rows: Sequence[dict[str, Any]]) -> float:
     """Multiple-choice accuracy: each choice scored as the model's whole reply to the question.
 
     A choice's score is the log-sum-exp of the log-likelihoods of its answer sentences (the row's
-    ``statements``: every way the finetuned model was taught to phrase such an answer), given the
+    ``statements``: every way the chats taught the model to phrase such an answer), given the
     chat-formatted question; the highest-scoring choice is the model's answer.
     """
     requests: list[tuple[list[int], list[int]]] = []
@@ -173,7 +156,7 @@ def closed_book(llm: LLM, rows: Sequence[dict[str, Any]]) -> float:
 
 def evaluate_closed_book(llm: LLM, heldout_file: Path) -> dict[str, float]:
     """Print and return the z-score above chance of each kind of held-out question."""
-    step("5. closed-book questions the model was never asked (held out of every chat)")
+    step("4. closed-book questions the model was never asked (held out of every chat)")
     rows = world.read_jsonl(heldout_file)
     z_scores: dict[str, float] = {}
     for kind in ("fact", "arithmetic"):
@@ -214,7 +197,7 @@ def evaluate_closed_book(llm: LLM, heldout_file: Path) -> dict[str, float]:
     return z_scores
 
 
-# -- 6: generation -------------------------------------------------------------------------------------
+# -- 5: generation -------------------------------------------------------------------------------------
 def show(outputs: list[RequestOutput], labels: list[str] | None = None) -> int:
     """Print each request's completions under its label (default: its prompt); return their tokens."""
     tokens = 0
@@ -228,7 +211,7 @@ def show(outputs: list[RequestOutput], labels: list[str] | None = None) -> int:
 
 
 def generate_with_infer(llm: LLM) -> None:
-    step("6. generate with lmstack-infer")
+    step("5. generate with lmstack-infer")
     engine = llm.engine
     print(
         f"engine: KV cache of {engine.num_blocks} blocks x {engine.config.block_size} tokens, "
@@ -251,9 +234,9 @@ def generate_with_infer(llm: LLM) -> None:
     print(f"generated {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.0f} tokens/s)")
 
 
-# -- 7: serving -------------------------------------------------------------------------------------------
+# -- 6: serving -------------------------------------------------------------------------------------------
 def serve_and_query(path: Path) -> None:
-    step("7. serve it with `lmstack serve` and query it with the remote client")
+    step("6. serve it with `lmstack serve` and query it with the remote client")
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         print("(lmstack-infer[server] is not installed: pip install 'lmstack-infer[server]' to serve)")
         return
@@ -297,7 +280,7 @@ def main() -> None:
         "--out", type=Path, default=REPO / "out" / "quickstart", help="where the world and the runs go"
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue an interrupted training chain from its checkpoints"
+        "--resume", action="store_true", help="continue an interrupted training run from its checkpoints"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
