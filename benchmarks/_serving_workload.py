@@ -44,17 +44,12 @@ class ModelInfo:
 
 def build_model(directory: Path) -> ModelInfo:
     """Save the random model and its tokenizer under ``directory``."""
-    from lmstack.core import CausalLM, ModelConfig, save_pretrained, train_bpe_tokenizer
+    from _bench_model import bench_llama
 
-    tokenizer = train_bpe_tokenizer(iter(_world_texts("pretrain.jsonl")), vocab_size=4096)
-    torch.manual_seed(SEED)
-    config = ModelConfig(
-        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=384, intermediate_size=1024,
-        num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    model = CausalLM(config)
+    from lmstack.core import save_pretrained
+
+    model, tokenizer = bench_llama(_world_texts("pretrain.jsonl"), SEED)
+    config = model.config
     # Tokens with no text of their own (special tokens, lone bytes of multi-byte characters) get a zero
     # output row: their logit is 0, below the best of the ~2,700 random rows, so greedy decoding never
     # picks them. Every generated token then streams text on both servers (transformers sends nothing

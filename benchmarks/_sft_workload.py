@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,20 +89,14 @@ def _world() -> tuple[list[dict[str, object]], list[str]]:
 
 def build(directory: Path) -> Workload:
     """Write the model, the chats (OpenAI messages jsonl) and their tokenization; return the sizes."""
-    from lmstack.core import CausalLM, ModelConfig, save_pretrained, train_bpe_tokenizer
+    from _bench_model import bench_llama
+
+    from lmstack.core import save_pretrained
     from lmstack.train.data import Sample, SampleTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     rows, corpus = _world()
-    tokenizer = train_bpe_tokenizer(iter(corpus), vocab_size=4096)
-    torch.manual_seed(SEED)
-    config = ModelConfig(
-        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=384, intermediate_size=1024,
-        num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    model = CausalLM(config)
+    model, tokenizer = bench_llama(corpus, SEED)
     model_dir = save_pretrained(model, directory / "model", tokenizer=tokenizer)
     chats = directory / "chats.jsonl"
     chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
