@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,13 @@ def _chat(i: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 chats of the bundled world (examples/world, the quickstart preset), as the issue asks."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "examples" / "world"))
+    import world
+
+    rows = world.build_files(seed=0, params=world.PRESETS["quickstart"])["chats.jsonl"][:48]
     path = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    path.write_text("".join(json.dumps(_chat(i)) + "\n" for i in range(48)), encoding="utf-8")
+    path.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
@@ -196,7 +202,9 @@ def test_lora_and_qlora_reduce_the_loss(lora_run: tuple[Path, Any], qlora_run: t
         print(
             f"{run.parent.name}: mean loss of steps 1-3 {first:.3f}, of steps {STEPS - 2}-{STEPS} {last:.3f}"
         )
-        assert last < 0.8 * first, (run, first, last)
+        # Rank-4 adapters on a 32-wide random base, 30 steps of the world's varied chats: about -9%
+        # (6.1 -> 5.5 for both); a run whose adapters did not train stays within noise of the start.
+        assert last < 0.93 * first, (run, first, last)
 
 
 def test_only_the_lora_matrices_train(base: Path) -> None:
