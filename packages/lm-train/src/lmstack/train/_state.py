@@ -16,6 +16,7 @@ position in ``trainer_state.json`` is the loader's business: it needs the same b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +35,7 @@ from lmstack.core import CausalLM
 from lmstack.train._errors import TrainError
 
 __all__ = [
+    "atomic_directory",
     "gather_train_state",
     "latest_checkpoint",
     "load_checkpoint",
@@ -157,6 +160,31 @@ def unsharded_model(model: CausalLM, *, sharded: bool) -> CausalLM | None:
     return plain.eval()
 
 
+@contextlib.contextmanager
+def atomic_directory(target: Path, *, prefix: str) -> Iterator[Path]:
+    """Write a directory all at once: fill the yielded empty sibling, and it replaces ``target``.
+
+    On leaving the block the files are fsynced and the directory renamed over ``target`` (an old one
+    is removed first); if the block raises, the temporary directory is removed and ``target`` is left
+    as it was. ``prefix`` names the temporary sibling (start it with ``.`` to keep it out of listings).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700 directories
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     step: int,
@@ -175,10 +203,8 @@ def save_checkpoint(
     ``model`` and ``optimizer``, which is how a sharded run writes whole tensors.
     """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    with atomic_directory(target, prefix=".tmp-") as tmp:
         torch.save(trainable_state(model) if model_state is None else model_state, tmp / "model.pt")
         torch.save(
             optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt"
@@ -186,15 +212,6 @@ def save_checkpoint(
         torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
         # The JSON goes last: a directory with it is complete.
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in _checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("saved checkpoint %s", target)

@@ -376,7 +376,22 @@ def _piece(data: TokenizedDataset, pieces: _Pieces, k: int) -> tuple[NDArray[np.
 # ------------------------------------------------------------------------------------------------
 
 
-class PackedDataset(Dataset[PackedBin]):
+class _PlannedSamples:
+    """What both datasets start from: the samples cut or dropped to fit ``max_length`` (the pieces)."""
+
+    def __init__(
+        self, data: TokenizedDataset, max_length: int, *, pad_id: int, on_overflow: Overflow = "truncate"
+    ) -> None:
+        if max_length < 2:
+            raise DataError(f"max_length must be at least 2, got {max_length}")
+        self.data = data
+        self.max_length = int(max_length)
+        self.pad_id = int(pad_id)
+        self.stats = replace(data.stats, formats=dict(data.stats.formats))
+        self._pieces = _plan_pieces(data, self.max_length, on_overflow, self.stats)
+
+
+class PackedDataset(_PlannedSamples, Dataset[PackedBin]):
     """Tokenized samples packed into bins of ``max_length`` tokens, addressable by index.
 
     The bins are computed once from the sample lengths (deterministic for a given ``seed``), so bin
@@ -406,13 +421,7 @@ class PackedDataset(Dataset[PackedBin]):
         shuffle: bool = True,
         window: int = 1024,
     ) -> None:
-        if max_length < 2:
-            raise DataError(f"max_length must be at least 2, got {max_length}")
-        self.data = data
-        self.max_length = int(max_length)
-        self.pad_id = int(pad_id)
-        self.stats = replace(data.stats, formats=dict(data.stats.formats))
-        self._pieces = _plan_pieces(data, self.max_length, on_overflow, self.stats)
+        super().__init__(data, max_length, pad_id=pad_id, on_overflow=on_overflow)
         count = self._pieces.sample.shape[0]
         order = np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
         members: list[int] = []
@@ -469,7 +478,7 @@ class PackedDataset(Dataset[PackedBin]):
         return collate_packed(bins)
 
 
-class PaddedDataset(Dataset[TokenizedSample]):
+class PaddedDataset(_PlannedSamples, Dataset[TokenizedSample]):
     """Tokenized samples one per row, with the same overflow rules as :class:`PackedDataset`.
 
     Args:
@@ -482,17 +491,6 @@ class PaddedDataset(Dataset[TokenizedSample]):
         stats: Preparation and overflow counters (padding depends on batching: see
             :attr:`PaddedBatch.num_padding`).
     """
-
-    def __init__(
-        self, data: TokenizedDataset, max_length: int, *, pad_id: int, on_overflow: Overflow = "truncate"
-    ) -> None:
-        if max_length < 2:
-            raise DataError(f"max_length must be at least 2, got {max_length}")
-        self.data = data
-        self.max_length = int(max_length)
-        self.pad_id = int(pad_id)
-        self.stats = replace(data.stats, formats=dict(data.stats.formats))
-        self._pieces = _plan_pieces(data, self.max_length, on_overflow, self.stats)
 
     def __len__(self) -> int:
         return int(self._pieces.sample.shape[0])

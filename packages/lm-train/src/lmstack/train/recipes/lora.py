@@ -47,8 +47,6 @@ import importlib
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -63,6 +61,7 @@ from lmstack.train._config import DataConfig
 from lmstack.train._dist import init_distributed
 from lmstack.train._errors import TrainConfigError, TrainError
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
+from lmstack.train._state import atomic_directory
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -419,18 +418,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, base_model: 
     state = peft.get_peft_model_state_dict(model, adapter_name=_ADAPTER, save_embedding_layers=False)
     tensors = {_PEFT_PREFIX + key: value.detach().to("cpu").contiguous() for key, value in state.items()}
     target = Path(path).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target, prefix=f".{target.name}.tmp-") as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700 directories
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("saved the adapter (%d tensors) to %s", len(tensors), target)
     return target
 
