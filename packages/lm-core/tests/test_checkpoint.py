@@ -18,7 +18,6 @@ from lmstack.core import (
     LMStackError,
     ModelConfig,
     load_pretrained,
-    read_safetensors_header,
     save_pretrained,
 )
 from lmstack.core.checkpoint import _save as save_module
@@ -78,8 +77,10 @@ def test_transformers_save_then_load_pretrained_same_logits(
 def test_dtype_on_load_and_save(tmp_path: Path, tiny_config: Any) -> None:
     model = _model(tiny_config)
     save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16)
-    header, _ = read_safetensors_header(tmp_path / "bf16" / "model.safetensors")
-    assert {info.dtype for info in header.values()} == {torch.bfloat16}
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "bf16" / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     assert load_pretrained(tmp_path / "bf16").lm_head.weight.dtype == torch.bfloat16  # the declared dtype
     as_fp32 = load_pretrained(tmp_path / "bf16", dtype="float32")
@@ -93,7 +94,10 @@ def test_tied_model_stays_tied_after_load(tmp_path: Path, tiny_config: Any) -> N
     save_pretrained(_model(tiny_config, tie_word_embeddings=True), tmp_path / "t")
     loaded = load_pretrained(tmp_path / "t")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    assert "lm_head.weight" not in read_safetensors_header(tmp_path / "t" / "model.safetensors")[0]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "t" / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()  # noqa: SIM118
 
 
 def test_save_keeps_other_files_and_replaces_old_shards(tmp_path: Path, tiny_config: Any) -> None:
@@ -116,15 +120,15 @@ def test_failed_save_leaves_existing_checkpoint_intact(
     save_pretrained(model, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     calls = {"n": 0}
-    real = save_module.write_safetensors
+    real = save_module.save_file
 
-    def flaky(*args: Any, **kwargs: Any) -> int:
+    def flaky(*args: Any, **kwargs: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("disk full (simulated)")
-        return real(*args, **kwargs)
+        real(*args, **kwargs)
 
-    monkeypatch.setattr(save_module, "write_safetensors", flaky)
+    monkeypatch.setattr(save_module, "save_file", flaky)
     changed = _model(tiny_config, rms_norm_eps=1e-3)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(changed, target, max_shard_size="30KB")
@@ -134,6 +138,43 @@ def test_failed_save_leaves_existing_checkpoint_intact(
     with pytest.raises(OSError):
         save_pretrained(changed, tmp_path / "fresh", max_shard_size="30KB")
     assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("swap", ["exchange", "renames"])
+def test_failed_swap_leaves_existing_checkpoint_loadable(
+    tmp_path: Path, tiny_config: Any, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    # The old save moved the checkpoint aside before moving the new one in: a failure between the two
+    # left no checkpoint at all. Whatever step of the swap fails, the old one must stay in place.
+    from lmstack.core import _atomic
+
+    model = _model(tiny_config)
+    target = tmp_path / "ckpt"
+    save_pretrained(model, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    real_replace, real_rename = os.replace, os.rename
+
+    def refuse_staging(real: Any) -> Any:
+        def move(src: Any, dst: Any) -> None:
+            if Path(dst) == target and Path(src).name.startswith(".ckpt.tmp"):
+                raise OSError(5, "Input/output error (simulated)")
+            real(src, dst)
+
+        return move
+
+    def failing_exchange(a: Path, b: Path) -> bool:
+        raise OSError(5, "Input/output error (simulated)")
+
+    monkeypatch.setattr(os, "replace", refuse_staging(real_replace))
+    monkeypatch.setattr(os, "rename", refuse_staging(real_rename))
+    monkeypatch.setattr(_atomic, "_exchange", failing_exchange if swap == "exchange" else lambda a, b: False)
+    with pytest.raises(OSError, match="simulated"):
+        save_pretrained(_model(tiny_config, rms_norm_eps=1e-3), target, max_shard_size="30KB")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(target)(_ids()), model(_ids()), rtol=0, atol=0)
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -802,64 +802,82 @@ def test_save_is_atomic_when_writing_fails(
     assert not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.parametrize("swap", ["exchange", "renames"])
 def test_save_is_atomic_when_moving_into_place_fails(
     loaded: dict[str, tuple[Tokenizer, Any]],
     flavours: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    swap: str,
 ) -> None:
+    from lmstack.core import _atomic
+
     path = _model_dir(flavours, tmp_path)
     before = _snapshot(path)
     assert Tokenizer.from_pretrained(path).chat_template == "stale {{ messages }}"
     calls = {"n": 0}
-    real_replace = os.replace
 
-    def failing_replace(src: Any, dst: Any) -> None:
+    def failing_exchange(a: Path, b: Path) -> bool:
         calls["n"] += 1
-        if calls["n"] == 2:  # after the first file was already swapped in
-            raise OSError(5, "Input/output error")
-        real_replace(src, dst)
+        raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(os, "replace", failing_replace)
+    real_rename = os.rename
+
+    def failing_rename(src: Any, dst: Any) -> None:
+        if Path(dst) == path:  # the new directory moving into place, after the old one moved aside
+            calls["n"] += 1
+            raise OSError(5, "Input/output error")
+        real_rename(src, dst)
+
+    if swap == "exchange":
+        monkeypatch.setattr(_atomic, "_exchange", failing_exchange)
+    else:  # a filesystem without RENAME_EXCHANGE: two renames
+        monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(os, "rename", failing_rename)
     tok, _ = loaded["internlm2"]
     with pytest.raises(TokenizerError, match="Input/output error"):
         tok.save_pretrained(path)
-    assert calls["n"] >= 2
+    assert calls["n"] == 1
     assert _snapshot(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.undo()
     # The old tokenizer still loads as before, in both libraries.
     assert Tokenizer.from_pretrained(path).encode(TEXTS[1]) == AutoTokenizer.from_pretrained(path).encode(
         TEXTS[1]
     )
 
 
-def test_failed_restore_keeps_the_previous_files(
+def test_save_swaps_whole_directories(
     loaded: dict[str, tuple[Tokenizer, Any]],
     flavours: dict[str, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Replacing files one by one left a moment where the directory mixed old and new files; now the
+    # old directory stays whole until the complete new one takes its place.
+    from lmstack.core import _atomic
+
     path = _model_dir(flavours, tmp_path)
     before = _snapshot(path)
-    calls = {"n": 0}
-    real_replace = os.replace
+    old = Tokenizer.from_pretrained(path)
+    new, _ = loaded["internlm2"]
+    real_exchange = _atomic._exchange
+    seen: list[Path] = []
 
-    def replace_works_once(src: Any, dst: Any) -> None:
-        calls["n"] += 1
-        if calls["n"] >= 2:  # the save fails, and so does every attempt to undo it
-            raise OSError(5, "Input/output error")
-        real_replace(src, dst)
+    def checking_exchange(staging: Path, target: Path) -> bool:
+        seen.append(target)
+        assert _snapshot(target) == before  # still exactly the old directory
+        staged = Tokenizer.from_pretrained(staging)
+        assert staged.encode_batch(TEXTS) == new.encode_batch(TEXTS)
+        assert (staging / "model.safetensors").read_bytes() == before["model.safetensors"]
+        assert not (staging / "chat_template.jinja").exists()
+        return real_exchange(staging, target)
 
-    monkeypatch.setattr(os, "replace", replace_works_once)
-    tok, _ = loaded["internlm2"]
-    with pytest.raises(TokenizerError, match="move them back by hand") as info:
-        tok.save_pretrained(path)
-    monkeypatch.setattr(os, "replace", real_replace)
-    kept = [p for p in tmp_path.iterdir() if p.name != "model"]
-    assert len(kept) == 1 and str(kept[0]) in str(info.value)
-    first = next(iter(_snapshot(kept[0] / ".previous")))
-    assert (kept[0] / ".previous" / first).read_bytes() == before[first]
+    monkeypatch.setattr(_atomic, "_exchange", checking_exchange)
+    new.save_pretrained(path)
+    assert seen == [path]
+    assert Tokenizer.from_pretrained(path).encode_batch(TEXTS) == new.encode_batch(TEXTS)
+    assert old.encode_batch(TEXTS) != new.encode_batch(TEXTS)  # the check above could tell them apart
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ The bottom of the lmstack stack. Everything a higher layer needs from a model li
 * :class:`CausalLM`: one decoder-only transformer; attention goes through an
   :class:`AttentionBackend` chosen per call (:class:`DenseAttention`, :class:`PackedAttention`, or a
   paged KV cache implemented by lmstack-infer).
-* :func:`load_pretrained` / :func:`save_pretrained`: streaming, atomic Hugging Face checkpoints.
+* :func:`load_pretrained` / :func:`save_pretrained`: streaming, atomic Hugging Face checkpoints;
+  :func:`atomic_directory`, the one way any layer replaces a directory on disk.
 * :class:`Tokenizer` / :func:`train_bpe_tokenizer`: ``tokenizer.json`` or sentencepiece, the model's own
   chat template (InternLM2 ChatML built in), byte-level BPE training.
 """
@@ -15,7 +16,7 @@ The bottom of the lmstack stack. Everything a higher layer needs from a model li
 from lmstack.core._atomic import atomic_directory
 from lmstack.core._config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, load_config
 from lmstack.core._errors import CheckpointError, ConfigError, LMStackError, TokenizerError
-from lmstack.core.checkpoint import load_pretrained, read_safetensors_header, save_pretrained
+from lmstack.core.checkpoint import load_pretrained, save_pretrained
 from lmstack.core.model import AttentionBackend, CausalLM, DenseAttention, PackedAttention
 from lmstack.core.tokenizer import Tokenizer, train_bpe_tokenizer
 
@@ -38,7 +39,6 @@ __all__ = [
     "atomic_directory",
     "load_config",
     "load_pretrained",
-    "read_safetensors_header",
     "save_pretrained",
     "train_bpe_tokenizer",
 ]

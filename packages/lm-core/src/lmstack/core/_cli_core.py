@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 from collections import Counter
@@ -51,14 +52,13 @@ def count_safetensors_parameters(directory: str | os.PathLike[str]) -> tuple[int
     Raises:
         CheckpointError: If the folder has no safetensors weights or a header is corrupt.
     """
-    from lmstack.core.checkpoint import checkpoint_files, read_safetensors_header
+    from lmstack.core.checkpoint import checkpoint_files, tensor_specs
 
     files = checkpoint_files(directory)
     by_dtype: Counter[str] = Counter()
     for file in files:
-        tensors, _ = read_safetensors_header(file)
-        for info in tensors.values():
-            by_dtype[str(info.dtype).removeprefix("torch.")] += info.numel
+        for dtype, shape in tensor_specs(file).values():
+            by_dtype[str(dtype).removeprefix("torch.")] += math.prod(shape)
     return sum(by_dtype.values()), dict(sorted(by_dtype.items())), len(files)
 
 
@@ -133,18 +133,29 @@ def _run_convert(args: argparse.Namespace) -> int:
     logger.info("loading %s (dtype %s)", src, args.dtype or "as stored")
     model = load_pretrained(src, dtype=dtype)
     shard_size = {} if args.max_shard_size is None else {"max_shard_size": args.max_shard_size}
-    save_pretrained(model, dst, **shard_size)
-    copied = []
-    for pattern in _TOKENIZER_FILES:
-        for file in sorted(src.glob(pattern)):
-            if file.is_file():
-                shutil.copy2(file, dst / file.name)
-                copied.append(file.name)
+    side_files = _SideFiles(src)
+    save_pretrained(model, dst, tokenizer=side_files, **shard_size)  # one atomic write, files included
+    copied = side_files.copied
     logger.info("copied %s", ", ".join(copied) or "no tokenizer files")
     print(
         f"wrote {dst} ({args.dtype or 'dtype as stored'}; copied {len(copied)} tokenizer/generation file(s))"
     )
     return 0
+
+
+class _SideFiles:
+    """Copies the source's tokenizer and generation files into the checkpoint save_pretrained stages."""
+
+    def __init__(self, src: Path) -> None:
+        self.src = src
+        self.copied: list[str] = []
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        for pattern in _TOKENIZER_FILES:
+            for file in sorted(self.src.glob(pattern)):
+                if file.is_file():
+                    shutil.copy2(file, Path(path) / file.name)
+                    self.copied.append(file.name)
 
 
 def register_convert(subparsers: argparse._SubParsersAction) -> None:

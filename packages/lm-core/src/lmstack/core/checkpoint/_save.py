@@ -6,17 +6,16 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from lmstack.core._atomic import atomic_directory
 from lmstack.core._errors import CheckpointError
 from lmstack.core.checkpoint._load import INDEX_NAME, SINGLE_NAME
-from lmstack.core.checkpoint._safetensors import write_safetensors
 from lmstack.core.model import CausalLM
 
 __all__ = ["parse_size", "save_pretrained"]
@@ -65,16 +64,17 @@ def save_pretrained(
     """Write ``model`` as a Hugging Face checkpoint directory that ``transformers`` loads.
 
     InternLM2 models are written in the Llama layout (``model_type: llama``), which transformers
-    implements natively. The directory is assembled in a temporary sibling and moved into place at
-    the end, so a failed save never leaves a half-written checkpoint; other files already in an
-    existing directory (a tokenizer, a README) are kept.
+    implements natively. The directory is replaced atomically (see
+    :func:`~lmstack.core.atomic_directory`): until the new checkpoint is complete the old one stays
+    complete and loadable, and a failed save leaves it untouched. Other files already in an existing
+    directory (a tokenizer, a README) are kept; the old weights, index and config are not.
 
     Args:
         model: The model to save.
         path: Target directory.
         max_shard_size: Largest shard, in bytes or as ``"5GB"``; bigger models are sharded with a
             ``model.safetensors.index.json``.
-        dtype: Cast floating-point weights to this dtype on the way out (one tensor at a time).
+        dtype: Cast floating-point weights to this dtype on the way out (one shard at a time).
         tokenizer: Optionally, a tokenizer to save alongside (anything with ``save_pretrained``).
         progress: Show a progress bar (default: only on an interactive terminal).
 
@@ -85,18 +85,20 @@ def save_pretrained(
     limit = parse_size(max_shard_size)
     if limit <= 0:
         raise CheckpointError(f"max_shard_size must be positive, got {max_shard_size!r}.")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a directory.")
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
 
-    # Plan shards in a stable order; each shard's tensors are written straight from model memory.
+    # Plan shards in a stable order; each shard's tensors are written straight from CPU model memory.
     shards: list[list[str]] = [[]]
     sizes = [0]
     out_dtype = {}
     for name, tensor in state.items():
         dt = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         out_dtype[name] = dt
-        nbytes = tensor.numel() * torch.empty((), dtype=dt).element_size()
+        nbytes = tensor.numel() * dt.itemsize
         if shards[-1] and sizes[-1] + nbytes > limit:
             shards.append([])
             sizes.append(0)
@@ -105,51 +107,32 @@ def save_pretrained(
     n = len(shards)
     names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target, keep=lambda name: _WEIGHT_FILES.match(name) is None) as tmp:
         weight_map: dict[str, str] = {}
-        total = 0
         bar = tqdm(total=sum(sizes), desc=f"Saving {target.name}", unit="B", unit_scale=True,
                    disable=None if progress is None else not progress)  # fmt: skip
-        for file, keys in zip(names, shards, strict=True):
-            tensors = {k: state[k].detach().to(out_dtype[k]) for k in keys}
-            total += write_safetensors(tmp / file, tensors, metadata={"format": "pt"})
+        for file, keys, size in zip(names, shards, sizes, strict=True):
+            # No-ops for contiguous CPU tensors already in the wanted dtype; one shard's copies otherwise.
+            tensors = {k: state[k].detach().to("cpu", out_dtype[k]).contiguous() for k in keys}
+            save_file(tensors, tmp / file, metadata={"format": "pt"})
             del tensors
-            bar.update(
-                sum(state[k].numel() * torch.empty((), dtype=out_dtype[k]).element_size() for k in keys)
-            )
+            bar.update(size)
             weight_map.update(dict.fromkeys(keys, file))
         bar.close()
+        total = sum(sizes)
         if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            _write_json(tmp / INDEX_NAME, index)
         saved_dtype = dtype or next((t.dtype for t in state.values() if t.is_floating_point()), None)
         config = model.config.replace(dtype=str(saved_dtype).replace("torch.", "") if saved_dtype else None)
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        gen = tmp / "generation_config.json"
-        if not (target / gen.name).exists():
-            gen.write_text(json.dumps(_generation_config(model), indent=2) + "\n", encoding="utf-8")
+        _write_json(tmp / "config.json", config.to_dict())
+        if not (target / "generation_config.json").exists():  # an existing one is kept as it is
+            _write_json(tmp / "generation_config.json", _generation_config(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if target.exists():
-            if not target.is_dir():
-                raise CheckpointError(f"{target} exists and is not a directory.")
-            # Carry over what this save does not replace (tokenizer, README, ...), then swap.
-            for item in target.iterdir():
-                if _WEIGHT_FILES.match(item.name) or (tmp / item.name).exists():
-                    continue
-                copy = shutil.copytree if item.is_dir() else shutil.copy2
-                copy(item, tmp / item.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "ckpt")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.chmod(target, 0o755)  # mkdtemp creates 0700 directories
     logger.info("saved %s (%d shard(s), %.1f MB)", target, n, total / 1e6)
     return target
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

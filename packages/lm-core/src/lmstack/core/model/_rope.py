@@ -1,8 +1,11 @@
 """Rotary position embeddings with the scaling kinds the Llama family uses.
 
-The inverse frequencies are tiny (``head_dim / 2`` numbers), so they are computed per forward
-rather than cached: that keeps the module free of device-bound state (models are built on the meta
-device and loaded in place) and lets dynamic NTK scaling follow each sequence's length.
+:class:`RotaryEmbedding` keeps one ``cos``/``sin`` table for positions ``0..L-1`` and looks tokens up
+in it: the table is built on first use, rebuilt (to the next power of two) when a longer position
+appears, and rebuilt when the device or dtype asked for changes. It is a plain attribute, not a
+buffer, so models built on the meta device and loaded in place carry no stale state. Dynamic NTK
+scaling beyond the trained context depends on each sequence's length, so those tokens are computed
+directly rather than looked up.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class RotaryEmbedding(torch.nn.Module):
         self.attention_scaling = 1.0
         if self.scaling is not None and self.scaling.rope_type == "yarn":
             self.attention_scaling = yarn_attention_factor(self.scaling)
+        self._cache: tuple[Tensor, Tensor] | None = None  # (cos, sin), each [L, head_dim]
 
     def inv_freq(self, device: torch.device | None = None) -> Tensor:
         """Inverse frequencies (``[head_dim / 2]``, float32) for sequences within the trained context."""
@@ -104,15 +108,65 @@ class RotaryEmbedding(torch.nn.Module):
         )
         return 1.0 / (base.unsqueeze(-1) ** exponents)
 
-    def forward(self, positions: Tensor, seq_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Return ``(cos, sin)``, each ``[*positions.shape, head_dim]`` in float32.
+    def _cos_sin(self, freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` of ``freqs`` (``[..., head_dim / 2]`` angles), scaled, in ``dtype``."""
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+    def table(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The cached ``(cos, sin)`` tables for positions ``0..L-1`` with ``L >= length`` (``[L, D]``)."""
+        cache = self._cache
+        if (
+            cache is None
+            or cache[0].shape[0] < length
+            or cache[0].device != device
+            or cache[0].dtype != dtype
+        ):
+            size = 1 << max(length - 1, 1).bit_length()  # the next power of two: few rebuilds
+            positions = torch.arange(size, device=device).to(torch.float32)
+            cache = self._cos_sin(positions.unsqueeze(-1) * self.inv_freq(device), dtype)
+            self._cache = cache
+        return cache
+
+    def forward(
+        self, positions: Tensor, seq_lens: Tensor | None = None, *, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """Return ``(cos, sin)``, each ``[*positions.shape, head_dim]`` in ``dtype``.
 
         Args:
             positions: Integer positions of the tokens, any shape.
             seq_lens: Dynamic NTK only: the length of the sequence each token belongs to (same
                 shape as ``positions``). When omitted, the longest position in the call decides,
                 as in the reference implementation.
+            dtype: The dtype of the tables (the activations'; the angles are computed in float32).
         """
+        device = positions.device
+        if positions.numel() == 0:
+            empty = torch.empty((*positions.shape, self.dim), device=device, dtype=dtype)
+            return empty, empty
+        if positions.is_floating_point():
+            return self._direct(positions, seq_lens, dtype)
+        dynamic = self.scaling is not None and self.scaling.rope_type == "dynamic"
+        # One host sync for everything the lookup needs to know.
+        stats = [positions.min(), positions.max()]
+        if dynamic and seq_lens is not None:
+            stats.append(seq_lens.max())
+        low, high, *longest = torch.stack(stats).tolist()
+        if low < 0:
+            return self._direct(positions, seq_lens, dtype)
+        # Within the trained context dynamic NTK is plain RoPE; beyond it each length has its own table.
+        if dynamic and (longest[0] if longest else high + 1) > self.max_position_embeddings:
+            return self._direct(positions, seq_lens, dtype)
+        cos, sin = self.table(high + 1, device, dtype)
+        return cos[positions], sin[positions]
+
+    def _direct(
+        self, positions: Tensor, seq_lens: Tensor | None, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """Compute the tables for exactly these positions (no cache)."""
         device = positions.device
         pos = positions.to(torch.float32)
         if self.scaling is not None and self.scaling.rope_type == "dynamic":
@@ -121,11 +175,7 @@ class RotaryEmbedding(torch.nn.Module):
             freqs = pos.unsqueeze(-1) * inv
         else:
             freqs = pos.unsqueeze(-1) * self.inv_freq(device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        if self.attention_scaling != 1.0:
-            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return cos, sin
+        return self._cos_sin(freqs, dtype)
 
 
 def rotate_half(x: Tensor) -> Tensor:

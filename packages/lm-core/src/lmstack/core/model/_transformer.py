@@ -20,13 +20,15 @@ from lmstack.core.model._rope import RotaryEmbedding, apply_rotary
 
 __all__ = ["MLP", "Attention", "CausalLM", "DecoderLayer", "RMSNorm", "Transformer"]
 
+# Where and in what dtype a module creates its parameters (``"meta"`` allocates nothing, as loading does).
+Device = torch.device | str | None
+DType = torch.dtype | None
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 and cast back."""
 
-    def __init__(
-        self, dim: int, eps: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ):
+    def __init__(self, dim: int, eps: float, device: Device = None, dtype: DType = None) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
@@ -54,13 +56,13 @@ class Attention(nn.Module):
         "o_proj": "rowwise",
     }
 
-    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None):
+    def __init__(self, config: ModelConfig, layer: int, device: Device = None, dtype: DType = None) -> None:
         super().__init__()
         assert config.head_dim is not None and config.num_key_value_heads is not None
-        self.layer_idx = layer_idx
+        self.layer_idx = layer
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        self.window = config.window_of(layer_idx)
+        self.window = config.window_of(layer)
         kw = {"device": device, "dtype": dtype}
         c, d = config.hidden_size, config.head_dim
         self.q_proj = nn.Linear(c, config.num_attention_heads * d, bias=bool(config.qkv_bias), **kw)
@@ -83,12 +85,12 @@ class MLP(nn.Module):
 
     tp_plan: ClassVar[dict[str, str]] = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj": "rowwise"}
 
-    def __init__(self, config: ModelConfig, device=None, dtype=None):
+    def __init__(self, config: ModelConfig, device: Device = None, dtype: DType = None) -> None:
         super().__init__()
-        kw = {"device": device, "dtype": dtype, "bias": config.mlp_bias}
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, **kw)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+        c, f, bias = config.hidden_size, config.intermediate_size, bool(config.mlp_bias)
+        self.gate_proj = nn.Linear(c, f, bias=bias, device=device, dtype=dtype)
+        self.up_proj = nn.Linear(c, f, bias=bias, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(f, c, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -97,10 +99,10 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: attention then feed-forward."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=None):
+    def __init__(self, config: ModelConfig, layer: int, device: Device = None, dtype: DType = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
-        self.self_attn = Attention(config, layer_idx, device, dtype)
+        self.self_attn = Attention(config, layer, device, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.mlp = MLP(config, device, dtype)
 
@@ -112,7 +114,7 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
     """Embeddings, decoder layers and the final norm (the Hugging Face ``model.`` prefix)."""
 
-    def __init__(self, config: ModelConfig, device=None, dtype=None):
+    def __init__(self, config: ModelConfig, device: Device = None, dtype: DType = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
@@ -120,6 +122,32 @@ class Transformer(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.rotary = RotaryEmbedding(config)
+        self.activation_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        attn: AttentionBackend,
+        rope_seq_lens: Tensor | None = None,
+    ) -> Tensor:
+        """Embeddings, every decoder layer, then the final norm: hidden states ``[B, T, C]``.
+
+        Args:
+            input_ids: Token ids ``[B, T]``.
+            positions: Their positions ``[B, T]``, which RoPE rotates by.
+            attn: Where attention happens (:class:`AttentionBackend`).
+            rope_seq_lens: For dynamic NTK RoPE, each token's sequence length ``[B, T]``; None lets the
+                longest position in the call decide.
+        """
+        x = self.embed_tokens(input_ids)  # [B, T, C]
+        cos, sin = self.rotary(positions, rope_seq_lens, dtype=x.dtype)  # [B, T, D], once for all layers
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn)
+        return self.norm(x)
 
 
 class CausalLM(nn.Module):
@@ -142,9 +170,7 @@ class CausalLM(nn.Module):
         torch.Size([1, 3, 128])
     """
 
-    def __init__(
-        self, config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ):
+    def __init__(self, config: ModelConfig, device: Device = None, dtype: DType = None) -> None:
         super().__init__()
         self.config = config
         self.model = Transformer(config, device, dtype)
@@ -153,7 +179,6 @@ class CausalLM(nn.Module):
         )
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.activation_checkpointing = False
         if device is None or torch.device(device).type != "meta":
             self.reset_parameters()
 
@@ -194,40 +219,17 @@ class CausalLM(nn.Module):
 
     def enable_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer's activations in backward instead of storing them."""
-        self.activation_checkpointing = enabled
+        self.model.activation_checkpointing = enabled
 
     # -- forward -------------------------------------------------------------------------------------
-    def hidden_states(
-        self,
-        input_ids: Tensor,
-        positions: Tensor | None = None,
-        attn: AttentionBackend | None = None,
-        *,
-        rope_seq_lens: Tensor | None = None,
-    ) -> Tensor:
-        """Run embeddings, layers and the final norm; return ``[B, T, C]``.
+    @property
+    def hidden_states(self) -> Transformer:
+        """The body without the output head (:attr:`model`, see :meth:`Transformer.forward`).
 
-        Args:
-            input_ids: ``[B, T]`` token ids.
-            positions: ``[B, T]`` positions (default ``0..T-1`` for every row).
-            attn: The attention backend (default: dense causal attention).
-            rope_seq_lens: Dynamic NTK RoPE only: the length of each token's sequence ``[B, T]``
-                (default: the longest position in the call, as the reference implementation does).
+        ``model.hidden_states(ids, positions, attn)`` gives ``[B, T, C]``; scoring code calls it
+        to run the output head over slices of a long sequence.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}.")
-        b, t = input_ids.shape
-        if positions is None:
-            positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        attn = DenseAttention() if attn is None else attn
-        cos, sin = self.model.rotary(positions, rope_seq_lens)  # [B, T, D] float32
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+        return self.model
 
     def forward(
         self,
@@ -244,11 +246,18 @@ class CausalLM(nn.Module):
             input_ids: ``[B, T]`` token ids.
             positions: ``[B, T]`` positions (default ``0..T-1`` for every row).
             attn: The attention backend (default: dense causal attention).
-            rope_seq_lens: See :meth:`hidden_states`.
+            rope_seq_lens: Dynamic NTK RoPE only: the length of each token's sequence ``[B, T]``
+                (default: the longest position in the call, as the reference implementation does).
             logits_indices: Optional flat indices into the ``B * T`` tokens: only those tokens'
                 logits are computed (a serving engine needs the last token of each sequence).
         """
-        h = self.hidden_states(input_ids, positions, attn, rope_seq_lens=rope_seq_lens)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}.")
+        if positions is None:
+            b, t = input_ids.shape
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        attn = DenseAttention() if attn is None else attn
+        h = self.model(input_ids, positions, attn, rope_seq_lens)
         if logits_indices is not None:
             h = h.reshape(-1, h.shape[-1])[logits_indices]
         return self.lm_head(h)

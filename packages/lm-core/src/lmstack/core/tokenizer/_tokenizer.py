@@ -9,13 +9,9 @@ the same directory, so that encodes, decodes and rendered chats are identical, a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import secrets
-import shutil
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenizers import AddedToken, processors
@@ -23,219 +19,22 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from lmstack.core._errors import TokenizerError
 from lmstack.core.tokenizer._chat_template import INTERNLM2_CHAT_TEMPLATE, render_chat_template
+from lmstack.core.tokenizer._hf_files import (
+    NAMED_SPECIAL_TOKENS,
+    TokenSpec,
+    read_tokenizer_dir,
+    token_content,
+    tokenizer_files,
+    write_tokenizer_dir,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Tokenizer"]
 
-TOKENIZER_FILE = "tokenizer.json"
-CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
-SENTENCEPIECE_FILE = "tokenizer.model"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-CHAT_TEMPLATE_DIR = "additional_chat_templates"
-ADDED_TOKENS_FILE = "added_tokens.json"
-
-# The named special tokens, in the order Hugging Face lists them.
-_NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# tokenizer_config.json keys carried over unchanged by save_pretrained (all harmless to transformers).
-_KEPT_CONFIG_KEYS = ("model_max_length", "padding_side", "truncation_side", "model_input_names")
-# Files save_pretrained removes from an existing directory because they would override what it writes.
-_STALE_ON_SAVE = (CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR, ADDED_TOKENS_FILE)
 # Hugging Face's clean-up of spaces before punctuation, applied on decode only when the config asks.
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
-
-TokenSpec = str | AddedToken
-
-
-def _content(token: TokenSpec) -> str:
-    return token.content if isinstance(token, AddedToken) else str(token)
-
-
-def _token_key(token: AddedToken) -> tuple[Any, ...]:
-    return (token.content, token.single_word, token.lstrip, token.rstrip, token.normalized, token.special)
-
-
-def _added_token_from_json(value: Any, where: str, *, special: bool | None = None) -> AddedToken:
-    """Builds an AddedToken from its JSON form (``{"content": ..., "lstrip": ...}``)."""
-    if not isinstance(value, Mapping) or not isinstance(value.get("content"), str):
-        raise TokenizerError(f"{where}: expected a token such as {{'content': '<s>', ...}}, got {value!r}")
-    flags = {k: bool(value[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
-    is_special = bool(value.get("special", False)) if special is None else special
-    return AddedToken(value["content"], special=is_special, **flags)
-
-
-def _token_spec(value: Any, where: str) -> TokenSpec | None:
-    """A special token from a config: a string, an AddedToken in JSON form, or None."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, AddedToken):
-        return value
-    return _added_token_from_json(value, where, special=True)
-
-
-def _json_bytes(value: Any) -> bytes:
-    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(
-            f"could not read {path}: {exc}. The file is corrupt or truncated; restore it from the original "
-            "checkpoint (or delete it if the directory has the other tokenizer files)."
-        ) from exc
-
-
-def _parse_chat_templates(value: Any, where: str) -> dict[str, str]:
-    """Reads ``chat_template`` as stored in tokenizer_config.json: a string or a list of named templates."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        return {"default": value}
-    if isinstance(value, Mapping):
-        items: Iterable[Any] = [{"name": k, "template": v} for k, v in value.items()]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise TokenizerError(
-            f"{where}: chat_template must be a string or a list of {{name, template}} entries"
-        )
-    templates: dict[str, str] = {}
-    for entry in items:
-        if (
-            not isinstance(entry, Mapping)
-            or not isinstance(entry.get("name"), str)
-            or not isinstance(entry.get("template"), str)
-        ):
-            raise TokenizerError(
-                f"{where}: each entry of a chat_template list needs a string 'name' and 'template', "
-                f"got {entry!r}"
-            )
-        templates[entry["name"]] = entry["template"]
-    return templates
-
-
-def _read_config(root: Path) -> tuple[dict[str, Any], list[tuple[int, AddedToken]]]:
-    """Reads tokenizer_config.json and the added tokens it (or the legacy side files) declares."""
-    config_path = root / CONFIG_FILE
-    config: dict[str, Any] = {}
-    if config_path.is_file():
-        loaded = _read_json(config_path)
-        if not isinstance(loaded, dict):
-            raise TokenizerError(f"{config_path} must hold a JSON object, got {type(loaded).__name__}")
-        config = loaded
-
-    # Legacy side files count only when the config has no added_tokens_decoder (transformers' rule).
-    added: list[tuple[int, AddedToken]] = []
-    if "added_tokens_decoder" in config:
-        decoder = config["added_tokens_decoder"]
-        if not isinstance(decoder, Mapping):
-            raise TokenizerError(f"{config_path}: added_tokens_decoder must be an object of id -> token")
-        for key, value in decoder.items():
-            try:
-                index = int(key)
-            except ValueError as exc:
-                raise TokenizerError(
-                    f"{config_path}: added_tokens_decoder key {key!r} is not a token id"
-                ) from exc
-            added.append((index, _added_token_from_json(value, f"{config_path} [{key}]")))
-        added.sort(key=lambda item: item[0])
-        return config, added
-
-    special_map_path = root / SPECIAL_TOKENS_MAP_FILE
-    if special_map_path.is_file():
-        special_map = _read_json(special_map_path)
-        if not isinstance(special_map, dict):
-            raise TokenizerError(f"{special_map_path} must hold a JSON object")
-        for key, value in special_map.items():
-            if key in ("additional_special_tokens", "extra_special_tokens") and isinstance(value, list):
-                merged = list(config.get("additional_special_tokens") or [])
-                merged += [token for token in value if token not in merged]
-                config["additional_special_tokens"] = merged
-            else:
-                config[key] = value
-    added_tokens_path = root / ADDED_TOKENS_FILE
-    if added_tokens_path.is_file():
-        encoder = _read_json(added_tokens_path)
-        if not isinstance(encoder, dict):
-            raise TokenizerError(f"{added_tokens_path} must map token strings to ids")
-        special_names = {
-            _content(spec) for k in _NAMED if (spec := _token_spec(config.get(k), str(config_path)))
-        }
-        for content, index in sorted(encoder.items(), key=lambda item: item[1]):
-            is_special = content in special_names
-            added.append((int(index), AddedToken(content, normalized=not is_special, special=is_special)))
-    return config, added
-
-
-def _special_tokens_from_config(
-    config: Mapping[str, Any], added: list[tuple[int, AddedToken]], where: str
-) -> tuple[dict[str, TokenSpec | None], list[TokenSpec]]:
-    """The named special tokens (model-specific ``*_token`` keys included) and the extra list.
-
-    A named token also listed among the added tokens takes that entry's flags, as in transformers.
-    """
-    named: dict[str, TokenSpec | None] = {}
-    for key, value in config.items():
-        if key in _NAMED or (key.endswith("_token") and isinstance(value, (str, Mapping))):
-            named[key] = _token_spec(value, f"{where} [{key}]")
-    extra_value = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
-    extra: list[TokenSpec] = []
-    if isinstance(extra_value, Mapping):
-        for key, value in extra_value.items():
-            named[key] = _token_spec(value, f"{where} [extra_special_tokens.{key}]")
-    elif isinstance(extra_value, list):
-        for value in extra_value:
-            spec = _token_spec(value, f"{where} [additional_special_tokens]")
-            if spec is not None:
-                extra.append(spec)
-    else:
-        raise TokenizerError(f"{where}: additional_special_tokens must be a list")
-    by_content = {token.content: token for _, token in added}
-    for key, value in named.items():
-        if value is not None and _content(value) in by_content:
-            named[key] = by_content[_content(value)]
-    return named, extra
-
-
-def _read_chat_templates(root: Path, config: Mapping[str, Any], where: str) -> str | dict[str, str] | None:
-    """chat_template.jinja and additional_chat_templates/*.jinja, else the config's chat_template."""
-    templates: dict[str, str] = {}
-    template_file = root / CHAT_TEMPLATE_FILE
-    template_dir = root / CHAT_TEMPLATE_DIR
-    try:
-        if template_file.is_file():
-            templates["default"] = template_file.read_text(encoding="utf-8")
-        if template_dir.is_dir():
-            for file in sorted(template_dir.glob("*.jinja")):
-                templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TokenizerError(f"could not read the chat template files in {root}: {exc}") from exc
-    if templates:
-        # The files replace the config's templates entirely, as in transformers.
-        return templates["default"] if list(templates) == ["default"] else templates
-    if isinstance(config.get("chat_template"), str):
-        return str(config["chat_template"])
-    return _parse_chat_templates(config.get("chat_template"), where) or None
-
-
-def _unnormalized(token: AddedToken) -> AddedToken:
-    return AddedToken(
-        token.content,
-        single_word=token.single_word,
-        lstrip=token.lstrip,
-        rstrip=token.rstrip,
-        normalized=False,
-        special=token.special,
-    )
-
-
-class _RestoreFailed(OSError):
-    """Undoing a failed save failed as well; the previous files are still in the staging directory."""
 
 
 class Tokenizer:
@@ -290,14 +89,19 @@ class Tokenizer:
         }
         named.update(named_special_tokens or {})
         self._named: dict[str, str] = {}
-        for key in sorted(named, key=lambda k: _NAMED.index(k) if k in _NAMED else len(_NAMED)):
+        for key in sorted(
+            named,
+            key=lambda k: (
+                NAMED_SPECIAL_TOKENS.index(k) if k in NAMED_SPECIAL_TOKENS else len(NAMED_SPECIAL_TOKENS)
+            ),
+        ):
             value = named[key]
             if value is not None:
-                self._named[key] = _content(value)
+                self._named[key] = token_content(value)
         self._extra: list[str] = []
         for token in additional_special_tokens:
-            if _content(token) not in self._extra:
-                self._extra.append(_content(token))
+            if token_content(token) not in self._extra:
+                self._extra.append(token_content(token))
         if chat_template is None:
             self._chat_templates: dict[str, str] = {}
         elif isinstance(chat_template, str):
@@ -319,7 +123,7 @@ class Tokenizer:
         named = set(self._named.values())
         missing: list[AddedToken] = []
         for token in tokens:
-            content = _content(token)
+            content = token_content(token)
             if content in known or any(t.content == content for t in missing):
                 continue
             if isinstance(token, AddedToken):
@@ -364,104 +168,24 @@ class Tokenizer:
             TokenizerError: The directory does not exist, holds no tokenizer files, or a file in it is
                 corrupt; the message names the file and what to do.
         """
-        root = Path(path)
-        if not root.exists():
-            raise TokenizerError(
-                f"tokenizer directory {str(root)!r} does not exist. Pass a local directory containing "
-                "tokenizer.json (lmstack does not download from the Hub: fetch the checkpoint first)."
-            )
-        if not root.is_dir():
-            raise TokenizerError(
-                f"{str(root)!r} is a file; Tokenizer.from_pretrained expects the directory that contains "
-                "tokenizer.json (and tokenizer_config.json)."
-            )
-        config_path = root / CONFIG_FILE
-        config, added_from_config = _read_config(root)
-        named, extra = _special_tokens_from_config(config, added_from_config, str(config_path))
-
-        tokenizer_json = root / TOKENIZER_FILE
-        sentencepiece_path = root / SENTENCEPIECE_FILE
-        sentencepiece_bytes: bytes | None = None
-        add_bos = add_eos = False
-        rebuild_post_processor = False
-        if tokenizer_json.is_file():
-            try:
-                backend = RustTokenizer.from_file(str(tokenizer_json))
-            except Exception as exc:  # the Rust side raises a bare Exception
-                raise TokenizerError(
-                    f"could not load {tokenizer_json}: {exc}. The file is corrupt, truncated, or was written "
-                    "by an incompatible version of the tokenizers library; restore it from the original "
-                    "checkpoint."
-                ) from exc
-            padding = backend.padding
-            if padding is not None and named.get("pad_token") is None:
-                named["pad_token"] = padding.get("pad_token")
-            # transformers never pads or truncates through the backend on a plain encode.
-            backend.no_padding()
-            backend.no_truncation()
-            rebuild_post_processor = backend.post_processor is None
-        elif sentencepiece_path.is_file():
-            from lmstack.core.tokenizer._sentencepiece import (
-                control_pieces,
-                load_sentencepiece,
-                sentencepiece_to_tokenizers,
-            )
-
-            model, sentencepiece_bytes = load_sentencepiece(sentencepiece_path)
-            size = len(model.pieces)
-            renames = {index: token.content for index, token in added_from_config if index < size}
-            legacy = bool(config.get("legacy", True))
-            backend = sentencepiece_to_tokenizers(model, legacy=legacy, renames=renames)
-            if model.add_dummy_prefix:
-                # Added tokens are matched on the raw text so each chunk between them gets its own prefix.
-                added_from_config = [(index, _unnormalized(token)) for index, token in added_from_config]
-                named, _ = _special_tokens_from_config(config, added_from_config, str(config_path))
-            proto_specials = {"bos_token": model.bos_id, "eos_token": model.eos_id, "unk_token": model.unk_id}
-            for key, index in proto_specials.items():
-                piece = model.piece_or_none(index)
-                if named.get(key) is None and piece is not None:
-                    named[key] = piece
-            if not extra:
-                # As transformers: control pieces are special tokens, matched whole in text.
-                extra = [
-                    AddedToken(p, normalized=False, special=True) for p in control_pieces(model, renames)
-                ]
-            add_bos = bool(config.get("add_bos_token", False))
-            add_eos = bool(config.get("add_eos_token", False))
-            rebuild_post_processor = True
-        else:
-            present = sorted(p.name for p in root.iterdir())[:20]
-            raise TokenizerError(
-                f"no tokenizer files in {str(root)!r}: expected {TOKENIZER_FILE} (or a SentencePiece "
-                f"{SENTENCEPIECE_FILE}); found {present or 'nothing'}. Point at the checkpoint's tokenizer "
-                "directory, or train one with lmstack.core.tokenizer.train_bpe_tokenizer."
-            )
-
-        # Tokens listed in added_tokens_decoder that the backend lacks (or has with other flags).
-        known = {_token_key(t) for t in backend.get_added_tokens_decoder().values()}
-        new_tokens = [token for _, token in added_from_config if _token_key(token) not in known]
-        if new_tokens:
-            backend.add_tokens(new_tokens)
-        if config.get("split_special_tokens"):
-            backend.encode_special_tokens = True
-
-        chat_template = _read_chat_templates(root, config, str(config_path))
-
+        files = read_tokenizer_dir(path)
+        named = dict(files.special_tokens)
         standard = {k: named.pop(k, None) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         tokenizer = cls(
-            backend,
+            files.backend,
             **standard,
-            additional_special_tokens=extra,
-            chat_template=chat_template,
-            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            additional_special_tokens=files.additional_special_tokens,
+            chat_template=files.chat_template,
+            clean_up_tokenization_spaces=files.clean_up_tokenization_spaces,
             named_special_tokens=named,
-            name_or_path=str(root),
+            name_or_path=str(files.root),
         )
-        tokenizer._kept_config = {k: config[k] for k in _KEPT_CONFIG_KEYS if k in config}
-        tokenizer._sentencepiece_bytes = sentencepiece_bytes
-        if rebuild_post_processor:
+        tokenizer._kept_config = files.kept_config
+        tokenizer._sentencepiece_bytes = files.sentencepiece_bytes
+        if files.post_processor is not None:
+            add_bos, add_eos = files.post_processor
             tokenizer._set_post_processor(add_bos=add_bos, add_eos=add_eos)
-        logger.debug("loaded tokenizer from %s (%d tokens)", root, tokenizer.vocab_size)
+        logger.debug("loaded tokenizer from %s (%d tokens)", files.root, tokenizer.vocab_size)
         return tokenizer
 
     def _set_post_processor(self, *, add_bos: bool, add_eos: bool) -> None:
@@ -788,58 +512,16 @@ class Tokenizer:
     # saving
     # ------------------------------------------------------------------------------------------
 
-    def _config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        config.update(self._named)
-        if self._extra:
-            config["additional_special_tokens"] = list(self._extra)
-        decoder = self._backend.get_added_tokens_decoder()
-        config["added_tokens_decoder"] = {
-            str(index): {
-                "content": token.content,
-                "lstrip": token.lstrip,
-                "normalized": token.normalized,
-                "rstrip": token.rstrip,
-                "single_word": token.single_word,
-                "special": token.special,
-            }
-            for index, token in sorted(decoder.items())
-        }
-        config["clean_up_tokenization_spaces"] = self._clean_up
-        if self._backend.encode_special_tokens:
-            config["split_special_tokens"] = True
-        config.update(self._kept_config)
-        if self._chat_templates:
-            if self._single_template and list(self._chat_templates) == ["default"]:
-                config["chat_template"] = self._chat_templates["default"]
-            else:
-                templates = self._chat_templates.items()
-                config["chat_template"] = [{"name": name, "template": text} for name, text in templates]
-        return config
-
-    def _files(self) -> dict[str, bytes]:
-        special_map: dict[str, Any] = dict(self._named)
-        if self._extra:
-            special_map["additional_special_tokens"] = list(self._extra)
-        files = {
-            TOKENIZER_FILE: self._backend.to_str(pretty=True).encode("utf-8"),
-            CONFIG_FILE: _json_bytes(self._config()),
-            SPECIAL_TOKENS_MAP_FILE: _json_bytes(special_map),
-        }
-        if self._sentencepiece_bytes is not None:
-            files[SENTENCEPIECE_FILE] = self._sentencepiece_bytes
-        return files
-
     def save_pretrained(self, path: str | os.PathLike[str]) -> None:
         """Writes the tokenizer as a Hugging Face tokenizer directory.
 
         Writes ``tokenizer.json``, ``tokenizer_config.json`` (special tokens, added tokens and the chat
         template) and ``special_tokens_map.json`` (plus ``tokenizer.model`` for a tokenizer read from
         one); ``transformers.AutoTokenizer`` loads the result with identical encodes and chats. The
-        files are written to a staging directory first and then moved into place, so a failure leaves
-        an existing directory as it was. Other files in ``path`` (model weights ...) are kept; a stale
-        ``chat_template.jinja`` or ``added_tokens.json``, which would override what is written, is
-        removed.
+        directory is replaced in one atomic step (:func:`~lmstack.core.atomic_directory`), so a
+        failure leaves an existing directory as it was. Other files in ``path`` (model weights ...)
+        are kept; a stale ``chat_template.jinja`` or ``added_tokens.json``, which would override what
+        is written, is removed.
 
         Args:
             path: The directory; created if missing.
@@ -847,76 +529,18 @@ class Tokenizer:
         Raises:
             TokenizerError: The directory cannot be written (the original is left intact).
         """
-        target = Path(path).absolute()
-        if target.exists() and not target.is_dir():
-            raise TokenizerError(
-                f"cannot save the tokenizer to {str(target)!r}: it is a file, not a directory"
-            )
-        files = self._files()
-        staging: Path | None = None
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = target.parent / f".{target.name}.saving-{secrets.token_hex(6)}"
-            os.mkdir(staging)  # default permissions (umask applies), unlike tempfile.mkdtemp's 0o700
-            for name, data in files.items():
-                with open(staging / name, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            if not target.exists():
-                os.rename(staging, target)  # one atomic step: the directory appears complete or not at all
-                staging = None
-            else:
-                self._commit_into(staging, target, list(files))
-        except _RestoreFailed as exc:
-            kept, staging = staging, None  # it holds the only copy of the previous files
-            raise TokenizerError(
-                f"could not save the tokenizer to {str(target)!r}: {exc.__cause__}; restoring the previous "
-                f"files then failed too ({exc}). They are kept in {kept}/.previous: move them back by hand."
-            ) from exc
-        except OSError as exc:
-            raise TokenizerError(
-                f"could not save the tokenizer to {str(target)!r}: {exc}. Nothing there was changed."
-            ) from exc
-        finally:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+        files = tokenizer_files(
+            self._backend,
+            special_tokens=self._named,
+            additional_special_tokens=self._extra,
+            chat_templates=self._chat_templates,
+            single_template=self._single_template,
+            clean_up_tokenization_spaces=self._clean_up,
+            kept_config=self._kept_config,
+            sentencepiece_bytes=self._sentencepiece_bytes,
+        )
+        target = write_tokenizer_dir(path, files)
         logger.info("saved tokenizer to %s", target)
-
-    @staticmethod
-    def _commit_into(staging: Path, target: Path, names: list[str]) -> None:
-        """Moves staged files into an existing directory, restoring every touched file on failure."""
-        backup = staging / ".previous"
-        backup.mkdir()
-        replaced: list[str] = []
-        created: list[str] = []
-        removed: list[str] = []
-        try:
-            for name in names:
-                if (target / name).exists():
-                    # A hard link keeps the old file reachable without ever leaving the name missing.
-                    try:
-                        os.link(target / name, backup / name)
-                    except OSError:
-                        shutil.copy2(target / name, backup / name)
-            for name in names:
-                existed = (backup / name).exists()
-                os.replace(staging / name, target / name)
-                (replaced if existed else created).append(name)
-            for name in _STALE_ON_SAVE:
-                if (target / name).exists():
-                    os.replace(target / name, backup / name)
-                    removed.append(name)
-                    logger.info("removed stale %s from %s (it would override the saved config)", name, target)
-        except BaseException as exc:
-            try:
-                for name in created:
-                    (target / name).unlink(missing_ok=True)
-                for name in replaced + removed:
-                    os.replace(backup / name, target / name)
-            except OSError as restore_exc:
-                raise _RestoreFailed(str(restore_exc)) from exc
-            raise
 
     def __repr__(self) -> str:
         return (
