@@ -39,21 +39,31 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) + "." for _ in range(n)]
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A llama-type model with weights scaled up so greedy choices have clear margins (no near-ties
-    that float rounding could flip), and a byte-level BPE tokenizer trained on a small corpus."""
+def _tiny_model(out: Path, max_position_embeddings: int) -> Path:
     tokenizer = train_bpe_tokenizer(iter(corpus()), vocab_size=300, min_frequency=2)
     torch.manual_seed(0)
     config = ModelConfig(
         model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=112,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     model = CausalLM(config)
     model.reset_parameters(std=0.25)
-    out = tmp_path_factory.mktemp("models") / "tiny-llama"
     save_pretrained(model, out, tokenizer=tokenizer)
     return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A llama-type model with weights scaled up so greedy choices have clear margins (no near-ties
+    that float rounding could flip), and a byte-level BPE tokenizer trained on a small corpus."""
+    return _tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", 256)
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny model with a 2048-token context, for prompts and generations over 256 tokens."""
+    return _tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-2k", 2048)

@@ -126,6 +126,23 @@ def test_loglikelihood_text_pairs(model_dir: Path) -> None:
     assert lp == pytest.approx(lp2) and lp < 0
 
 
+@pytest.mark.parametrize(
+    ("pair", "words"),
+    [
+        (([5, 6], [7, 10**6]), "continuation to score holds token ids \\[1000000\\] outside the vocabulary"),
+        (([5, -2], [7]), "context holds token ids \\[-2\\] outside the vocabulary"),
+        (([5, 6], [7.5]), "int token ids"),
+        (([5, 6], []), "continuation to score is empty"),
+        (("the quick", [7]), "two strings or two token-id lists"),
+    ],
+)
+def test_loglikelihood_refuses_bad_pairs(model_dir: Path, pair: Any, words: str) -> None:
+    # Ids outside the vocabulary used to reach the embedding (an IndexError for the whole batch).
+    llm = LLM(model_dir)
+    with pytest.raises(InvalidRequestError, match=words):
+        llm.loglikelihood([([5, 6], [7]), pair])
+
+
 def test_seeded_sampling_reproducible_and_independent_of_batch(model_dir: Path) -> None:
     llm = LLM(model_dir)
     prompt = _prompts(1, llm.engine.vocab_size, seed=9)[0]
@@ -144,23 +161,44 @@ def test_seeded_sampling_reproducible_and_independent_of_batch(model_dir: Path) 
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in alone.outputs]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seeded_sampling_on_a_cuda_model(model_dir: Path) -> None:
+    # A seeded request's generator must live on the logits' device: a CPU one cannot draw CUDA noise.
+    llm = LLM(model_dir, device="cuda")
+    seeded = SamplingParams(temperature=1.0, max_tokens=8, seed=11, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], seeded)[0]
+    mixed = llm.generate([[5, 6, 7], [8, 9]], [seeded, SamplingParams(temperature=0.9, max_tokens=8)])[0]
+    assert alone.error is None and len(alone.outputs[0].token_ids) == 8
+    assert mixed.error is None and mixed.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
 def test_bad_requests_fail_alone_and_the_engine_keeps_serving(model_dir: Path) -> None:
     llm = LLM(model_dir, max_model_len=64)
     engine = llm.engine
     good = engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()
-    with pytest.raises(InvalidRequestError, match="context is 64"):
-        engine.add_request(list(range(3, 70)), SamplingParams())
-    with pytest.raises(InvalidRequestError, match="max_tokens"):
-        engine.add_request([5, 6], SamplingParams(max_tokens=0))
-    with pytest.raises(InvalidRequestError, match="top_p"):
-        engine.add_request([5, 6], SamplingParams(top_p=1.5))
-    with pytest.raises(InvalidRequestError, match="empty"):
-        engine.add_request("", SamplingParams())
-    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
-        engine.add_request([5, 6], SamplingParams(stop_token_ids=[10**6]))
-    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
-        engine.add_request([5, 10**6], SamplingParams())
+    refusals = [
+        (lambda: engine.add_request(list(range(3, 70)), SamplingParams()), "context is 64", "prompt"),
+        (lambda: engine.add_request([5, 6], SamplingParams(max_tokens=0)), "max_tokens", "max_tokens"),
+        (lambda: engine.add_request([5, 6], SamplingParams(top_p=1.5)), "top_p", "top_p"),
+        (lambda: engine.add_request("", SamplingParams()), "empty", "prompt"),
+        (lambda: engine.add_request([], SamplingParams()), "empty", "prompt"),
+        (
+            lambda: engine.add_request([5, 6], SamplingParams(stop_token_ids=[10**6])),
+            "stop_token_ids",
+            "stop_token_ids[0]",
+        ),
+        (lambda: engine.add_request([5, 10**6], SamplingParams()), "outside the vocabulary", "prompt"),
+        (lambda: engine.add_request([5, -1], SamplingParams()), "outside the vocabulary", "prompt"),
+        (lambda: engine.add_request([5, 6.0], SamplingParams()), "int token ids", "prompt"),  # type: ignore[list-item]
+        (lambda: engine.add_request([5, 6], request_id=good), "already in use", None),
+    ]
+    for add, words, param in refusals:
+        with pytest.raises(InvalidRequestError, match=words) as info:
+            add()
+        assert info.value.param == param, (words, info.value.param)
+    assert engine.num_requests == 1  # nothing was queued
     finished = None
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -170,16 +208,125 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving(model_dir: Path) -
     assert engine.num_free_blocks == engine.num_blocks
 
 
-def test_request_that_can_never_fit_fails_alone(model_dir: Path) -> None:
+@pytest.mark.parametrize("max_tokens", [None, 1, 100])
+def test_a_prompt_filling_the_context_is_refused_for_what_it_is(
+    model_dir: Path, max_tokens: int | None
+) -> None:
+    # The prompt alone leaves no room, whatever max_tokens says: the error blames the prompt and
+    # says what was computed, never a max_tokens the caller did not send.
+    engine = LLM(model_dir, max_model_len=64).engine
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request(list(range(3, 67)), SamplingParams(max_tokens=max_tokens))
+    message = str(info.value)
+    assert info.value.param == "prompt"
+    assert "the prompt has 64 tokens and the model's context is 64: no room left to generate" in message
+    assert "max_tokens" not in message
+
+
+def test_a_request_the_whole_cache_cannot_hold_is_refused_at_the_door(model_dir: Path) -> None:
     llm = LLM(model_dir, num_kv_blocks=6, block_size=4)  # 24 token slots
-    outs = llm.generate(
-        [[5, 6, 7], list(range(3, 20))],
-        [SamplingParams(temperature=0, max_tokens=5), SamplingParams(temperature=0, max_tokens=30)],
+    engine = llm.engine
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate(
+            [[5, 6, 7], list(range(3, 20))],
+            [SamplingParams(temperature=0, max_tokens=5), SamplingParams(temperature=0, max_tokens=30)],
+        )
+    assert info.value.param == "max_tokens"
+    assert "17 tokens" in str(info.value) and "47 tokens of KV cache" in str(info.value)
+    assert "holds 24" in str(info.value)
+    assert not engine.has_unfinished_requests()  # the batch was refused whole
+    with pytest.raises(InvalidRequestError, match="the KV cache holds 24: no room") as info:
+        engine.add_request(list(range(3, 27)), SamplingParams(max_tokens=None))
+    assert info.value.param == "prompt"
+    # With no max_tokens, a request generates until the whole cache is full (the context is 256).
+    [out] = llm.generate(
+        [list(range(3, 20))], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
     )
-    assert outs[0].error is None and len(outs[0].outputs[0].token_ids) >= 1
-    assert outs[1].error is not None and "KV cache" in outs[1].error
-    assert outs[1].outputs[0].finish_reason == "error"
-    assert llm.engine.num_free_blocks == llm.engine.num_blocks
+    assert out.error is None and len(out.outputs[0].token_ids) == 24 - 17
+    assert out.outputs[0].finish_reason == "length"
+    assert engine.num_free_blocks == engine.num_blocks
+
+
+def _run_to_completion(llm: LLM, requests: list[tuple[list[int], SamplingParams]]) -> dict[str, Any]:
+    """Adds every request before the first step (one batch), steps until all finish."""
+    engine = llm.engine
+    ids = [engine.add_request(prompt, params) for prompt, params in requests]
+    final: dict[str, Any] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    assert engine.num_free_blocks == engine.num_blocks
+    return {rid: final[rid] for rid in ids}
+
+
+def _good_requests(vocab: int) -> list[tuple[list[int], SamplingParams]]:
+    prompts = _prompts(3, vocab, seed=21)
+    return [
+        (prompts[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)),
+        (prompts[1], SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, ignore_eos=True, seed=7, n=2)),
+        (prompts[2], SamplingParams(temperature=0.7, top_k=20, max_tokens=9, ignore_eos=True, seed=3)),
+    ]
+
+
+def _samples(out: Any) -> list[list[int]]:
+    return [c.token_ids for c in out.outputs]
+
+
+def test_a_request_failing_in_the_sampler_fails_alone(model_dir: Path) -> None:
+    llm = LLM(model_dir)
+    good = _good_requests(llm.engine.vocab_size)
+    alone = list(_run_to_completion(llm, good).values())
+
+    bad = SamplingParams(temperature=0.5, max_tokens=12, ignore_eos=True)
+    requests = [good[0], (_prompts(1, llm.engine.vocab_size, seed=22)[0], bad), *good[1:]]
+    engine = llm.engine
+    ids = [engine.add_request(prompt, params) for prompt, params in requests]
+    # Fields set after construction bypass SamplingParams' checks: this one breaks only at sampling.
+    bad.top_k = None  # type: ignore[assignment]
+    final: dict[str, Any] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    failed = final[ids[1]]
+    assert failed.error is not None and failed.error.startswith("sampling failed: TypeError")
+    assert [c.finish_reason for c in failed.outputs] == ["error"] and failed.outputs[0].token_ids == []
+    together = [final[rid] for rid in ids[:1] + ids[2:]]
+    for out, reference in zip(together, alone, strict=True):
+        assert out.error is None
+        assert _samples(out) == _samples(reference)
+        assert [c.finish_reason for c in out.outputs] == [c.finish_reason for c in reference.outputs]
+    for got, expected in zip(together[0].outputs[0].logprobs, alone[0].outputs[0].logprobs, strict=True):
+        assert got == pytest.approx(expected, abs=1e-5)
+    assert engine.num_free_blocks == engine.num_blocks
+
+
+def test_a_request_failing_in_detokenization_fails_alone(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    llm = LLM(model_dir)
+    good = _good_requests(llm.engine.vocab_size)
+    alone = list(_run_to_completion(llm, good).values())
+    # A token this tokenizer cannot decode, in no good request's prompt or output.
+    seen = {t for prompt, _ in good for t in prompt} | {t for out in alone for s in _samples(out) for t in s}
+    cursed = next(t for t in range(3, llm.engine.vocab_size) if t not in seen)
+    decode = llm.tokenizer.decode
+
+    def failing_decode(ids: Any, skip_special_tokens: bool = False) -> str:
+        if cursed in ids:
+            raise ValueError(f"no text for token {cursed}")
+        return decode(ids, skip_special_tokens=skip_special_tokens)
+
+    monkeypatch.setattr(llm.tokenizer, "decode", failing_decode)
+    bad = ([5, 6, cursed], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    together = list(_run_to_completion(llm, [good[0], bad, *good[1:]]).values())
+    failed = together.pop(1)
+    assert failed.error is not None and f"no text for token {cursed}" in failed.error
+    assert failed.outputs[0].finish_reason == "error"
+    for out, reference in zip(together, alone, strict=True):
+        assert out.error is None and _samples(out) == _samples(reference)
+        assert [c.text for c in out.outputs] == [c.text for c in reference.outputs]
 
 
 def test_stop_strings_and_text(model_dir: Path) -> None:
@@ -217,10 +364,7 @@ def test_stream_deltas_and_cancellation_frees_blocks(model_dir: Path) -> None:
     text, tokens, chunks = asyncio.run(consume(None))
     assert (text, tokens) == (whole.text, whole.token_ids) and chunks > 1
     asyncio.run(consume(3))
-    deadline = 50
-    while llm.engine.has_unfinished_requests() and deadline:
-        deadline -= 1
-        asyncio.run(asyncio.sleep(0.01))
+    # Closing the stream aborts its request before aclose() returns: nothing to wait for.
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.num_free_blocks == llm.engine.num_blocks
     llm.close()

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,13 +37,13 @@ class Served:
     url: str
     llm: LLM  # the server's own model
 
-    def wait_idle(self, timeout: float = 10.0) -> float:
-        """Seconds until the server's engine has no request and every KV block is free."""
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until the server's engine has no request and every KV block is free."""
         engine = self.llm.engine
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             if not engine.has_unfinished_requests() and engine.num_free_blocks == engine.num_blocks:
-                return time.monotonic() - start
+                return
             time.sleep(0.01)
         raise AssertionError(
             f"{engine.num_blocks - engine.num_free_blocks} KV blocks still used after {timeout}s"
@@ -167,8 +170,11 @@ def test_server_errors_surface_with_their_message(remote: RemoteLLM) -> None:
 def test_closing_a_stream_early_frees_the_servers_kv_blocks(served: Served, remote: RemoteLLM) -> None:
     served.wait_idle()
     step = served.llm.engine.step
+    steps = 0
 
-    def slow_step() -> Any:  # 200 tokens would take over 4 s
+    def slow_step() -> Any:  # keeps the request running while the client reads
+        nonlocal steps
+        steps += 1
         time.sleep(0.02)
         return step()
 
@@ -188,6 +194,46 @@ def test_closing_a_stream_early_frees_the_servers_kv_blocks(served: Served, remo
 
     try:
         assert asyncio.run(read_two()) == 2
-        assert served.wait_idle(timeout=3) < 2  # aborted at once, not run to the end
+        served.wait_idle()
+        assert steps < 100  # aborted when the client left, not run to its 200 tokens
     finally:
         served.llm.engine.step = step  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="module")
+def lmstack_serve(long_model_dir: Path) -> Iterator[str]:
+    """``lmstack serve`` itself, in its own process, on the model with a 2048-token context."""
+    args = [str(Path(sys.executable).with_name("lmstack")), "serve", str(long_model_dir), "--port", "0",
+            "--served-model-name", MODEL, "--api-key", KEY, "--max-num-seqs", "4"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # the ready line, printed once the server accepts requests
+        assert line.startswith(f"lmstack serve: {MODEL} on http://127.0.0.1:"), (line, proc.stderr.read())
+        yield line.split(" on ", 1)[1].split()[0]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_a_1000_token_id_prompt_generates_and_scores_through_lmstack_serve(
+    lmstack_serve: str, long_model_dir: Path
+) -> None:
+    local = LLM(long_model_dir, max_num_seqs=4)
+    rng = random.Random(0)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "seven", "wizards", "hex"]
+    ids = local.tokenizer.encode(" ".join(rng.choice(words) for _ in range(2000)))[:1000]
+    assert len(ids) == 1000
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=0)
+    pair = (ids[:980], ids[980:])
+    with RemoteLLM(lmstack_serve, api_key=KEY, tokenizer=long_model_dir) as remote:
+        [got] = remote.generate(ids, params)  # a flat list of ids is one prompt, not a batch of 1000
+        [(logprob, greedy)] = remote.loglikelihood([pair])
+    [want] = local.generate(ids, params)
+    [(want_logprob, want_greedy)] = local.loglikelihood([pair])
+    local.close()
+    assert got.prompt_token_ids == ids and got.usage is not None and got.usage.prompt_tokens == 1000
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert got.outputs[0].text == want.outputs[0].text
+    assert logprob == pytest.approx(want_logprob, rel=1e-4, abs=1e-3) and greedy == want_greedy

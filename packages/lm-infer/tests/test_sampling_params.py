@@ -60,6 +60,9 @@ def test_invalid_value_names_field_value_and_range(field: str, value: Any, expec
         SamplingParams(**{field: value})
     message = str(info.value)
     assert message.startswith(field), message
+    # The field at fault, as the message names it (a list's element with its index).
+    assert info.value.param == message.split(" ", 1)[0]
+    assert info.value.param.split("[")[0] == field
     assert expected in message
     if not isinstance(value, list):  # a list's offending element is named instead (see `expected`)
         assert message.endswith(f"got {value!r}"), message
@@ -136,5 +139,6 @@ def test_validate_for_vocab() -> None:
     SamplingParams().validate_for_vocab(1)
     with pytest.raises(
         InvalidRequestError, match=r"stop_token_ids\[1\] must be a token id in \[0, 100\), got 100"
-    ):
+    ) as info:
         SamplingParams(stop_token_ids=[5, 100]).validate_for_vocab(100)
+    assert info.value.param == "stop_token_ids[1]"

@@ -1,5 +1,7 @@
 """Scheduler: continuous batching, chunked prefill, preemption by recompute, FIFO, failures, aborts.
 
+Requests reach the scheduler validated (the engine's door, tested in test_engine.py).
+
 A small fake engine plays the model: it checks that every token a step reads has the right K/V in
 the sequence's blocks (its "K/V" is a digest of the token prefix), writes the K/V of the scheduled
 tokens, and samples a token that depends on the whole context, so a wrongly resumed sequence would
@@ -301,29 +303,6 @@ def test_strict_fifo_no_overtaking() -> None:
     assert engine.sched.waiting == [big, small]
     engine.run_until_done()
     assert engine.first_step[big.seq_id] <= engine.first_step[small.seq_id]
-
-
-def test_a_request_that_never_fits_fails_alone() -> None:
-    engine = FakeEngine(num_blocks=8, block_size=4, max_model_len=64)
-    ok1 = engine.add([1, 2, 3], max_tokens=4)
-    too_big = engine.add(list(range(30)), max_tokens=10)  # 40 tokens > 32 slots
-    too_long = engine.add(list(range(70)), max_tokens=1)  # longer than the model's context
-    ok2 = engine.add([4, 5, 6], max_tokens=4)
-    assert too_big.status is SequenceStatus.FINISHED_ERROR
-    assert engine.sched.num_waiting == 2 and engine.sched.has_unfinished
-    out = engine.step()
-    assert out.failed == [too_big, too_long]
-    assert too_big.error is not None and "KV cache" in too_big.error
-    assert too_long.error is not None and "context" in too_long.error
-    engine.run_until_done()
-    assert {s.seq_id for s in engine.finished} == {ok1.seq_id, ok2.seq_id}
-    assert engine.step().failed == []  # reported once
-
-
-def test_empty_prompt_fails() -> None:
-    engine = FakeEngine(num_blocks=8)
-    seq = engine.add([], max_tokens=4)
-    assert seq.status is SequenceStatus.FINISHED_ERROR and seq.error == "the prompt is empty"
 
 
 def test_add_rejects_a_reused_or_out_of_order_sequence() -> None:

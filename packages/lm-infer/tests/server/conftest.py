@@ -138,10 +138,13 @@ def live(model_dir: Path) -> Iterator[LiveServer]:
 
 @pytest.fixture
 def start_server(model_dir: Path) -> Callable[..., contextlib.AbstractContextManager[LiveServer]]:
-    """Start a server of its own (with a fresh LLM) for a test that changes or stops it."""
+    """Start a server of its own (with a fresh LLM, of ``model`` or the tiny model) for a test that changes
+    or stops it."""
 
-    def start(*, slow: float = 0.0, engine: dict[str, Any] | None = None, **config: Any) -> Any:
-        llm = LLM(model_dir, **(engine or {}))
+    def start(
+        *, slow: float = 0.0, engine: dict[str, Any] | None = None, model: Path | None = None, **config: Any
+    ) -> Any:
+        llm = LLM(model or model_dir, **(engine or {}))
         if slow:
             slow_down(llm, slow)
         return running_server(llm, **config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ MODEL = "tiny"
 KEY = {"Authorization": "Bearer sk-test"}
 CHAT = [{"role": "user", "content": "hi"}]
 LONG = "the quick brown fox " * 80  # well over the tiny model's 256-token context
+DEEP = 100_000  # levels of nesting: far past Python's recursion limit
 
 
 def _body(**fields: Any) -> bytes:
@@ -60,6 +62,20 @@ CASES = [
         b'{"model": "tiny", "prompt": "\xff\xfe"}',
         code="invalid_json",
         words=("UTF-8",),
+    ),
+    Case(
+        "deeply-nested-json",
+        COMPLETIONS,
+        b"[" * DEEP + b"]" * DEEP,
+        code="invalid_json",
+        words=("nested too deeply",),
+    ),
+    Case(
+        "deeply-nested-field",
+        COMPLETIONS,
+        b'{"model": "tiny", "prompt": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+        code="invalid_json",
+        words=("nested too deeply",),
     ),
     Case(
         "lone-surrogate",
@@ -195,6 +211,49 @@ CASES = [
         param="prompt",
         words=("vocabulary",),
     ),
+    Case(
+        "long-token-id-prompt",  # one prompt of 300 ids, not a batch of 300
+        COMPLETIONS,
+        _body(model=MODEL, prompt=[5] * 300),
+        param="prompt",
+        code=CONTEXT,
+        words=("maximum context length is 256", "has 300 tokens"),
+    ),
+    Case(
+        "batch-too-large",
+        COMPLETIONS,
+        _body(model=MODEL, prompt=["a"] * 257),
+        param="prompt",
+        words=("at most 256 prompts", "257"),
+    ),
+    Case(
+        "token-ids-outside-vocab-in-a-batch",
+        COMPLETIONS,
+        _body(model=MODEL, prompt=[[1, 2], [3, 99999]]),
+        param="prompt",
+        words=("prompt 1:", "vocabulary"),
+    ),
+    Case(
+        "token-ids-outside-vocab-streamed",  # refused before the stream starts
+        COMPLETIONS,
+        _body(model=MODEL, prompt=[1, 99999], stream=True),
+        param="prompt",
+        words=("vocabulary",),
+    ),
+    Case(
+        "seed-over-int64",
+        COMPLETIONS,
+        _body(model=MODEL, prompt="a", seed=2**63),
+        param="seed",
+        words=("seed", "9223372036854775807"),
+    ),
+    Case(
+        "seed-under-int64",
+        CHAT_PATH,
+        _body(model=MODEL, messages=CHAT, seed=-(2**63) - 1),
+        param="seed",
+        words=("seed",),
+    ),
     Case("empty-stop-string", COMPLETIONS, _body(model=MODEL, prompt="a", stop=[""]), param="stop[0]"),
     Case(
         "tools",
@@ -307,6 +366,7 @@ def test_bad_requests_do_not_disturb_a_concurrent_stream(live, reference: LLM) -
 
     async def run() -> tuple[str, list[httpx.Response]]:
         async with httpx.AsyncClient(base_url=live.base_url, headers=KEY, timeout=60) as client:
+            streaming = asyncio.Event()
 
             async def good() -> str:
                 body = {"model": MODEL, "prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": True}
@@ -316,10 +376,11 @@ def test_bad_requests_do_not_disturb_a_concurrent_stream(live, reference: LLM) -
                     async for line in response.aiter_lines():
                         if line.startswith("data: {"):
                             parts.append(json.loads(line[6:])["choices"][0]["text"])
+                            streaming.set()
                 return "".join(parts)
 
             stream = asyncio.create_task(good())
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(streaming.wait(), 60)  # the bad requests arrive mid-stream
             bad = [
                 client.request(case.method, case.path, content=case.body, headers={**case.headers, **KEY})
                 for case in CASES
@@ -344,3 +405,35 @@ def test_null_fields_take_their_defaults(live) -> None:
     assert response.json()["usage"]["completion_tokens"] == 16  # OpenAI's legacy default
     assert empty.status_code == 200
     assert empty.json()["choices"][0]["text"] == "" and empty.json()["usage"]["completion_tokens"] == 0
+
+
+def test_bad_json_is_answered_without_a_traceback_in_the_log(live, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    deep = [case for case in CASES if case.name.startswith("deeply-nested")]
+    with live.http() as client:
+        for case in deep:
+            response = client.post(case.path, content=case.body, headers=case.headers)
+            _check_error(response, 400, None, "invalid_json", case.words)
+    logged = [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+    assert not logged, [record.getMessage() for record in logged]
+    assert "Traceback" not in caplog.text
+
+
+def test_a_chat_over_the_context_without_max_tokens_says_what_was_computed(live) -> None:
+    with live.http() as client:
+        response = client.post(
+            CHAT_PATH, json={"model": MODEL, "messages": [{"role": "user", "content": LONG}]}
+        )
+    _check_error(response, 400, "messages", CONTEXT, ("no room", "256"))
+    message = response.json()["error"]["message"]
+    assert "max_tokens" not in message  # the client did not send it
+    prompt_tokens = len(live.llm.render_chat([{"role": "user", "content": LONG}]))
+    assert f"{prompt_tokens} tokens" in message
+
+
+def test_the_seed_range_is_openais(live) -> None:
+    with live.http() as client:
+        for seed in (2**63 - 1, -(2**63)):
+            body = {"model": MODEL, "prompt": "the", "max_tokens": 2, "seed": seed}
+            response = client.post(COMPLETIONS, json=body)
+            assert response.status_code == 200, response.text

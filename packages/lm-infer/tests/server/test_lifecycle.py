@@ -202,3 +202,50 @@ def test_a_stream_with_two_clients_one_leaving_keeps_the_other(start_server, ref
         [expected] = reference.generate(["hex zebras"], SamplingParams(temperature=0, max_tokens=25))
         assert result["text"] == expected.outputs[0].text
         server.wait_idle(timeout=5)
+
+
+def test_a_second_ctrl_c_ends_the_drain_at_once_and_quietly(long_model_dir: Path) -> None:
+    script = Path(sys.executable).with_name("lmstack")
+    args = [str(script), "serve", str(long_model_dir), "--port", "0", "--served-model-name", MODEL,
+            "--max-num-seqs", "4", "--shutdown-timeout", "600"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finish_reasons: list[str | None] = []
+    streaming = threading.Event()
+
+    def read_a_long_stream(base: str) -> None:
+        body = {"model": MODEL, "prompt": "the", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        try:
+            with httpx.stream("POST", f"{base}/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {") and '"choices"' in line:
+                        finish_reasons.append(json.loads(line[6:])["choices"][0]["finish_reason"])
+                        streaming.set()
+        except httpx.HTTPError:
+            pass  # the server went away mid-stream
+        streaming.set()
+
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"lmstack serve: {MODEL} on http://127.0.0.1:"), (line, proc.stderr.read())
+        reader = threading.Thread(target=read_a_long_stream, args=(line.split(" on ", 1)[1].split()[0],))
+        reader.start()
+        assert streaming.wait(60)
+        proc.send_signal(signal.SIGINT)
+        logged = []
+        for err in proc.stderr:  # the server says when it starts waiting for the stream to finish
+            logged.append(err)
+            if "shutting down: waiting" in err:
+                break
+        assert "shutting down: waiting" in logged[-1], logged
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130  # interrupted, as the lmstack command reports it
+        reader.join(60)
+        stderr = "".join(logged) + proc.stderr.read()
+        assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+        assert "length" not in finish_reasons  # ended mid-way: the second Ctrl-C did not wait for it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections import defaultdict
 
 import httpx
 import pytest
 
-from lmstack.infer.server._metrics import Histogram, Metrics
+from lmstack.infer.server._metrics import GAUGES, Metrics
 
 MODEL = "tiny"
 COMPLETIONS = 'lmstack_requests_total{endpoint="/v1/completions",status="200"}'
@@ -126,14 +129,62 @@ def test_gauges_show_running_sequences_and_used_blocks(start_server) -> None:
         assert server.metrics()["lmstack_kv_blocks_used"] == 0
 
 
-def test_histogram_and_label_escaping() -> None:
-    hist = Histogram((0.1, 1.0))
-    for value in (0.05, 0.5, 5.0):
-        hist.observe(value)
-    lines = list(hist.lines("x", {"endpoint": 'a"b\\c\nd'}))
-    assert lines[0] == 'x_bucket{endpoint="a\\"b\\\\c\\nd",le="0.1"} 1'
-    assert lines[1].endswith('le="1"} 2') and lines[2].endswith('le="+Inf"} 3')
-    assert lines[-1].endswith(" 3") and lines[-2].startswith("x_sum")
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples by (name, labels), as the prometheus_client parser reads them."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in parser.text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_histogram_buckets_and_label_escaping() -> None:
     metrics = Metrics()
-    metrics.count_request("/health", 200, 0.01)
-    assert 'lmstack_requests_total{endpoint="/health",status="200"} 1' in metrics.render([])
+    endpoint = 'a"b\\c\nd'
+    for value in (0.005, 0.5, 500.0):
+        metrics.count_request(endpoint, 200, value)
+    text = metrics.render(dict.fromkeys(GAUGES, 0)).decode()
+    assert 'endpoint="a\\"b\\\\c\\nd"' in text  # escaped as the text format says
+    samples = _samples(text)
+    assert samples["lmstack_requests_total", (("endpoint", endpoint), ("status", "200"))] == 3
+
+    def bucket(le: str) -> float:
+        return samples["lmstack_request_latency_seconds_bucket", (("endpoint", endpoint), ("le", le))]
+
+    assert [bucket("0.01"), bucket("1.0"), bucket("+Inf")] == [1, 2, 3]
+    latency_sum = samples["lmstack_request_latency_seconds_sum", (("endpoint", endpoint),)]
+    assert latency_sum == pytest.approx(500.505)
+    assert all(samples[name, ()] == 0 for name in GAUGES)
+
+
+def test_two_apps_in_one_process_count_apart() -> None:
+    first, second = Metrics(), Metrics()  # one registry each: creating the second does not clash
+    first.count_request("/health", 200, 0.01)
+    key = ("lmstack_requests_total", (("endpoint", "/health"), ("status", "200")))
+    assert _samples(first.render({}).decode())[key] == 1
+    assert key not in _samples(second.render({}).decode())
+
+
+def test_multiprocess_mode_sums_the_processes(tmp_path) -> None:
+    # prometheus_client picks its mode when imported: each "worker" is a fresh interpreter.
+    worker = (
+        "import sys\n"
+        "from lmstack.infer.server._metrics import Metrics\n"
+        "metrics = Metrics()\n"
+        "metrics.count_request('/v1/completions', 200, 0.2)\n"
+        "metrics.generation_tokens.inc(5)\n"
+        "sys.stdout.write(metrics.render({'lmstack_kv_blocks_total': 8}).decode())\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    outputs = [
+        subprocess.run([sys.executable, "-c", worker], env=env, capture_output=True, text=True, timeout=120)
+        for _ in range(2)
+    ]
+    assert all(out.returncode == 0 for out in outputs), [out.stderr for out in outputs]
+    assert list(tmp_path.glob("*.db")), "nothing was written to PROMETHEUS_MULTIPROC_DIR"
+    first, second = (_samples(out.stdout) for out in outputs)
+    completions = ("lmstack_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
+    assert first[completions] == 1 and second[completions] == 2  # the second sees both processes
+    assert second["lmstack_generation_tokens_total", ()] == 10
+    assert second["lmstack_request_latency_seconds_count", (("endpoint", "/v1/completions"),)] == 2

@@ -4,14 +4,16 @@ and not, and greedy outputs equal to the local LLM's token for token."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import shutil
 from pathlib import Path
 
 import openai
 import pytest
 import torch
 
-from lmstack.core import load_pretrained
+from lmstack.core import Tokenizer, load_pretrained
 from lmstack.infer import LLM, SamplingParams
 from lmstack.infer.server._logprobs import TokenTexts
 
@@ -243,3 +245,21 @@ def test_logprob_values_are_finite_json(live) -> None:
     )
     for value in response.choices[0].logprobs.token_logprobs:
         assert math.isfinite(value)
+
+
+def test_a_messages_name_reaches_the_chat_template(start_server, model_dir: Path, tmp_path: Path) -> None:
+    named = tmp_path / "named"
+    shutil.copytree(model_dir, named)
+    settings = json.loads((named / "tokenizer_config.json").read_text())
+    settings["chat_template"] = (
+        "{% for m in messages %}{{ m.role }}{% if m.name %} ({{ m.name }}){% endif %}: {{ m.content }}\n"
+        "{% endfor %}assistant:"
+    )
+    (named / "tokenizer_config.json").write_text(json.dumps(settings))
+    conversation = [{"role": "user", "name": "zebras", "content": "the quick fox"}]
+    with start_server(model=named) as server:
+        response = server.openai().chat.completions.create(model=MODEL, messages=conversation, max_tokens=1)
+    tokenizer = Tokenizer.from_pretrained(named)
+    rendered = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+    assert rendered == "user (zebras): the quick fox\nassistant:"
+    assert response.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))

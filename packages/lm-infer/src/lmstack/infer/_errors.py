@@ -24,7 +24,19 @@ class InvalidRequestError(InferError, ValueError):
     """One request is invalid (bad sampling parameters, empty or too long prompt, unknown stop ids).
 
     Only that request fails; the engine keeps serving the others.
+
+    Args:
+        message: What is wrong, in terms of what the caller sent or what was computed from it.
+        param: The request field at fault (``"prompt"``, ``"max_tokens"``, ``"stop[0]"``, ...), or
+            None when no single field is; a server reports it as the error's ``param``.
+
+    Attributes:
+        param: The request field at fault, or None.
     """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class RemoteError(InferError):
@@ -42,7 +54,22 @@ class RemoteError(InferError):
 
 
 class RemoteInvalidRequestError(RemoteError, InvalidRequestError):
-    """The server refused a request as invalid (HTTP 400, 413 or 422); retrying it cannot help."""
+    """The server refused a request as invalid (HTTP 400, 413 or 422); retrying it cannot help.
+
+    Attributes:
+        param: The request field the server named as at fault (its error's ``param``), or None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        server: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message, status_code=status_code, server=server)
+        self.param = param
 
 
 class RemoteConnectionError(RemoteError):

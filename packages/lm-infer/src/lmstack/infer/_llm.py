@@ -4,7 +4,8 @@
 (:meth:`LLM.generate`, :meth:`LLM.chat`) drive the engine in the caller's thread; async streams
 (:meth:`LLM.stream`) are served by a background thread. Both share the engine under a lock, so a
 stream and a batch generation run in the same continuous batch. Every step's outputs are routed to
-the caller that owns each request.
+the caller that owns each request. Scoring (:meth:`LLM.loglikelihood`, :meth:`LLM.prompt_logprobs`)
+runs packed forwards of its own, written in :mod:`lmstack.infer._scoring`.
 """
 
 from __future__ import annotations
@@ -14,28 +15,24 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
 
-from lmstack.core import CausalLM, PackedAttention, Tokenizer, load_pretrained
+from lmstack.core import CausalLM, Tokenizer, load_pretrained
 from lmstack.infer._errors import InferError, InvalidRequestError
+from lmstack.infer._inputs import Message, Prompt, as_batch, as_conversations, as_params, is_conversation
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
-from lmstack.infer._sampling_params import MAX_LOGPROBS, SamplingParams
-from lmstack.infer.engine._engine import EngineConfig, LLMEngine
+from lmstack.infer._sampling_params import SamplingParams
+from lmstack.infer._scoring import check_prompt, prompt_logprobs, score_pairs, split_pair
+from lmstack.infer.engine import EngineConfig, LLMEngine
 
-__all__ = ["LLM", "Message", "Prompt"]
+__all__ = ["LLM"]
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | Sequence[int]
-Message = Mapping[str, Any]
-
-# Positions per slice of the lm head when computing prompt log-probs (bounds the [T, vocab] logits).
-_LOGITS_CHUNK = 512
 
 
 @dataclass
@@ -169,8 +166,8 @@ class LLM:
         Raises:
             InvalidRequestError: if any prompt or parameter set is invalid (nothing is queued then).
         """
-        batch = _as_batch(prompts)
-        params = _as_params(sampling_params, len(batch))
+        batch = as_batch(prompts)
+        params = as_params(sampling_params, len(batch))
         results: dict[str, RequestOutput] = {}
         ids: list[str] = []
         bar = tqdm(
@@ -220,7 +217,7 @@ class LLM:
         prompts = [
             self.render_chat(conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                              **template_kwargs)
-            for conv in _as_conversations(messages)
+            for conv in as_conversations(messages)
         ]  # fmt: skip
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
@@ -251,7 +248,7 @@ class LLM:
         """
         if self._closed:
             raise InferError("this LLM is closed; create a new one to stream.")
-        if _is_conversation(prompt):
+        if is_conversation(prompt):
             prompt = self.render_chat(cast(Sequence[Message], prompt))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -337,28 +334,15 @@ class LLM:
             requests: ``(context, continuation)`` pairs, both text or both token ids.
             max_batch_tokens: Token budget of one packed forward pass.
             use_tqdm: Show a progress bar (default: only on an interactive terminal).
+
+        Raises:
+            InvalidRequestError: if a pair is malformed, its continuation empty or too long, or its
+                token ids outside the vocabulary (nothing is scored then).
         """
-        pairs = [self._split(ctx, cont) for ctx, cont in requests]
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-        results: list[tuple[float, bool] | None] = [None] * len(pairs)
-        bar = tqdm(
-            total=len(pairs), desc="Scoring", unit="req", disable=None if use_tqdm is None else not use_tqdm
-        )
-        batch: list[int] = []
-        tokens = 0
-        for i in order:
-            n = len(pairs[i][0]) + len(pairs[i][1]) - 1
-            if batch and tokens + n > max_batch_tokens:
-                self._score(batch, pairs, results)
-                bar.update(len(batch))
-                batch, tokens = [], 0
-            batch.append(i)
-            tokens += n
-        if batch:
-            self._score(batch, pairs, results)
-            bar.update(len(batch))
-        bar.close()
-        return [r for r in results if r is not None]
+        pairs = [split_pair(self.engine, ctx, cont) for ctx, cont in requests]
+        disable = None if use_tqdm is None else not use_tqdm
+        with tqdm(total=len(pairs), desc="Scoring", unit="req", disable=disable) as bar:
+            return score_pairs(self.engine, pairs, max_batch_tokens, bar.update)
 
     def prompt_logprobs(self, token_ids: Sequence[int], top_k: int = 0) -> list[dict[int, float] | None]:
         """Log-probability of each prompt token given the tokens before it, from one forward pass.
@@ -381,182 +365,6 @@ class LLM:
             InvalidRequestError: if the prompt is empty, too long or holds ids outside the vocabulary,
                 or ``top_k`` is out of range.
         """
-        ids = [int(t) for t in token_ids]
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token.")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_LOGPROBS:
-            raise InvalidRequestError(f"top_k must be an int in [0, {MAX_LOGPROBS}], got {top_k!r}")
-        vocab = self.engine.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
-        if len(ids) > self.engine.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens but the model's context is {self.engine.max_model_len}."
-            )
-        result: list[dict[int, float] | None] = [None]
-        if len(ids) == 1:
-            return result
+        ids = check_prompt(self.engine, token_ids, top_k)
         with self._locked():
-            chosen, top = self._prompt_logprobs_locked(ids, top_k)
-        for i, lp in enumerate(chosen):
-            entry = {ids[i + 1]: lp}
-            if top is not None:
-                for tid, alt in zip(top[1][i], top[0][i], strict=True):
-                    entry.setdefault(tid, alt)
-            result.append(entry)
-        return result
-
-    @torch.inference_mode()
-    def _prompt_logprobs_locked(
-        self, ids: list[int], top_k: int
-    ) -> tuple[list[float], tuple[list[list[float]], list[list[int]]] | None]:
-        device = self.engine.device
-        model = self.engine.model
-        seq = ids[:-1]  # the last token predicts nothing we report
-        hidden = model.hidden_states(
-            torch.tensor([seq], device=device),
-            torch.arange(len(seq), device=device)[None],
-            PackedAttention(torch.tensor([0, len(seq)])),
-        )[0]
-        targets = torch.tensor(ids[1:], device=device)
-        chosen: list[float] = []
-        top_values: list[list[float]] = []
-        top_ids: list[list[int]] = []
-        # The lm head in slices: a long prompt's full [T, vocab] logits would not fit in memory.
-        for start in range(0, len(seq), _LOGITS_CHUNK):
-            logits = model.lm_head(hidden[start : start + _LOGITS_CHUNK]).float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            chosen.extend(logprobs.gather(-1, targets[start : start + _LOGITS_CHUNK, None])[:, 0].tolist())
-            if top_k:
-                values, indices = logprobs.topk(top_k, dim=-1)
-                top_values.extend(values.tolist())
-                top_ids.extend(indices.tolist())
-        return chosen, (top_values, top_ids) if top_k else None
-
-    def _split(
-        self, context: str | Sequence[int], continuation: str | Sequence[int]
-    ) -> tuple[list[int], list[int]]:
-        if isinstance(context, str) != isinstance(continuation, str):
-            raise InvalidRequestError("a loglikelihood pair must be two strings or two token-id lists.")
-        if isinstance(context, str) and isinstance(continuation, str):
-            if not continuation:
-                raise InvalidRequestError("the continuation to score is empty.")
-            # The context's trailing whitespace belongs to the continuation (as in lm-evaluation-harness):
-            # byte-level BPE merges a space into the next word, so "ctx " + "word" tokenizes as "ctx" " word".
-            spaces = len(context) - len(context.rstrip())
-            if spaces:
-                context, continuation = context[:-spaces], context[-spaces:] + continuation
-            whole = self.tokenizer.encode(context + continuation)
-            ctx = self.tokenizer.encode(context)
-            if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-                ctx_ids, cont_ids = ctx, whole[len(ctx) :]
-            else:
-                ctx_ids, cont_ids = ctx, self.tokenizer.encode(continuation, add_special_tokens=False)
-        else:
-            ctx_ids, cont_ids = [int(t) for t in context], [int(t) for t in continuation]
-        if not cont_ids:
-            raise InvalidRequestError("the continuation to score is empty.")
-        if not ctx_ids:
-            bos = (
-                self.tokenizer.bos_token_id
-                if self.tokenizer.bos_token_id is not None
-                else self.tokenizer.eos_token_id
-            )
-            if bos is None:
-                raise InvalidRequestError(
-                    "the context is empty and the tokenizer has no bos/eos token to start from."
-                )
-            ctx_ids = [bos]
-        limit = self.engine.max_model_len
-        if len(cont_ids) >= limit:
-            raise InvalidRequestError(
-                f"the continuation has {len(cont_ids)} tokens; the context limit is {limit}."
-            )
-        if len(ctx_ids) + len(cont_ids) > limit:
-            ctx_ids = ctx_ids[len(ctx_ids) + len(cont_ids) - limit :]
-        return ctx_ids, cont_ids
-
-    @torch.inference_mode()
-    def _score(
-        self,
-        batch: list[int],
-        pairs: list[tuple[list[int], list[int]]],
-        results: list[tuple[float, bool] | None],
-    ) -> None:
-        # All sequences of the batch packed in one row: no padding, no attention across sequences.
-        ids: list[int] = []
-        positions: list[int] = []
-        cu = [0]
-        picks: list[int] = []
-        targets: list[int] = []
-        for i in batch:
-            ctx, cont = pairs[i]
-            seq = (ctx + cont)[:-1]  # the last token predicts nothing we need
-            start = len(ids)
-            ids.extend(seq)
-            positions.extend(range(len(seq)))
-            cu.append(len(ids))
-            picks.extend(range(start + len(ctx) - 1, start + len(seq)))
-            targets.extend(cont)
-        device = self.engine.device
-        model = self.engine.model
-        logits = model(
-            torch.tensor([ids], device=device),
-            torch.tensor([positions], device=device),
-            PackedAttention(torch.tensor(cu)),
-            logits_indices=torch.tensor(picks, device=device),
-        ).float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        target = torch.tensor(targets, device=device)
-        chosen = logprobs.gather(-1, target[:, None])[:, 0]
-        greedy = logits.argmax(-1) == target
-        offset = 0
-        for i in batch:
-            n = len(pairs[i][1])
-            results[i] = (float(chosen[offset : offset + n].sum()), bool(greedy[offset : offset + n].all()))
-            offset += n
-
-
-def _is_conversation(value: object) -> bool:
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, str)
-        and bool(value)
-        and isinstance(value[0], Mapping)
-    )
-
-
-def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
-        return [list(prompts)]  # type: ignore[arg-type]
-    if isinstance(prompts, torch.Tensor):
-        raise InvalidRequestError("pass prompts as text or lists of token ids, not tensors.")
-    batch = list(cast(Sequence[Prompt], prompts))
-    if not batch:
-        raise InvalidRequestError("no prompts given.")
-    for p in batch:
-        if not isinstance(p, str) and not (isinstance(p, Sequence) and all(isinstance(t, int) for t in p)):
-            raise InvalidRequestError(
-                f"a prompt must be text or a list of token ids, got {type(p).__name__}."
-            )
-    return batch
-
-
-def _as_params(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams() for _ in range(n)]
-    if isinstance(params, SamplingParams):
-        return [params] * n
-    out = list(params)
-    if len(out) != n:
-        raise InvalidRequestError(f"got {len(out)} sampling parameter sets for {n} prompts.")
-    return out
-
-
-def _as_conversations(messages: Sequence[Message] | Sequence[Sequence[Message]]) -> list[Sequence[Message]]:
-    if _is_conversation(messages):
-        return [messages]  # type: ignore[list-item]
-    return list(messages)  # type: ignore[arg-type]
+            return prompt_logprobs(self.engine, ids, top_k)

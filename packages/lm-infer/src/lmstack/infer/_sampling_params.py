@@ -25,7 +25,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _invalid(field: str, expected: str, value: Any) -> InvalidRequestError:
-    return InvalidRequestError(f"{field} must be {expected}, got {value!r}")
+    return InvalidRequestError(f"{field} must be {expected}, got {value!r}", param=field)
 
 
 def _check_int(field: str, value: Any, low: int | None, high: int | None, expected: str) -> int:
@@ -181,6 +181,4 @@ class SamplingParams:
         """
         for index, token_id in enumerate(self.stop_token_ids or ()):
             if not 0 <= token_id < vocab_size:
-                raise InvalidRequestError(
-                    f"stop_token_ids[{index}] must be a token id in [0, {vocab_size}), got {token_id}"
-                )
+                raise _invalid(f"stop_token_ids[{index}]", f"a token id in [0, {vocab_size})", token_id)

@@ -1,16 +1,9 @@
-"""The engine: scheduler, paged KV cache, sampler, and the step loop that ties them together."""
+"""The engine: requests in, one batched forward per step over a paged KV cache, outputs out.
 
-from lmstack.infer.engine._block_manager import BlockManager
+:class:`LLMEngine` and its :class:`EngineConfig` are the public API; the scheduler, the KV block
+manager, the paged-attention backend and the sampler behind it live in private modules.
+"""
+
 from lmstack.infer.engine._engine import EngineConfig, LLMEngine
-from lmstack.infer.engine._paged_attention import KVCache, PagedAttention
-from lmstack.infer.engine._scheduler import Scheduler, SchedulerConfig
 
-__all__ = [
-    "BlockManager",
-    "EngineConfig",
-    "KVCache",
-    "LLMEngine",
-    "PagedAttention",
-    "Scheduler",
-    "SchedulerConfig",
-]
+__all__ = ["EngineConfig", "LLMEngine"]

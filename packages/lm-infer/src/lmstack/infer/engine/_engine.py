@@ -20,6 +20,7 @@ import torch
 from lmstack.core import CausalLM, ConfigError, Tokenizer
 from lmstack.core.checkpoint import parse_size
 from lmstack.infer._errors import InvalidRequestError
+from lmstack.infer._inputs import check_token_ids
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
 from lmstack.infer._sampling_params import SamplingParams
 from lmstack.infer.engine._block_manager import BlockManager
@@ -82,6 +83,16 @@ class EngineConfig:
                 raise ConfigError(
                     f"EngineConfig.{name} must be a positive integer, got {value!r}.", field=name
                 )
+
+
+@dataclass
+class _Row:
+    """One row's draw: the token, its log-prob, and the step's top log-probs (when any row asked)."""
+
+    token_id: int
+    logprob: float
+    top_values: list[float] | None = None
+    top_ids: list[int] | None = None
 
 
 @dataclass
@@ -156,7 +167,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         eos = mc.eos_token_id if mc.eos_token_id is not None else tokenizer.eos_token_id
-        self.eos_token_ids = sorted(set(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+        eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        # Checked once here, so the sampler can mask them every step without checking again.
+        self.eos_token_ids = sorted({t for t in eos_ids if 0 <= t < self.vocab_size})
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MB)",
             num_blocks,
@@ -182,33 +195,20 @@ class LLMEngine:
             The request id.
 
         Raises:
-            InvalidRequestError: for an empty prompt, a prompt that leaves no room to generate,
-                unknown token ids, invalid parameters or a duplicate id. The engine is unaffected.
+            InvalidRequestError: for an empty prompt, ids outside the vocabulary, a prompt that
+                leaves no room to generate, a request the whole KV cache cannot hold, unknown stop
+                token ids or a duplicate id; ``param`` names the field at fault. Nothing is queued
+                and the engine is unaffected. Nothing later re-checks the request.
         """
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use.")
+        text: str | None = None
         if isinstance(prompt, str):
-            text: str | None = prompt
-            prompt_ids = self.tokenizer.encode(prompt) if prompt else []
-        else:
-            text, prompt_ids = None, [int(t) for t in prompt]
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token.")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})."
-            )
-        if len(prompt_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_ids)} tokens but the model's context is {self.max_model_len}; "
-                f"shorten it to at most {self.max_model_len - 1} tokens to leave room for output."
-            )
-        params.validate_for_vocab(self.vocab_size)
-        room = self.max_model_len - len(prompt_ids)
-        max_total = len(prompt_ids) + (room if params.max_tokens is None else min(params.max_tokens, room))
+            text, prompt = prompt, self.tokenizer.encode(prompt) if prompt else []
+        prompt_ids = check_token_ids(prompt, self.vocab_size)
+        max_total = self._max_total_tokens(len(prompt_ids), params)
         req = _Request(request_id, text, prompt_ids, params, [], [], [], [])
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), max_total)
@@ -216,7 +216,9 @@ class LLMEngine:
             req.detoks.append(
                 IncrementalDetokenizer(self.tokenizer, prompt_ids, params, eos_token_ids=self.eos_token_ids)
             )
-            req.generators.append(make_generator(params.seed, index) if params.seed is not None else None)
+            # On the logits' device: a CPU generator cannot draw a CUDA row's noise.
+            seed = params.seed
+            req.generators.append(None if seed is None else make_generator(seed, index, self.device))
             req.outputs.append(
                 CompletionOutput(
                     index,
@@ -228,6 +230,42 @@ class LLMEngine:
         for seq in req.seqs:
             self.scheduler.add(seq)
         return request_id
+
+    def _max_total_tokens(self, num_prompt: int, params: SamplingParams) -> int:
+        """The request's longest sequence (prompt plus output); raises if it can never run.
+
+        With the token-id check in :meth:`add_request`, this is the one place a request is checked:
+        the scheduler and the sampler rely on it and check nothing per request.
+        """
+        limit = self.max_model_len
+        if num_prompt >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt} tokens and the model's context is {limit}: no room left to "
+                f"generate; shorten it to at most {limit - 1} tokens.",
+                param="prompt",
+            )
+        params.validate_for_vocab(self.vocab_size)
+        bs = self.config.block_size
+        capacity = self.block_manager.num_blocks * bs  # a sequence may use the whole cache, no more
+        if params.max_tokens is None:
+            # Up to the end of the context, or of the whole KV cache when that is smaller.
+            if num_prompt >= capacity:
+                raise InvalidRequestError(
+                    f"the prompt has {num_prompt} tokens and the KV cache holds {capacity}: no room left "
+                    "to generate; shorten the prompt or give the cache more memory.",
+                    param="prompt",
+                )
+            return min(limit, capacity)
+        max_total = min(num_prompt + params.max_tokens, limit)
+        if max_total > capacity:
+            raise InvalidRequestError(
+                f"the prompt ({num_prompt} tokens) and up to {max_total - num_prompt} generated tokens need "
+                f"{max_total} tokens of KV cache, but the whole cache holds {capacity} "
+                f"({self.block_manager.num_blocks} blocks of {bs}); lower max_tokens, shorten the prompt or "
+                "give the cache more memory.",
+                param="max_tokens",
+            )
+        return max_total
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output (None if unknown)."""
@@ -252,15 +290,17 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step and one forward; return the outputs of requests that changed."""
+        """Run one scheduling step and one forward; return the outputs of requests that changed.
+
+        A request whose sampling or detokenization raises finishes alone with ``error`` set; the
+        others in the batch carry on exactly as they would have without it.
+        """
         plan = self.scheduler.schedule()
         touched: dict[str, _Request] = {}
         for seq in plan.failed:
             req = self._requests.get(seq.request_id)
             if req is not None:
-                req.error = seq.error or "the request failed"
-                if not all(s.is_finished for s in req.seqs):  # its other samples go with it
-                    self.scheduler.abort(req.request_id)
+                self._fail(req, seq.error or "the request failed")
                 touched[req.request_id] = req
         finished_ids: set[int] = set()
         # A sequence aborted since schedule() (its failed sibling's request) holds no blocks: skip it.
@@ -313,52 +353,117 @@ class LLMEngine:
         )
         if not sampled:
             return set()
-        reqs = [self._requests[s.seq.request_id] for s in sampled]
-        index = [r.seqs.index(s.seq) for r, s in zip(reqs, sampled, strict=True)]
+        seqs = [s.seq for s in sampled]
+        reqs = [self._requests[seq.request_id] for seq in seqs]
+        index = [r.seqs.index(seq) for r, seq in zip(reqs, seqs, strict=True)]
+        rows = self._sample(logits, seqs, reqs, index)
+        finished: set[int] = set()
+        for seq, req, i, row in zip(seqs, reqs, index, rows, strict=True):
+            if req.error is not None:  # a sibling sample failed this step: the request is over
+                continue
+            touched[req.request_id] = req
+            if isinstance(row, Exception):
+                self._fail(req, f"sampling failed: {type(row).__name__}: {row}", row)
+                continue
+            try:
+                if self._append(seq, req, i, row):
+                    finished.add(seq.seq_id)
+            except Exception as exc:  # this request's failure (its detokenizer, say), not the batch's
+                self._fail(req, f"processing a sampled token failed: {type(exc).__name__}: {exc}", exc)
+        return finished
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], reqs: list[_Request], index: list[int]
+    ) -> Seq[_Row | Exception]:
+        """One token per row; a row that cannot be sampled gets its exception instead."""
+        params = [r.params for r in reqs]
+        prompts = [seq.prompt_token_ids for seq in seqs]
+        outputs = [seq.output_token_ids for seq in seqs]
+        generators = [r.generators[i] for r, i in zip(reqs, index, strict=True)]
+        # Seeded rows' generator states, to redraw exactly the same numbers if the batch fails
+        # half-way; a few microseconds a seeded row, against a draw over the whole vocabulary.
+        states = [g.get_state() if g is not None else None for g in generators]
+        try:
+            return self._sample_rows(logits, params, prompts, outputs, generators)
+        except Exception:
+            logger.warning(
+                "sampling %d rows together failed; sampling them one by one", len(seqs), exc_info=True
+            )
+        rows: list[_Row | Exception] = []
+        for r, (g, state) in enumerate(zip(generators, states, strict=True)):
+            if g is not None and state is not None:
+                g.set_state(state)
+            try:
+                rows.extend(
+                    self._sample_rows(logits[r : r + 1], params[r : r + 1], prompts[r : r + 1],
+                                      outputs[r : r + 1], generators[r : r + 1])
+                )  # fmt: skip
+            except Exception as exc:
+                rows.append(exc)
+        return rows
+
+    def _sample_rows(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        prompts: list[list[int]],
+        outputs: list[list[int]],
+        generators: list[torch.Generator | None],
+    ) -> list[_Row]:
         tensors = SamplingTensors.build(
-            [r.params for r in reqs],
-            [s.seq.prompt_token_ids for s in sampled],
-            [s.seq.output_token_ids for s in sampled],
-            [r.generators[i] for r, i in zip(reqs, index, strict=True)],
+            params,
+            prompts,
+            outputs,
+            generators,
             self.vocab_size,
-            device,
+            self.device,
             eos_token_ids=self.eos_token_ids,
         )
         out = self.sampler(logits, tensors)
         tokens = out.token_ids.tolist()
-        chosen_lp = out.logprobs.tolist()
-        top = None
-        if out.top_logprobs is not None:
-            top = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())
-        finished: set[int] = set()
-        for row, (item, req, i) in enumerate(zip(sampled, reqs, index, strict=True)):
-            seq, token = item.seq, tokens[row]
-            seq.output_token_ids.append(token)
-            completion = req.outputs[i]
-            completion.token_ids.append(token)
-            if req.params.logprobs is not None:
-                entry = {token: chosen_lp[row]}
-                if top is not None:
-                    for lp, tid in itertools.islice(
-                        zip(top[0][row], top[1][row], strict=True), req.params.logprobs
-                    ):
-                        entry.setdefault(tid, lp)
-                assert completion.logprobs is not None and completion.cumulative_logprob is not None
-                completion.logprobs.append(entry)
-                completion.cumulative_logprob += chosen_lp[row]
-            detok = req.detoks[i]
-            completion.text += detok.push(token)
-            if detok.stopped:  # eos, a stop token id or a stop string
-                seq.status = SequenceStatus.FINISHED_STOPPED
-                completion.stop_reason = detok.stop_reason
-            elif seq.num_tokens >= seq.max_total_tokens:
-                seq.status = SequenceStatus.FINISHED_LENGTH
-                completion.text += detok.finish()
-            if seq.is_finished:
-                completion.finish_reason = _FINISH_REASONS[seq.status]
-                finished.add(seq.seq_id)
-            touched[req.request_id] = req
-        return finished
+        chosen = out.logprobs.tolist()
+        if out.top_logprobs is None:
+            return [_Row(t, lp) for t, lp in zip(tokens, chosen, strict=True)]
+        values, ids = out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist()
+        return [_Row(*row) for row in zip(tokens, chosen, values, ids, strict=True)]
+
+    def _append(self, seq: Sequence, req: _Request, i: int, row: _Row) -> bool:
+        """Append a sampled token to sample ``i`` of ``req``; returns whether the sample finished."""
+        token = row.token_id
+        seq.output_token_ids.append(token)
+        completion = req.outputs[i]
+        completion.token_ids.append(token)
+        if req.params.logprobs is not None:
+            entry = {token: row.logprob}
+            if row.top_values is not None and row.top_ids is not None:
+                for lp, tid in itertools.islice(
+                    zip(row.top_values, row.top_ids, strict=True), req.params.logprobs
+                ):
+                    entry.setdefault(tid, lp)
+            assert completion.logprobs is not None and completion.cumulative_logprob is not None
+            completion.logprobs.append(entry)
+            completion.cumulative_logprob += row.logprob
+        detok = req.detoks[i]
+        completion.text += detok.push(token)
+        if detok.stopped:  # eos, a stop token id or a stop string
+            seq.status = SequenceStatus.FINISHED_STOPPED
+            completion.stop_reason = detok.stop_reason
+        elif seq.num_tokens >= seq.max_total_tokens:
+            seq.status = SequenceStatus.FINISHED_LENGTH
+            completion.text += detok.finish()
+        if not seq.is_finished:
+            return False
+        completion.finish_reason = _FINISH_REASONS[seq.status]
+        return True
+
+    def _fail(self, req: _Request, error: str, exc: Exception | None = None) -> None:
+        """Finish ``req`` with ``error``: its unfinished samples stop and their KV blocks are freed."""
+        if exc is not None:
+            logger.error("request %s failed: %s", req.request_id, error, exc_info=exc)
+        req.error = error
+        for seq in self.scheduler.abort(req.request_id):
+            seq.status = SequenceStatus.FINISHED_ERROR
+            seq.error = error
 
     def _output(self, req: _Request) -> RequestOutput:
         if req.error is not None:

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lmstack.infer._errors import InvalidRequestError
 from lmstack.infer._sampling_params import SamplingParams
 
 __all__ = ["Sampler", "SamplerOutput", "SamplingTensors", "make_generator"]
@@ -67,15 +66,10 @@ def make_generator(seed: int, index: int, device: torch.device | str = "cpu") ->
     return generator
 
 
-def _flat_ids(
-    sequences: Sequence[Sequence[int]], vocab_size: int, what: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _flat_ids(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (row, id) index tensors of every token of ``sequences``, without padding."""
     lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.int64)
     ids = torch.tensor(list(itertools.chain.from_iterable(sequences)), dtype=torch.int64)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise InvalidRequestError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
     rows = torch.repeat_interleave(torch.arange(len(sequences), dtype=torch.int64), lengths)
     return rows, ids
 
@@ -145,7 +139,8 @@ class SamplingTensors:
         """Builds the tensors for one step.
 
         Token counts are built with one ``scatter_add`` over the flattened histories, not a loop
-        over tokens, and only when some row needs them.
+        over tokens, and only when some row needs them. Nothing is validated here (this runs every
+        step): the engine checked each request's token ids once, when it was added.
 
         Args:
             params: Each row's sampling parameters (a request with ``n > 1`` has ``n`` rows).
@@ -158,12 +153,14 @@ class SamplingTensors:
             eos_token_ids: The model's end-of-sequence ids, masked out while a row (without
                 ``ignore_eos``) has fewer than ``min_tokens`` output tokens.
 
+        The prompts, outputs, ``stop_token_ids`` and ``eos_token_ids`` must hold ids in
+        ``[0, vocab_size)``.
+
         Returns:
             The batch's sampling tensors.
 
         Raises:
             ValueError: The sequences do not all have one entry per row.
-            InvalidRequestError: A prompt or output holds an id outside ``[0, vocab_size)``.
         """
         n = len(params)
         if not len(prompt_ids) == len(output_ids) == len(generators) == n:
@@ -180,7 +177,7 @@ class SamplingTensors:
 
         output_counts = seen_mask = None
         if do_repetition or do_counts:
-            out_rows, out_ids = _flat_ids(output_ids, vocab_size, "an output")
+            out_rows, out_ids = _flat_ids(output_ids)
             flat = (out_rows * vocab_size + out_ids).to(device)
             counts = torch.zeros(n * vocab_size, dtype=torch.float32, device=device)
             counts.scatter_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float32, device=device))
@@ -188,7 +185,7 @@ class SamplingTensors:
             if do_counts:
                 output_counts = counts
             if do_repetition:
-                prompt_rows, prompt_ids_flat = _flat_ids(prompt_ids, vocab_size, "a prompt")
+                prompt_rows, prompt_ids_flat = _flat_ids(prompt_ids)
                 seen = counts > 0
                 seen.view(-1)[(prompt_rows * vocab_size + prompt_ids_flat).to(device)] = True
                 seen_mask = seen
@@ -199,7 +196,6 @@ class SamplingTensors:
         for row, (p, out) in enumerate(zip(params, output_ids, strict=True)):
             if len(out) < p.min_tokens:
                 ids = {*(p.stop_token_ids or ()), *(() if p.ignore_eos else eos_token_ids)}
-                ids = {i for i in ids if 0 <= i < vocab_size}
                 suppress_rows.extend([row] * len(ids))
                 suppress_ids.extend(sorted(ids))
         if suppress_rows:

@@ -33,10 +33,11 @@ prompt and output after a preemption, less prefix-cache hits) run in one step, s
 as vLLM does) instead of growing the budget for one prompt. Such a prefill waits at the head of the
 queue until the running sequences' decode tokens leave enough budget.
 
-Requests that can never fit (longer than ``max_model_len``, or more KV blocks than the whole cache)
-fail alone, at :meth:`Scheduler.add`, and are reported in the next :attr:`SchedulerOutput.failed`.
-So does, as a safety net, a waiting sequence that does not fit even an empty cache (only possible
-when the engine let a sequence grow past ``max_total_tokens``), instead of blocking the queue.
+Requests are validated once, by the engine, before they reach :meth:`Scheduler.add`: none is longer
+than ``max_model_len`` or needs more KV blocks than the whole cache. As a safety net, a waiting
+sequence that does not fit even an empty cache (only possible if the engine let a sequence grow
+past ``max_total_tokens``) fails alone, reported in the next :attr:`SchedulerOutput.failed`,
+instead of blocking the queue.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class SchedulerOutput:
     Attributes:
         scheduled: Sequences to run, running ones first (by arrival), then newly admitted ones.
         preempted: Sequences preempted this step (back in the waiting queue, blocks freed).
-        failed: Requests that can never fit: status ``FINISHED_ERROR``, ``error`` set, no blocks.
+        failed: Sequences that outgrew the whole cache (see the module docstring): status
+            ``FINISHED_ERROR``, ``error`` set, no blocks.
         num_batched_tokens: Sum of ``num_tokens`` over ``scheduled``.
     """
 
@@ -157,7 +159,6 @@ class Scheduler:
         # youngest-first preemption), so pushing a preempted sequence to the front keeps arrival order.
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self._failed: list[Sequence] = []
 
     @property
     def num_waiting(self) -> int:
@@ -171,8 +172,8 @@ class Scheduler:
 
     @property
     def has_unfinished(self) -> bool:
-        """Whether a sequence is waiting, running, or failed and not yet reported by :meth:`schedule`."""
-        return bool(self._waiting or self._running or self._failed)
+        """Whether a sequence is waiting or running."""
+        return bool(self._waiting or self._running)
 
     @property
     def waiting(self) -> list[Sequence]:
@@ -185,11 +186,11 @@ class Scheduler:
         return list(self._running)
 
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence, or fail it if it can never run.
+        """Queue a new sequence.
 
-        A sequence with an empty prompt, longer than ``max_model_len`` or needing more KV blocks
-        than the cache holds is marked ``FINISHED_ERROR`` with ``error`` set, and reported in the
-        next :attr:`SchedulerOutput.failed`; nothing is raised, the other requests are unaffected.
+        The engine validated the request before (see ``LLMEngine.add_request``): the prompt is not
+        empty, ``len(prompt) < max_total_tokens <= max_model_len``, and ``max_total_tokens`` fits
+        the whole KV cache. Nothing is checked again here.
 
         Args:
             seq: A new sequence (status ``WAITING``, no blocks, nothing computed), with a ``seq_id``
@@ -203,33 +204,7 @@ class Scheduler:
         last = self._waiting[-1] if self._waiting else self._running[-1] if self._running else None
         if last is not None and seq.seq_id <= last.seq_id:
             raise ValueError(f"seq_id {seq.seq_id} arrives after seq_id {last.seq_id}: ids must increase")
-        error = self._why_never_fits(seq)
-        if error is not None:
-            seq.status = SequenceStatus.FINISHED_ERROR
-            seq.error = error
-            self._failed.append(seq)
-            return
         self._waiting.append(seq)
-
-    def _why_never_fits(self, seq: Sequence) -> str | None:
-        max_len = self.config.max_model_len
-        num_prompt = len(seq.prompt_token_ids)
-        if num_prompt == 0:
-            return "the prompt is empty"
-        if num_prompt > max_len:
-            return f"the prompt has {num_prompt} tokens, more than the model's context of {max_len}"
-        if seq.max_total_tokens < num_prompt:
-            return f"max_total_tokens ({seq.max_total_tokens}) is below the prompt length ({num_prompt})"
-        if seq.max_total_tokens > max_len:
-            return f"max_total_tokens ({seq.max_total_tokens}) exceeds the model's context of {max_len}"
-        if not self.block_manager.can_ever_fit(seq.max_total_tokens):
-            bm = self.block_manager
-            return (
-                f"the request needs up to {seq.max_total_tokens} tokens of KV cache but the whole cache "
-                f"holds {bm.num_blocks * bm.block_size} ({bm.num_blocks} blocks of {bm.block_size}); "
-                "shorten the prompt, lower max_tokens or give the cache more memory"
-            )
-        return None
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Abort every waiting or running sequence of a request and free its blocks.
@@ -259,8 +234,7 @@ class Scheduler:
         Returns:
             The step's plan; see the module docstring for the policy.
         """
-        out = SchedulerOutput(failed=self._failed)
-        self._failed = []
+        out = SchedulerOutput()
         bm = self.block_manager
         budget = self.config.max_num_batched_tokens
         chunking = self.config.enable_chunked_prefill

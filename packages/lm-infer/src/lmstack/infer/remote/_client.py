@@ -16,27 +16,29 @@ from tqdm.auto import tqdm
 
 from lmstack.core import Tokenizer
 from lmstack.infer._errors import InferError, InvalidRequestError, RemoteError, TokenizerUnavailableError
-from lmstack.infer._llm import Message, Prompt, _as_batch, _as_conversations, _as_params, _is_conversation
+from lmstack.infer._inputs import (
+    Message,
+    Prompt,
+    as_batch,
+    as_conversations,
+    as_params,
+    is_conversation,
+    split_whitespace,
+)
 from lmstack.infer._outputs import RequestOutput
 from lmstack.infer._protocol import LLMProtocol
 from lmstack.infer._sampling_params import SamplingParams
-from lmstack.infer.remote._convert import (
+from lmstack.infer.remote._http import HTTPTransport, RetryPolicy, normalize_base_url
+from lmstack.infer.remote._request import sampling_fields
+from lmstack.infer.remote._response import (
     RemoteRequestOutput,
     StreamAssembler,
-    TokenResolver,
     Usage,
     parse_chat,
     parse_completion,
-    sampling_fields,
 )
-from lmstack.infer.remote._http import HTTPTransport, RetryPolicy, normalize_base_url
-from lmstack.infer.remote._scoring import (
-    parse_echo,
-    score_text_pair,
-    score_token_pair,
-    split_whitespace,
-    unsupported_from,
-)
+from lmstack.infer.remote._scoring import parse_echo, score_text_pair, score_token_pair, unsupported_from
+from lmstack.infer.remote._tokens import TokenResolver
 
 __all__ = ["RemoteLLM"]
 
@@ -270,8 +272,8 @@ class RemoteLLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         extra_body: Mapping[str, Any] | None,
     ) -> list[tuple[Prompt, SamplingParams, dict[str, Any]]]:
-        batch = _as_batch(prompts)
-        params = _as_params(sampling_params, len(batch))
+        batch = as_batch(prompts)
+        params = as_params(sampling_params, len(batch))
         jobs: list[tuple[Prompt, SamplingParams, dict[str, Any]]] = []
         for given, p in zip(batch, params, strict=True):
             prompt: str | list[int] = given if isinstance(given, str) else [int(t) for t in given]
@@ -351,13 +353,13 @@ class RemoteLLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         extra_body: Mapping[str, Any] | None,
     ) -> list[tuple[SamplingParams, dict[str, Any]]]:
-        conversations = _as_conversations(messages)
-        if not conversations or any(not _is_conversation(c) for c in conversations):
+        conversations = as_conversations(messages)
+        if not conversations or any(not is_conversation(c) for c in conversations):
             raise InvalidRequestError(
                 "chat() takes a conversation (a non-empty list of {'role': ..., 'content': ...} dicts) or a "
                 "list of them."
             )
-        params = _as_params(sampling_params, len(conversations))
+        params = as_params(sampling_params, len(conversations))
         return [
             (
                 p,
@@ -428,12 +430,12 @@ class RemoteLLM:
             RemoteError: the request failed, or the server reported an error mid-stream.
         """
         params = sampling_params or SamplingParams()
-        chat = _is_conversation(prompt)
+        chat = is_conversation(prompt)
         if chat:
             fields: dict[str, Any] = {"messages": [dict(m) for m in cast(Sequence[Message], prompt)]}
             path, text, known_ids = "chat/completions", None, None
         else:
-            batch = _as_batch(cast(Prompt, prompt))
+            batch = as_batch(cast(Prompt, prompt))
             if len(batch) != 1 or not batch[0]:
                 raise InvalidRequestError("stream() takes one prompt: text, token ids or a conversation.")
             one = batch[0] if isinstance(batch[0], str) else [int(t) for t in batch[0]]

@@ -82,12 +82,24 @@ def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def _json_body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def error_param(response: httpx.Response) -> str | None:
+    """The request field an OpenAI-shaped error response names as at fault (its ``error.param``)."""
+    body = _json_body(response)
+    err = body.get("error") if isinstance(body, Mapping) else None
+    param = err.get("param") if isinstance(err, Mapping) else None
+    return param if isinstance(param, str) else None
+
+
 def error_message(response: httpx.Response) -> str:
     """The server's own explanation of an error response, as OpenAI, vLLM and FastAPI shape it."""
-    try:
-        body = response.json()
-    except (ValueError, UnicodeDecodeError):
-        body = None
+    body = _json_body(response)
     if isinstance(body, Mapping):
         err = body.get("error")
         if isinstance(err, Mapping) and err.get("message"):
@@ -301,8 +313,11 @@ class HTTPTransport:
         elif status in _INVALID_STATUSES:
             hint = " The server refused the request itself; fix its parameters or prompt."
         message = f"{where} failed with HTTP {status}: {detail}.{hint}"
-        cls = RemoteInvalidRequestError if status in _INVALID_STATUSES else RemoteError
-        return cls(message, status_code=status, server=self.base_url)
+        if status in _INVALID_STATUSES:
+            return RemoteInvalidRequestError(
+                message, status_code=status, server=self.base_url, param=error_param(response)
+            )
+        return RemoteError(message, status_code=status, server=self.base_url)
 
     def _transport_error(self, exc: httpx.TransportError, method: str, path: str) -> RemoteError:
         where = self._describe(method, path)

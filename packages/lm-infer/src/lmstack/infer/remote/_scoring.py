@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmstack.infer._errors import InvalidRequestError, RemoteError, RemoteUnsupportedError
-from lmstack.infer.remote._convert import Usage, token_bytes
+from lmstack.infer.remote._response import Usage
+from lmstack.infer.remote._tokens import token_bytes
 
 __all__ = [
     "EchoLogprobs",
@@ -22,7 +23,6 @@ __all__ = [
     "parse_echo",
     "score_text_pair",
     "score_token_pair",
-    "split_whitespace",
 ]
 
 # Slack when comparing a token's log-prob with the best alternative's (both come from one softmax, so
@@ -34,18 +34,6 @@ _REQUIREMENT = (
     "with echo=true and logprobs=1 (lmstack serve and vLLM do; OpenAI's chat models do not)"
 )
 _ABOUT_ECHO = re.compile(r"echo|logprob|max_tokens|max tokens|not supported|unsupported", re.IGNORECASE)
-
-
-def split_whitespace(context: str, continuation: str) -> tuple[str, str]:
-    """Moves the context's trailing whitespace to the start of the continuation (lm-evaluation-harness).
-
-    Tokenizers attach a space to the word after it, so ``("The answer is ", "42")`` is scored as
-    ``("The answer is", " 42")``: the continuation's first token is then a real token of the text.
-    """
-    stripped = context.rstrip()
-    if len(stripped) == len(context):
-        return context, continuation
-    return stripped, context[len(stripped) :] + continuation
 
 
 def unsupported_from(error: RemoteError, server: str) -> RemoteError:

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 from lmstack.infer.server._config import ServerConfig
 
 if TYPE_CHECKING:
-    from lmstack.infer.server._app import create_app
+    from lmstack.infer.server._api_server import create_app
     from lmstack.infer.server._serve import serve
 
 __all__ = ["ServerConfig", "create_app", "serve"]
 
-_LAZY = {"create_app": "lmstack.infer.server._app", "serve": "lmstack.infer.server._serve"}
-_EXTRA = {"fastapi", "starlette", "uvicorn", "pydantic", "anyio"}
+_LAZY = {"create_app": "lmstack.infer.server._api_server", "serve": "lmstack.infer.server._serve"}
+_EXTRA = {"fastapi", "starlette", "uvicorn", "pydantic", "anyio", "prometheus_client"}
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,9 @@ _API_KEY_ENV = "LMSTACK_API_KEY"
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    missing = [
+        name for name in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None
+    ]
     if missing:
         print(
             f"error: lmstack serve needs {' and '.join(missing)}: pip install 'lmstack-infer[server]'",

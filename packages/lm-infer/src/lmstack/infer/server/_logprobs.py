@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 
 from lmstack.core import Tokenizer
+from lmstack.infer._byte_level import CHAR_TO_BYTE
 from lmstack.infer.server._protocol import ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 __all__ = ["TextOffsets", "TokenTexts", "chat_logprobs", "completion_logprobs"]
@@ -24,27 +25,6 @@ _LOGPROB_FLOOR = -9999.0
 
 def _finite(logprob: float) -> float:
     return logprob if logprob >= _LOGPROB_FLOOR else _LOGPROB_FLOOR  # also maps NaN to the floor
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """The byte-level BPE alphabet, character to byte.
-
-    Printable Latin-1 bytes stand for themselves, the other bytes for the code points from 256 up,
-    in byte order.
-    """
-    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    table: dict[str, int] = {}
-    shifted = 0
-    for byte in range(256):
-        if byte in printable:
-            table[chr(byte)] = byte
-        else:
-            table[chr(256 + shifted)] = byte
-            shifted += 1
-    return table
-
-
-_BYTE_LEVEL = _byte_level_alphabet()
 
 
 class TokenTexts:
@@ -68,8 +48,8 @@ class TokenTexts:
             match = _BYTE_PIECE.fullmatch(piece)
             if match:
                 raw = bytes([int(match.group(1), 16)])
-            elif piece and all(ch in _BYTE_LEVEL for ch in piece):
-                raw = bytes(_BYTE_LEVEL[ch] for ch in piece)
+            elif piece and all(ch in CHAR_TO_BYTE for ch in piece):
+                raw = bytes(CHAR_TO_BYTE[ch] for ch in piece)
             else:
                 raw = text.encode()
         else:

@@ -17,6 +17,7 @@ pydantic objects for each would cost more than the JSON encoding itself.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -28,11 +29,15 @@ __all__ = [
     "ResponseFormat",
     "StreamOptions",
     "Usage",
+    "short_repr",
     "unsupported_fields",
 ]
 
 # Most prompts in one /v1/completions request (each becomes its own engine request).
 MAX_PROMPTS = 256
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
 
 
 class _Strict(BaseModel):
@@ -68,7 +73,7 @@ class _Sampling(_Strict):
     temperature: float | None = None
     top_p: float | None = None
     stop: Any = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's range: a signed int64
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
@@ -116,13 +121,13 @@ class CompletionRequest(_Sampling):
         def ids(item: Any) -> bool:
             return isinstance(item, list) and bool(item) and all(_is_int(t) for t in item)
 
-        if isinstance(value, str):
+        if isinstance(value, str) or ids(value):  # a flat list of ints is one prompt, however long
             return value
         if not isinstance(value, list) or not value:
             raise ValueError(f"{expected}; got {_describe(value)}")
         if len(value) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(value)}; split the batch")
-        if all(isinstance(item, str) for item in value) or ids(value) or all(ids(item) for item in value):
+        if all(isinstance(item, str) for item in value) or all(ids(item) for item in value):
             return value
         raise ValueError(f"{expected} (token-id lists non-empty); got {_describe(value)}")
 
@@ -222,9 +227,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def short_repr(value: Any) -> str:
+    """A short ``repr`` of a request value for error messages, bounded in length and in nesting."""
+    return _REPR.repr(value)
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+    return f"{type(value).__name__} {short_repr(value)}"
 
 
 # -- responses ----------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ import uvicorn
 
 from lmstack.infer._errors import InferError
 from lmstack.infer._llm import LLM
-from lmstack.infer.server._app import _State, create_app
+from lmstack.infer.server._api_server import create_app
 from lmstack.infer.server._config import ServerConfig
+from lmstack.infer.server._state import ServerState
 
 __all__ = ["serve"]
 
@@ -27,11 +28,12 @@ class _Server(uvicorn.Server):
 
     uvicorn alone would wait for open requests and then cancel them mid-response; here new
     connections stop, in-flight requests get the configured time to finish, and the rest end with
-    a clean error (the LLM is closed) before uvicorn closes the connections.
+    a clean error (the LLM is closed) before uvicorn closes the connections. A second SIGINT ends
+    the wait at once, and the process exits as interrupted.
     """
 
     def __init__(
-        self, config: uvicorn.Config, state: _State, on_ready: Callable[[str, int], None] | None
+        self, config: uvicorn.Config, state: ServerState, on_ready: Callable[[str, int], None] | None
     ) -> None:
         super().__init__(config)
         self._state = state  # the application's shared state (app.state.lmstack)
@@ -57,8 +59,12 @@ class _Server(uvicorn.Server):
             server.close()  # stop accepting first, then drain
         for sock in sockets or []:
             sock.close()
-        await self._state.shutdown(self._state.config.shutdown_timeout)
+        await self._state.shutdown(self._state.config.shutdown_timeout, stop_now=lambda: self.force_exit)
         await super().shutdown(None)
+        if self.force_exit:
+            # uvicorn skips the application's lifespan shutdown on a forced exit, which leaves the
+            # lifespan task to be cancelled with a traceback; ours is quick (the LLM is closed now).
+            await self.lifespan.shutdown()
 
 
 def _bind(host: str, port: int) -> socket.socket:

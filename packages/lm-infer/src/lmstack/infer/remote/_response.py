@@ -1,34 +1,34 @@
-"""Between lmstack's types and OpenAI's JSON: sampling fields out, completions and stream chunks in."""
+"""Response parsing: OpenAI's completions, chat completions and stream chunks as lmstack's outputs.
+
+Token ids come from the server when it sends them (vLLM's ``return_token_ids``, or tokens spelled
+``token_id:N``), else from the log-probs' token texts or the text itself, through the local
+tokenizer.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmstack.core import Tokenizer
 from lmstack.infer._errors import RemoteError
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
 from lmstack.infer._sampling_params import SamplingParams
 from lmstack.infer.remote._sse import ServerSentEvent
+from lmstack.infer.remote._tokens import TOKEN_ID_PREFIX, TokenResolver
 
 __all__ = [
     "RemoteRequestOutput",
     "StreamAssembler",
-    "TokenResolver",
     "Usage",
     "parse_chat",
     "parse_completion",
-    "sampling_fields",
-    "token_bytes",
+    "stream_error",
 ]
 
 logger = logging.getLogger(__name__)
-
-_TOKEN_ID_PREFIX = "token_id:"  # vLLM's `return_tokens_as_token_ids` spelling of a token
 
 
 @dataclass
@@ -83,132 +83,6 @@ class RemoteRequestOutput(RequestOutput):
 
     usage: Usage | None = None
     model: str | None = None
-
-
-def _byte_level_alphabet() -> dict[int, str]:
-    """Byte-level BPE's alphabet (GPT-2's): printable Latin-1 bytes are themselves, the rest shifted up."""
-    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    table: dict[int, str] = {}
-    shifted = 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + shifted)
-            shifted += 1
-    return table
-
-
-_BYTE_LEVEL = _byte_level_alphabet()
-_BYTES_TOKEN = re.compile(r"bytes:((?:\\x[0-9A-Fa-f]{2})+)")
-
-
-def token_bytes(token: str) -> bytes:
-    r"""A token's bytes: its UTF-8 text, or what a ``bytes:\xe2\x80`` token (part of a character) spells."""
-    match = _BYTES_TOKEN.fullmatch(token)
-    if match:
-        return bytes.fromhex(match.group(1).replace("\\x", ""))
-    return token.encode()
-
-
-class TokenResolver:
-    """Token ids for text and token strings, from the server's answer or else the local tokenizer."""
-
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
-        self.tokenizer = tokenizer
-        self._cache: dict[str, int | None] = {}
-
-    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int] | None:
-        """The local tokenizer's ids for ``text`` (None without a tokenizer)."""
-        if self.tokenizer is None:
-            return None
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    def token_id(self, token: str) -> int | None:
-        r"""The id of one token as a server spells it, if it can tell.
-
-        ``token_id:42`` (vLLM's ``return_tokens_as_token_ids``) is read as is. Otherwise, with a
-        tokenizer, the token's bytes (its text, or what ``bytes:\x..`` spells) are looked up as a
-        vocabulary entry (byte-level, sentencepiece or plain spelling), else encoded: a text that
-        encodes to exactly one token gives that token.
-        """
-        if token.startswith(_TOKEN_ID_PREFIX):
-            try:
-                return int(token[len(_TOKEN_ID_PREFIX) :])
-            except ValueError:
-                return None
-        if self.tokenizer is None or not token:
-            return None
-        if token not in self._cache:
-            self._cache[token] = self._lookup(token)
-        return self._cache[token]
-
-    def _lookup(self, token: str) -> int | None:
-        assert self.tokenizer is not None
-        raw = token_bytes(token)
-        candidates = ["".join(_BYTE_LEVEL[b] for b in raw)]
-        if len(raw) == 1:
-            candidates.append(f"<0x{raw[0]:02X}>")  # sentencepiece byte fallback
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = None
-        if text is not None:
-            candidates += ["\u2581" + text[1:] if text.startswith(" ") else text, text]
-        for piece in candidates:
-            found = self.tokenizer.token_to_id(piece)
-            if found is not None:
-                return found
-        if text is not None:
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) == 1:
-                return ids[0]
-        return None
-
-
-def sampling_fields(params: SamplingParams, *, chat: bool) -> dict[str, Any]:
-    """The request fields for ``params``.
-
-    OpenAI's own fields are always sent where they mean something; vLLM's extensions (``top_k``,
-    ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
-    ``skip_special_tokens``, ``include_stop_str_in_output``) only when they differ from the default,
-    so a plain OpenAI server, which rejects unknown fields, sees none of them.
-    """
-    body: dict[str, Any] = {"n": params.n, "temperature": params.temperature, "top_p": params.top_p}
-    if params.max_tokens is not None or not chat:
-        # On /v1/completions null means "until the context is full" (vLLM, lmstack serve); chat's default.
-        body["max_tokens"] = params.max_tokens
-    if params.stop:
-        body["stop"] = list(params.stop)
-    if params.seed is not None:
-        body["seed"] = params.seed
-    if params.presence_penalty:
-        body["presence_penalty"] = params.presence_penalty
-    if params.frequency_penalty:
-        body["frequency_penalty"] = params.frequency_penalty
-    if params.logprobs is not None:
-        if chat:
-            body["logprobs"] = True
-            body["top_logprobs"] = params.logprobs
-        else:
-            body["logprobs"] = params.logprobs
-    if params.top_k > 0:
-        body["top_k"] = params.top_k
-    if params.min_p:
-        body["min_p"] = params.min_p
-    if params.repetition_penalty != 1.0:
-        body["repetition_penalty"] = params.repetition_penalty
-    if params.min_tokens:
-        body["min_tokens"] = params.min_tokens
-    if params.stop_token_ids:
-        body["stop_token_ids"] = list(params.stop_token_ids)
-    if params.ignore_eos:
-        body["ignore_eos"] = True
-    if not params.skip_special_tokens:
-        body["skip_special_tokens"] = False
-    if params.include_stop_str_in_output:
-        body["include_stop_str_in_output"] = True
-    return body
 
 
 # -- log-probs ---------------------------------------------------------------------------------------
@@ -267,7 +141,7 @@ def _logprob_dicts(
 
 def _ids_from_steps(steps: list[_Step] | None) -> list[int] | None:
     """Token ids when the server spelled every token as ``token_id:N``."""
-    if not steps or not all(token.startswith(_TOKEN_ID_PREFIX) for token, _, _ in steps):
+    if not steps or not all(token.startswith(TOKEN_ID_PREFIX) for token, _, _ in steps):
         return None
     ids = [TokenResolver(None).token_id(token) for token, _, _ in steps]
     return None if any(i is None for i in ids) else [int(i) for i in ids if i is not None]

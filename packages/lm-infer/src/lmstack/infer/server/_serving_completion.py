@@ -1,0 +1,188 @@
+"""``POST /v1/completions``: OpenAI's legacy completions (text, batches, token ids, echo, log-probs).
+
+Each prompt of a batch is its own engine request, ``n`` samples each; choice ``i * n + j`` is sample
+``j`` of prompt ``i``. ``max_tokens: 0`` with ``echo`` and ``logprobs`` scores the prompt without
+generating (what ``RemoteLLM.loglikelihood`` and lm-evaluation-harness send).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import Response
+
+from lmstack.infer._errors import InvalidRequestError
+from lmstack.infer.server import _serving as serving
+from lmstack.infer.server._errors import from_exception
+from lmstack.infer.server._http import json_response, sse
+from lmstack.infer.server._logprobs import TextOffsets, completion_logprobs
+from lmstack.infer.server._protocol import CompletionChoice, CompletionRequest
+from lmstack.infer.server._state import ServerState, Ticket
+
+__all__ = ["CompletionJob", "complete", "complete_stream", "prepare_completion"]
+
+
+@dataclass
+class CompletionJob(serving.Job):
+    """A validated completions request: its prompts' ids and texts, and the prompts' log-probs if echoed."""
+
+    request: CompletionRequest
+    prompts: list[list[int]]
+    texts: list[str]
+    prompt_logprobs: list[list[dict[int, float] | None]] | None
+
+    @property
+    def n(self) -> int:
+        """Samples per prompt."""
+        return self.request.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens in all the prompts."""
+        return sum(len(ids) for ids in self.prompts)
+
+
+def _batch(request: CompletionRequest) -> list[str | list[int]]:
+    raw = request.prompt
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw[0], int):  # a flat list of ints is one token-id prompt
+        return [list(raw)]
+    return list(raw)
+
+
+async def _score_prompts(state: ServerState, prompts: list[list[int]], top_k: int) -> list[Any]:
+    """Each prompt's log-probs (a forward pass each, off the event loop)."""
+    return [await asyncio.to_thread(state.llm.prompt_logprobs, ids, top_k) for ids in prompts]
+
+
+async def prepare_completion(state: ServerState, request: CompletionRequest) -> CompletionJob:
+    """Tokenize and check the request, score echoed prompts and queue the engine requests.
+
+    Raises:
+        APIError: the request cannot be served as asked (a 400 naming the field at fault).
+    """
+    batch = _batch(request)
+    tokenizer = state.llm.tokenizer
+    prompts = [tokenizer.encode(item) if isinstance(item, str) else item for item in batch]
+    max_tokens = 16 if request.max_tokens is None else request.max_tokens
+    for index, ids in enumerate(prompts):
+        what = f"the prompt {index}" if len(prompts) > 1 else "the prompt"
+        serving.check_context(state, len(ids), max_tokens, "prompt", what)
+    # max_tokens 0 (scoring with echo) generates nothing, but the other fields are still checked.
+    params = serving.sampling(state, request, max_tokens or None, request.logprobs)
+    echo_logprobs = request.echo and request.logprobs is not None
+    try:
+        # With max_tokens 0 nothing is queued in the engine: scoring the prompts is what passes them
+        # through the model's checks then.
+        scores = (
+            await _score_prompts(state, prompts, request.logprobs or 0)
+            if echo_logprobs or not max_tokens
+            else None
+        )
+        streams = await serving.EngineStreams.open(state.llm, prompts, params) if max_tokens else None
+    except InvalidRequestError as exc:
+        raise from_exception(exc, closed=state.closed) from None
+    # Decoded only now: the ids are known to be in the vocabulary.
+    texts = [
+        item
+        if isinstance(item, str)
+        else tokenizer.decode(item, skip_special_tokens=request.skip_special_tokens)
+        for item in batch
+    ]
+    job = CompletionJob(streams, request, prompts, texts, scores if echo_logprobs else None)
+    state.metrics.prompt_tokens.inc(job.prompt_tokens)
+    return job
+
+
+def _choice(job: CompletionJob, prompt: int, index: int, *, echo: bool) -> CompletionChoice:
+    """A choice before generation: the echoed prompt, or nothing; "length" when nothing is generated."""
+    finish = "length" if job.streams is None else None
+    return {
+        "index": index,
+        "text": job.texts[prompt] if echo else "",
+        "logprobs": None,
+        "finish_reason": finish,
+    }
+
+
+async def complete(
+    state: ServerState, job: CompletionJob, ticket: Ticket, created: int, rid: str
+) -> Response:
+    """The whole completion, once every sample has finished."""
+    request = job.request
+    choices: dict[int, CompletionChoice] = {}
+    tokens: dict[int, list[int]] = {}
+    entries: dict[int, list[dict[int, float] | None]] = {}
+    for prompt in range(len(job.prompts)):
+        for sample in range(job.n):
+            index = prompt * job.n + sample
+            choices[index] = _choice(job, prompt, index, echo=request.echo)
+            choices[index]["finish_reason"] = "length"
+            tokens[index] = list(job.prompts[prompt]) if request.echo else []
+            entries[index] = list(job.prompt_logprobs[prompt]) if job.prompt_logprobs is not None else []
+    completion_tokens = 0
+    try:
+        if job.streams is not None:
+            async for prompt, c in serving.outputs(state, job, ticket):
+                index = prompt * job.n + c.index
+                choices[index]["text"] += c.text
+                tokens[index].extend(c.token_ids)
+                entries[index].extend(c.logprobs or [])
+                completion_tokens += len(c.token_ids)
+                if c.finish_reason is not None:
+                    choices[index]["finish_reason"] = c.finish_reason
+    finally:
+        await job.aclose()
+    if request.logprobs is not None:
+        for index, choice in choices.items():
+            choice["logprobs"] = completion_logprobs(
+                state.texts, tokens[index], entries[index], TextOffsets()
+            )
+    choice_list = [choices[i] for i in sorted(choices)]
+    return json_response(
+        {**serving.head(state, rid, created, "text_completion"), "choices": choice_list,
+         "usage": serving.usage(job.prompt_tokens, completion_tokens)}
+    )  # fmt: skip
+
+
+async def complete_stream(
+    state: ServerState, job: CompletionJob, ticket: Ticket, created: int, rid: str
+) -> AsyncGenerator[str, None]:
+    """The completion's events: the echoed prompts first, then each sample's deltas (no ``[DONE]``)."""
+    request = job.request
+    include_usage, extra = serving.stream_usage(request)
+    chunk = serving.head(state, rid, created, "text_completion")
+    offsets: dict[int, TextOffsets] = {}
+    completion_tokens = 0
+    if request.echo or job.streams is None:
+        for prompt in range(len(job.prompts)):
+            for sample in range(job.n):
+                index = prompt * job.n + sample
+                choice = _choice(job, prompt, index, echo=request.echo)
+                offsets[index] = TextOffsets()
+                if job.prompt_logprobs is not None:
+                    choice["logprobs"] = completion_logprobs(
+                        state.texts, job.prompts[prompt], job.prompt_logprobs[prompt], offsets[index]
+                    )
+                yield sse({**chunk, "choices": [choice], **extra})
+    if job.streams is not None:
+        async for prompt, c in serving.outputs(state, job, ticket):
+            index = prompt * job.n + c.index
+            logprobs = None
+            if request.logprobs is not None:
+                offset = offsets.setdefault(index, TextOffsets())
+                logprobs = completion_logprobs(state.texts, c.token_ids, c.logprobs or [], offset)
+            completion_tokens += len(c.token_ids)
+            delta: CompletionChoice = {
+                "index": index,
+                "text": c.text,
+                "logprobs": logprobs,
+                "finish_reason": c.finish_reason,
+            }
+            yield sse({**chunk, "choices": [delta], **extra})
+    if include_usage:
+        yield sse({**chunk, "choices": [], "usage": serving.usage(job.prompt_tokens, completion_tokens)})
