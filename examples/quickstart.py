@@ -53,7 +53,7 @@ def step(title: str) -> None:
 # -- 1-2: the world and the default model ----------------------------------------------------------
 def build_default_model(out: Path, *, resume: bool) -> Path:
     """Generate the world and pretrain the default model under ``out``; return its directory."""
-    from lmstack.train import load_config as load_train_config
+    from lmstack.train import load_train_config
     from lmstack.train.recipes import PretrainConfig, pretrain
 
     world_dir = out / "world"

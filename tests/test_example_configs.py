@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lmstack.train import load_config
+from lmstack.train import load_train_config
 from lmstack.train.recipes import LoRAConfig, PretrainConfig, SFTConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -31,14 +31,14 @@ def test_config_loads_into_the_recipe_its_comment_names(path: Path) -> None:
     assert usages, f"{path.name} has no '#   lmstack train RECIPE examples/configs/{path.name}' line"
     for recipe in usages:
         assert recipe in RECIPES, f"{path.name} names an unknown recipe {recipe!r}"
-        config = load_config(RECIPES[recipe], path)  # unknown keys and bad values raise here
+        config = load_train_config(RECIPES[recipe], path)  # unknown keys and bad values raise here
         data = config.data
         assert data.paths, f"{path.name}: no data paths"
         assert all(p.startswith("out/") for p in data.paths), "example data lives under out/ (generated)"
 
 
 def test_default_model_config_is_the_documented_default() -> None:
-    config = load_config(PretrainConfig, CONFIGS / "default_model.yaml")
+    config = load_train_config(PretrainConfig, CONFIGS / "default_model.yaml")
     # The quickstart's time budget and the README's figures rest on these numbers.
     assert (config.arch.hidden_size, config.arch.num_hidden_layers, config.run.max_steps) == (256, 4, 450)
     assert config.data.format == "auto" and config.data.train_on == "all"

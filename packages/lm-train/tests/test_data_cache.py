@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,8 +13,8 @@ import numpy as np
 import pytest
 
 from lmstack.core import Tokenizer
-from lmstack.train import DataConfig, DataError, SampleTokenizer, TokenizedDataset, tokenize_dataset
-from lmstack.train.data import _cache
+from lmstack.train import DataConfig, DataError, SampleTokenizer, tokenize_dataset
+from lmstack.train.data import TokenizedDataset, _cache
 
 
 @pytest.fixture
@@ -112,6 +111,27 @@ def test_an_interrupted_write_leaves_no_usable_entry(
     assert tokenize_dataset(config, tokenizer).cache_hit is False
 
 
+_KILLED_WRITER = """
+import os, sys
+from lmstack.core import Tokenizer
+from lmstack.train import DataConfig, SampleTokenizer, tokenize_dataset
+from lmstack.train.data import _cache
+
+_cache._BATCH = 8
+encode, calls = SampleTokenizer.encode, []
+
+def die_on_third(self, rendered):
+    calls.append(1)
+    if len(calls) == 3:
+        os._exit(9)
+    return encode(self, rendered)
+
+SampleTokenizer.encode = die_on_third
+config = DataConfig(paths=[sys.argv[1]], cache_dir=sys.argv[2])
+tokenize_dataset(config, Tokenizer.from_pretrained(sys.argv[3]))
+"""
+
+
 def test_a_killed_writer_and_a_corrupt_entry_are_not_used(
     setup: tuple[Path, DataConfig], tokenizer: Tokenizer
 ) -> None:
@@ -119,18 +139,22 @@ def test_a_killed_writer_and_a_corrupt_entry_are_not_used(
     good = tokenize_dataset(config, tokenizer)
     key = good.directory.name
     root = good.directory.parent
-    # A writer killed with SIGKILL leaves its staging directory; simulate one from a dead process.
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    staging = root / f".{key}.tmp-{socket.gethostname().replace('-', '_')}-{int(dead.stdout)}-abcd"
-    staging.mkdir()
-    (staging / "input_ids.bin").write_bytes(b"\x00" * 12)
-    # And the finished entry gets truncated on disk.
+    # The finished entry gets truncated on disk.
     ids = good.directory / "input_ids.bin"
     os.truncate(ids, ids.stat().st_size - 4)
     with pytest.raises(DataError, match="not a complete tokenized dataset"):
         TokenizedDataset.open(good.directory)
+    # A writer replacing it is killed mid-write (os._exit: no cleanup, as SIGKILL): it leaves its
+    # staging directory, and the entry exactly as it was.
+    tokenizer.save_pretrained(root.parent / "tokenizer")
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, config.paths[0], str(root), str(root.parent / "tokenizer")]
+    )
+    assert killed.returncode == 9
+    (staging,) = [p for p in root.iterdir() if p.name.startswith(f".{key}.tmp-")]
+    assert (staging / "input_ids.bin").is_file()
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [key]
+    assert ids.stat().st_size == 4 * good.num_tokens - 4
     rebuilt = tokenize_dataset(config, tokenizer)
     assert not rebuilt.cache_hit and rebuilt.directory == good.directory
     assert ids.stat().st_size == 4 * rebuilt.num_tokens

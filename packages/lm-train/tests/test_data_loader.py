@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lmstack.core import Tokenizer
-from lmstack.train import DataConfig, DataPosition, PackedBatch, ResumableLoader, TrainError, build_dataset
+from lmstack.train import DataConfig, ResumableLoader, TrainError, build_dataset
+from lmstack.train.data import DataPosition, PackedBatch
 
 
 @pytest.fixture

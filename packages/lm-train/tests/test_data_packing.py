@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from lmstack.core import PackedAttention, Tokenizer
-from lmstack.train import DataConfig, PackedDataset, PaddedDataset, build_dataset, tokenize_dataset
-from lmstack.train.data import IGNORE_INDEX, best_fit_bins, collate_packed, collate_padded
+from lmstack.train import DataConfig, build_dataset, tokenize_dataset
+from lmstack.train.data import IGNORE_INDEX, PackedDataset, PaddedDataset
+from lmstack.train.data._packing import best_fit_bins, collate_packed, collate_padded
 
 
 @pytest.fixture

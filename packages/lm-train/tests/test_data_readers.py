@@ -10,17 +10,10 @@ from typing import Any
 
 import pytest
 
-from lmstack.train import DataConfig, DataError, DataStats
-from lmstack.train.data import (
-    EmptyTurnError,
-    RawRecord,
-    _readers,
-    detect_format,
-    iter_samples,
-    read_records,
-    resolve_data_files,
-    to_sample,
-)
+from lmstack.train import DataConfig, DataError
+from lmstack.train.data import DataStats, _readers, iter_samples, resolve_data_files
+from lmstack.train.data._formats import EmptyTurnError, detect_format, to_sample
+from lmstack.train.data._readers import RawRecord, read_records
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from lmstack.core import Tokenizer
-from lmstack.train import ChatTemplateError, DataConfig, DataError, Sample, SampleTokenizer, tokenize_dataset
-from lmstack.train.data import TokenizedSample
+from lmstack.train import DataConfig, DataError, SampleTokenizer, tokenize_dataset
+from lmstack.train.data import ChatTemplateError, Sample
+from lmstack.train.data._formats import content_text
+from lmstack.train.data._tokenize import TokenizedSample
 
 
 def _runs(tokenizer: Tokenizer, sample: TokenizedSample) -> list[str]:
@@ -75,6 +77,31 @@ def test_template_without_generation_prompt_locates_the_reply(tokenizer: Tokeniz
     chat = MULTI_TURN[1:3]
     sample = SampleTokenizer(tokenizer, chat_template=template)([Sample(messages=chat)])[0]
     assert _runs(tokenizer, sample) == ["12+30=42.</s>"]
+
+
+def test_content_parts_give_the_same_reply_text_everywhere(tokenizer: Tokenizer) -> None:
+    """A reply of content parts: only string ``text`` counts (images, a null text carry none)."""
+    parts = [
+        {"type": "text", "text": "12+30"},
+        {"type": "image_url", "image_url": {"url": "x.png"}},
+        {"type": "text", "text": None},
+        "=42.",
+    ]
+    assert content_text(parts) == "12+30=42."
+    # A template that ignores add_generation_prompt: the reply is found by that text.
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}]"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for p in m['content'] %}{% if p is string %}{{ p }}"
+        "{% elif p['text'] is string %}{{ p['text'] }}{% endif %}{% endfor %}"
+        "{% endif %}</s>\n{% endfor %}"
+    )
+    chat = [MULTI_TURN[1], {"role": "assistant", "content": parts}]
+    sample = SampleTokenizer(tokenizer, chat_template=template)([Sample(messages=chat)])[0]
+    assert _runs(tokenizer, sample) == ["12+30=42.</s>"]
+    # And a reply whose parts hold no text is empty, by the same rule the formats check it with.
+    empty = [{"type": "text", "text": None}]
+    assert content_text(empty) == ""
 
 
 def test_template_that_is_not_prefix_stable_is_refused(tokenizer: Tokenizer) -> None:

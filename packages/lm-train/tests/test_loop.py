@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,24 @@ def _losses(run: Path) -> dict[int, float]:
     return out
 
 
+# ``lmstack ARGS...`` that stops itself (SIGSTOP) once the step given first has been logged.
+_STOP_AFTER = """
+import os, signal, sys
+from lmstack.core._cli import main
+from lmstack.train import _loop
+
+stop_after, log = int(sys.argv[1]), _loop._Training.log
+
+def log_then_stop(self, record):
+    log(self, record)
+    if record["step"] == stop_after:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+_loop._Training.log = log_then_stop
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigkill_and_resume_reproduces_the_loss_curve(text_data: Path, tmp_path: Path) -> None:
     steps = 24
     whole = subprocess.run(
@@ -81,18 +99,16 @@ def test_sigkill_and_resume_reproduces_the_loss_curve(text_data: Path, tmp_path:
     assert written["eos_token_id"] == [tok.eos_token_id, tok.token_to_id("<|im_end|>")]
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _pretrain_cmd(text_data, run, steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 14:
-            proc.kill()  # SIGKILL: no cleanup, no final save
-            break
-        time.sleep(0.005)
+    # The same command, stopped (SIGSTOP) by itself right after step 14 is logged: waiting for that
+    # stop is the condition, so the kill lands after step 14 whatever the machine's speed.
+    cmd = [sys.executable, "-c", _STOP_AFTER, "14", *_pretrain_cmd(text_data, run, steps)[1:]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), proc.stderr.read()[-2000:] if proc.stderr else status
+    proc.kill()  # SIGKILL: no cleanup, no final save
     proc.wait()
-    assert proc.returncode == -9, "the run finished before it could be killed; make it longer"
+    assert proc.returncode == -9
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 14
     assert not (run / "final").exists()
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
     assert checkpoints and checkpoints[-1] >= "step-00000012"
@@ -140,6 +156,55 @@ def test_gradient_accumulation_equals_a_big_batch(
     for (name, a), (_, b) in zip(small.state_dict().items(), big.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), rel=1e-5)
+
+
+def _trained_order(tokenizer: Tokenizer, data: Path, out: Path, seed: int, **data_options: Any) -> list[int]:
+    """Which documents of ``data`` (by line) the loop trained on, step by step (one a step)."""
+    docs = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    head = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    tail = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    line_of = {
+        tuple((head + tokenizer.encode(d, add_special_tokens=False) + tail)[:64]): i
+        for i, d in enumerate(docs)
+    }
+    rows: list[tuple[int, ...]] = []
+
+    def record(module: Any, args: Any) -> None:
+        ids, positions = args[0][0].tolist(), args[1][0].tolist()
+        end = positions.index(0, 1) if 0 in positions[1:] else len(ids)  # a packed bin's padding after
+        rows.append(tuple(ids[:end]))
+
+    model = _tiny_model(tokenizer)
+    model.register_forward_pre_hook(record)
+    options = {"format": "text", "train_on": "all", "max_length": 64, "pack": False, **data_options}
+    train_loop(
+        model,
+        tokenizer,
+        DataConfig(paths=[str(data)], **options),
+        OptimConfig(warmup_steps=0),
+        RunConfig(output_dir=str(out), max_steps=5, batch_size=1, save_every=0, seed=seed, tensorboard=False),
+    )
+    return [line_of[row] for row in rows]
+
+
+def test_data_shuffle_settings_reach_the_loader(
+    tokenizer: Tokenizer, text_data: Path, tmp_path: Path
+) -> None:
+    # shuffle: false trains on the documents in file order (some are over max_length and truncated).
+    assert _trained_order(tokenizer, text_data, tmp_path / "a", 0, shuffle=False) == [0, 1, 2, 3, 4]
+    one_a_bin = {"pack": True, "pack_window": 1}
+    assert _trained_order(tokenizer, text_data, tmp_path / "p", 0, shuffle=False, **one_a_bin) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    # The order is data.shuffle_seed's: run.seed (the initialisation) leaves it alone.
+    first = _trained_order(tokenizer, text_data, tmp_path / "b", 0, shuffle_seed=1)
+    assert first != [0, 1, 2, 3, 4]
+    assert _trained_order(tokenizer, text_data, tmp_path / "c", 5, shuffle_seed=1) == first
+    assert _trained_order(tokenizer, text_data, tmp_path / "d", 0, shuffle_seed=2) != first
 
 
 def test_non_finite_loss_stops_with_last_checkpoint_intact(

@@ -22,7 +22,7 @@ from torch import nn
 
 from lmstack.core import CausalLM, ModelConfig, Tokenizer, load_pretrained, save_pretrained
 from lmstack.core._cli import main as lmstack_main
-from lmstack.train import DataConfig, TrainConfigError, load_config
+from lmstack.train import DataConfig, TrainConfigError, load_train_config
 from lmstack.train._loop import OptimConfig, RunConfig
 from lmstack.train.recipes import LoRAConfig, LoRASettings, apply_lora, lora, qlora
 
@@ -369,17 +369,17 @@ def test_lora_resume_equals_an_uninterrupted_run(base: Path, chat_file: Path, tm
 
 
 def test_configs_and_errors(base: Path) -> None:
-    example = load_config(LoRAConfig, ROOT / "examples" / "configs" / "lora_world.yaml")
+    example = load_train_config(LoRAConfig, ROOT / "examples" / "configs" / "lora_world.yaml")
     assert example.lora.target_modules == list(TARGETS) and example.optim.lr >= 1e-4
     assert example.lora.quantize == "none"  # the same file serves lmstack train lora and qlora
-    q = load_config(
+    q = load_train_config(
         LoRAConfig, None, ["--model", "m", "--lora.quantize", "fp4", "--lora.double_quant", "false"]
     )
     assert (q.lora.quantize, q.lora.double_quant) == ("fp4", False)
     with pytest.raises(TrainConfigError, match=r"did you mean 'lora\.alpha'"):
-        load_config(LoRAConfig, None, ["--lora.alpah", "8"])
+        load_train_config(LoRAConfig, None, ["--lora.alpah", "8"])
     with pytest.raises(TrainConfigError, match=r"expected one of 'none', 'nf4', 'fp4'.*did you mean 'nf4'"):
-        load_config(LoRAConfig, None, ["--lora.quantize", "nf5"])
+        load_train_config(LoRAConfig, None, ["--lora.quantize", "nf5"])
     model = load_pretrained(base)
     with pytest.raises(TrainConfigError, match="did you mean 'q_proj'"):
         apply_lora(model, LoRASettings(target_modules=["q_prj"]))

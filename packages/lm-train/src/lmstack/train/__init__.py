@@ -2,64 +2,48 @@
 
 * Recipes (:mod:`lmstack.train.recipes`): ``pretrain`` (training the tokenizer when asked), ``sft``,
   ``lora`` and ``qlora`` (adapters in PEFT's format, merged on request); ``lmstack train
-  pretrain|sft|lora|qlora CONFIG.yaml [--key value ...]``.
+  pretrain|sft|lora|qlora CONFIG.yaml [--key value ...]``. :func:`load_train_config` reads such a
+  YAML file (with ``--section.key value`` overrides) into a recipe's config; :func:`save_config` and
+  :func:`config_to_dict` write one back.
 * The loop (:func:`train_loop`, :class:`OptimConfig`, :class:`RunConfig`, :class:`TrainResult`):
   AdamW with warmup and cosine/linear decay, gradient accumulation, clipping, bf16 autocast,
   activation checkpointing, NaN/inf stop, atomic checkpoints with exact O(1) resume, DDP or FSDP2
   under torchrun, metrics.jsonl and TensorBoard.
-* The data pipeline: streamed jsonl/json/parquet/text readers; Alpaca, ShareGPT, OpenAI-messages and
-  plain-text formats; tokenization through the model's chat template with loss on assistant turns;
-  a pre-tokenization cache; best-fit packing with per-sample positions; a resumable, rank-aware
-  loader; typed YAML configs with command-line overrides.
+* The data pipeline (:mod:`lmstack.train.data`; its entry points here: :class:`DataConfig`,
+  :func:`build_dataset`, :func:`tokenize_dataset`, :class:`SampleTokenizer`,
+  :class:`ResumableLoader`): streamed jsonl/json/parquet/text readers; Alpaca, ShareGPT,
+  OpenAI-messages and plain-text formats; tokenization through the model's chat template with loss
+  on assistant turns; a pre-tokenization cache; best-fit packing with per-sample positions; a
+  resumable, rank-aware loader.
 """
 
-from lmstack.train._config import DataConfig, config_to_dict, load_config, save_config
-from lmstack.train._errors import DataError, TrainConfigError, TrainError
-from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, token_loss, train_loop
+from lmstack.train._config import config_to_dict, load_train_config, save_config
+from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
 from lmstack.train.data import (
-    IGNORE_INDEX,
-    ChatTemplateError,
-    DataPosition,
-    DataStats,
-    PackedBatch,
-    PackedDataset,
-    PaddedBatch,
-    PaddedDataset,
+    DataConfig,
     ResumableLoader,
-    Sample,
     SampleTokenizer,
-    TokenizedDataset,
     build_dataset,
     tokenize_dataset,
 )
+from lmstack.train.data._errors import DataError, TrainConfigError, TrainError
 
 __version__ = "0.1.0"
 
 __all__: list[str] = [
-    "IGNORE_INDEX",
-    "ChatTemplateError",
     "DataConfig",
     "DataError",
-    "DataPosition",
-    "DataStats",
     "OptimConfig",
-    "PackedBatch",
-    "PackedDataset",
-    "PaddedBatch",
-    "PaddedDataset",
     "ResumableLoader",
     "RunConfig",
-    "Sample",
     "SampleTokenizer",
-    "TokenizedDataset",
     "TrainConfigError",
     "TrainError",
     "TrainResult",
     "build_dataset",
     "config_to_dict",
-    "load_config",
+    "load_train_config",
     "save_config",
-    "token_loss",
     "tokenize_dataset",
     "train_loop",
 ]

@@ -9,7 +9,7 @@ __all__ = ["register_train"]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lmstack.train._config import load_config
+    from lmstack.train._config import load_train_config
     from lmstack.train.recipes import (
         LoRAConfig,
         PretrainConfig,
@@ -21,13 +21,13 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     if args.recipe == "pretrain":
-        result = pretrain(load_config(PretrainConfig, args.config, args.overrides))
+        result = pretrain(load_train_config(PretrainConfig, args.config, args.overrides))
     elif args.recipe == "lora":
-        result = lora(load_config(LoRAConfig, args.config, args.overrides))
+        result = lora(load_train_config(LoRAConfig, args.config, args.overrides))
     elif args.recipe == "qlora":
-        result = qlora(load_config(LoRAConfig, args.config, args.overrides))
+        result = qlora(load_train_config(LoRAConfig, args.config, args.overrides))
     else:
-        result = sft(load_config(SFTConfig, args.config, args.overrides))
+        result = sft(load_train_config(SFTConfig, args.config, args.overrides))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary rather than one per rank
         print(result.summary(), flush=True)
     return 0

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lmstack.core import CausalLM
-from lmstack.train._errors import TrainError
+from lmstack.train.data._errors import TrainError
 
 __all__ = [
     "DataParallel",

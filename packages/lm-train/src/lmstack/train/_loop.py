@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmstack.core import CausalLM, Tokenizer, save_pretrained
-from lmstack.train._config import DataConfig, save_config
+from lmstack.train._config import save_config
 from lmstack.train._dist import (
     all_reduce_max,
     all_reduce_sum,
@@ -39,7 +39,6 @@ from lmstack.train._dist import (
     scalar_value,
     wrap_data_parallel,
 )
-from lmstack.train._errors import TrainError
 from lmstack.train._monitor import SCALARS, ScalarWriter, open_tensorboard, peak_memory, use_tensorboard
 from lmstack.train._schedule import lr_factor
 from lmstack.train._state import (
@@ -49,9 +48,10 @@ from lmstack.train._state import (
     save_checkpoint,
     unsharded_model,
 )
-from lmstack.train.data import IGNORE_INDEX, PackedBatch, ResumableLoader, build_dataset
+from lmstack.train.data import IGNORE_INDEX, DataConfig, PackedBatch, ResumableLoader, build_dataset
+from lmstack.train.data._errors import TrainError
 
-__all__ = ["OptimConfig", "RunConfig", "TrainResult", "loss_targets", "token_loss", "train_loop"]
+__all__ = ["OptimConfig", "RunConfig", "TrainResult", "loss_targets", "train_loop"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class RunConfig:
         max_steps: Optimizer steps of the whole run.
         batch_size: Bins (or padded samples) per micro-batch.
         grad_accum: Micro-batches per optimizer step.
-        seed: Seed of initialisation and data order.
+        seed: Seed of the model's initialisation (and of the random generators the run starts
+            with); the data order is ``data.shuffle_seed``'s.
         save_every: Steps between checkpoints (0: only at the end).
         keep_last: Checkpoints to keep.
         resume: ``auto`` continues from the newest checkpoint in ``output_dir``; ``never`` refuses
@@ -218,20 +219,6 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of next-token prediction over the labelled tokens (labels unshifted).
-
-    ``labels[t]`` is the target of the logits at ``t - 1``; ``-100`` carries no loss (every packed
-    sample starts with one, so no sample is predicted from another).
-    """
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
 def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The positions whose next token carries loss, and those tokens (labels unshifted, as in batches).
 
@@ -245,7 +232,7 @@ def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batch_loss(module: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Summed next-token cross-entropy of one micro-batch, equal to ``token_loss`` over its full logits.
+    """Summed next-token cross-entropy of one micro-batch, as over its full logits (labels unshifted).
 
     Only the positions that carry loss go through the lm head: with the loss on assistant turns that
     is a small share of the tokens, and the ``[tokens, vocab]`` logits are the largest activation.
@@ -270,6 +257,312 @@ def _batches(loader: ResumableLoader[Any]) -> Iterator[Any]:
         yield from loader
 
 
+class _Training:
+    """One run of the loop, in the shape of a torchtune recipe.
+
+    :meth:`setup`, then :meth:`run`, which repeats :meth:`train_step`, :meth:`log` and (every
+    ``save_every`` steps) :meth:`save_checkpoint`, and ends with :meth:`save_final` and
+    :meth:`result`.
+
+    The arguments (and those of :meth:`setup` and :meth:`run`) are :func:`train_loop`'s.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        data: DataConfig,
+        optim: OptimConfig,
+        run: RunConfig,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.data, self.optim, self.run_config = data, optim, run
+        self.out = Path(run.output_dir)
+        self.metrics_file = self.out / "metrics.jsonl"
+        self.final = self.out / "final"
+        self.losses: list[float] = []
+        self.loss_value = float("nan")
+        self.start_step = self.tokens_seen = 0
+        # Run-wide totals for the summary, carried through checkpoints.
+        self.best_loss, self.best_step, self.padded_tokens, self.padded_slots = math.inf, 0, 0, 0
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def setup(self, config_to_save: Any = None) -> None:
+        """Checks the settings, places (and shards) the model, builds data, optimizer and schedule.
+
+        Then resumes from the newest checkpoint of ``output_dir``, if any.
+        """
+        model, run = self.model, self.run_config
+        if run.data_parallel == "fsdp" and any(not p.requires_grad for p in model.parameters()):
+            raise TrainError(
+                "run.data_parallel='fsdp' supports full-weight training (pretrain, sft) only, and this "
+                "model has frozen parameters (a LoRA or QLoRA base); use run.data_parallel='ddp' for "
+                "adapters."
+            )
+        tensorboard = use_tensorboard(run.tensorboard)  # before any work, so a missing package fails fast
+        self.tb_dir = self.out / "tensorboard" if tensorboard else None
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.info = init_distributed(run.device)
+        self.device = self.info.device
+        if config_to_save is not None and self.info.is_main:
+            save_config(config_to_save, self.out / "config.yaml")
+        torch.manual_seed(run.seed)
+        model.to(self.device).train()
+        if run.activation_checkpointing:
+            model.enable_activation_checkpointing()
+        if run.data_parallel == "fsdp" and self.info.world_size == 1:
+            logger.info("run.data_parallel='fsdp' has nothing to shard in one process; training unsharded")
+        # Under torchrun each rank holds a replica (DDP) or a shard (FSDP2); both average gradients.
+        self.dp = wrap_data_parallel(model, self.info, run.data_parallel)
+        self.loader: ResumableLoader[Any] = ResumableLoader(
+            build_dataset(self.data, self.tokenizer),
+            run.batch_size,
+            seed=self.data.shuffle_seed,
+            shuffle=self.data.shuffle,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
+        self._setup_optimizer()
+        self._resume()
+        self.start_tokens = self.tokens_seen
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.batches = _batches(self.loader)
+
+    def _setup_optimizer(self) -> None:
+        optim, run = self.optim, self.run_config
+        # Built after sharding: FSDP2 replaces the parameters by DTensor shards.
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, optim.weight_decay),
+            lr=optim.lr,
+            betas=(optim.betas[0], optim.betas[1]),
+            eps=optim.eps,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(
+                s,
+                total_steps=run.max_steps,
+                warmup_steps=optim.warmup_steps,
+                decay=optim.decay,
+                min_ratio=optim.min_lr_ratio,
+            ),
+        )
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            return
+        if self.run_config.resume == "never":
+            raise TrainError(
+                f"{self.out} already holds checkpoint {ckpt.name}; use resume=auto or a new output_dir."
+            )
+        state = load_checkpoint(
+            ckpt,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            sharded=self.dp.sharded,
+        )
+        self.loader.load_state_dict(state["data"])
+        self.start_step, self.tokens_seen = int(state["step"]), int(state["tokens"])
+        if state.get("best_loss") is not None:
+            self.best_loss, self.best_step = float(state["best_loss"]), int(state["best_step"])
+        # Checkpoints from before these counters existed: the ratio covers this call only.
+        self.padded_tokens = int(state.get("padded_tokens", 0))
+        self.padded_slots = int(state.get("padded_slots", 0))
+        logger.info("resumed from %s (step %d)", ckpt, self.start_step)
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Runs optimizer step ``step + 1`` over ``grad_accum`` micro-batches.
+
+        Returns:
+            The step's metrics record (as written to ``metrics.jsonl``).
+
+        Raises:
+            TrainError: The step has no loss token, or a non-finite loss or gradient norm (the
+                weights are then left as they were).
+        """
+        run, info, device, dp = self.run_config, self.info, self.device, self.dp
+        t0 = time.perf_counter()
+        window: list[PackedBatch] = [next(self.batches) for _ in range(run.grad_accum)]
+        # Normalise by the loss tokens of the whole step on every rank; the gradient average over
+        # ranks (DDP all-reduce, FSDP2 reduce-scatter) divides by the world size, which the factor
+        # undoes.
+        loss_tokens = all_reduce_sum(sum(b.num_loss_tokens for b in window), device)
+        if loss_tokens == 0:
+            raise TrainError(f"step {step + 1} has no token to learn from; check data.train_on and the data.")
+        autocast = run.precision == "bfloat16"
+        total = torch.zeros((), device=device)
+        for i, micro in enumerate(window):
+            b = micro.to(device)
+            # Gradients of earlier micro-batches accumulate locally; the last one communicates.
+            with dp.gradient_sync(i == len(window) - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = _batch_loss(dp.module, b) * (info.world_size / loss_tokens)
+                loss.backward()
+            total += loss.detach()
+        loss_value = all_reduce_sum(float(total), device) / info.world_size
+        clip = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        # With FSDP2 the norm is a replicated DTensor already reduced over every rank's shards.
+        grad_norm = scalar_value(norm)
+        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            last = latest_checkpoint(self.out)
+            raise TrainError(
+                f"non-finite {what} at step {step + 1}; "
+                f"the weights were not updated. Last good checkpoint: {last or 'none'}. "
+                "Lower optim.lr, raise warmup, or check the data."
+            )
+        lr = float(self.scheduler.get_last_lr()[0])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_tokens = int(all_reduce_sum(sum(b.num_tokens for b in window), device))
+        slots = int(all_reduce_sum(sum(b.input_ids.numel() for b in window), device))
+        self.tokens_seen += step_tokens
+        self.padded_tokens, self.padded_slots = self.padded_tokens + step_tokens, self.padded_slots + slots
+        if loss_value < self.best_loss:
+            self.best_loss, self.best_step = loss_value, step + 1
+        self.loss_value = loss_value
+        self.losses.append(loss_value)
+        return {
+            "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+            "tokens": self.tokens_seen, "loss_tokens": int(loss_tokens),
+            "tokens_per_s": step_tokens / max(time.perf_counter() - t0, 1e-9),
+            "padding_ratio": 1 - step_tokens / max(slots, 1),
+        }  # fmt: skip
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Writes a step's record to metrics.jsonl and TensorBoard, and moves the progress bar."""
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        if self.writer is not None:
+            for name in SCALARS:
+                self.writer.add_scalar(f"train/{name}", record[name], record["step"])
+        self.bar.update(1)
+        if record["step"] % max(self.run_config.log_every, 1) == 0:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+
+    # -- saving --------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> None:
+        """Writes the checkpoint of ``step`` (a collective: every rank calls it)."""
+        info, dp = self.info, self.dp
+        # Gathering shards takes every rank; replicas are identical, so then only rank 0 reads.
+        gather = dp.sharded or info.is_main
+        weights, optim_state = (
+            gather_train_state(self.model, self.optimizer, sharded=dp.sharded) if gather else ({}, {})
+        )
+        if info.is_main:  # one rank writes
+            save_checkpoint(
+                self.out,
+                step,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                trainer_state={
+                    "data": self.loader.state_dict(),
+                    "tokens": self.tokens_seen,
+                    "best_loss": self.best_loss,
+                    "best_step": self.best_step,
+                    "padded_tokens": self.padded_tokens,
+                    "padded_slots": self.padded_slots,
+                },
+                keep_last=self.run_config.keep_last,
+                model_state=weights,
+                optimizer_state=optim_state,
+            )
+            if self.writer is not None:  # what TensorBoard shows survives a kill, like the checkpoint
+                self.writer.flush()
+        barrier()
+
+    def save_final(self, save_model: Callable[[CausalLM, Path], None] | None = None) -> None:
+        """Writes the final model to ``output_dir/final`` (a collective under FSDP)."""
+        self.model.eval()
+        whole = unsharded_model(self.model, sharded=self.dp.sharded)  # every rank takes part in the gather
+        if self.info.is_main:
+            assert whole is not None
+            if save_model is not None:
+                save_model(whole, self.final)
+            else:
+                save_pretrained(whole, self.final, tokenizer=self.tokenizer)
+        barrier()
+
+    # -- the run -------------------------------------------------------------------------------------
+
+    def run(self, save_model: Callable[[CausalLM, Path], None] | None = None) -> TrainResult:
+        """Trains from the resumed step to ``run.max_steps``, saving on the way and at the end."""
+        run, info = self.run_config, self.info
+        self.metrics = self.metrics_file.open("a", encoding="utf-8") if info.is_main else None
+        self.writer: ScalarWriter | None = None
+        self.started = time.perf_counter()
+        self.bar = tqdm(
+            total=run.max_steps,
+            initial=self.start_step,
+            desc="Training",
+            unit="step",
+            disable=not info.is_main or None,
+        )
+        try:
+            if self.tb_dir is not None and info.is_main:
+                # purge_step: points a killed run logged after its last checkpoint are replaced.
+                purge = self.start_step + 1 if self.start_step else None
+                self.writer = open_tensorboard(self.tb_dir, purge_step=purge)
+            for step in range(self.start_step, run.max_steps):
+                self.log(self.train_step(step))
+                if run.save_every and (step + 1) % run.save_every == 0 and step + 1 < run.max_steps:
+                    self.save_checkpoint(step + 1)
+            self.train_seconds = time.perf_counter() - self.started
+            self.save_final(save_model)
+        finally:
+            self.bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.writer is not None:
+                self.writer.close()
+        return self.result()
+
+    def result(self) -> TrainResult:
+        """The finished run's :class:`TrainResult` (a collective: the peak memory is reduced)."""
+        seconds = time.perf_counter() - self.started
+        memory, memory_kind = peak_memory(self.device)
+        logger.info(
+            "finished %d steps in %.1f s; final loss %.4f; model in %s",
+            self.run_config.max_steps,
+            seconds,
+            self.loss_value,
+            self.final,
+        )
+        this_call = self.tokens_seen - self.start_tokens
+        return TrainResult(
+            steps=self.run_config.max_steps,
+            final_loss=self.loss_value,
+            tokens=self.tokens_seen,
+            seconds=seconds,
+            model_dir=self.final,
+            losses=self.losses,
+            start_step=self.start_step,
+            best_loss=self.best_loss if self.best_step else math.nan,
+            best_step=self.best_step,
+            tokens_this_call=this_call,
+            tokens_per_s=this_call / max(self.train_seconds, 1e-9),
+            padding_ratio=1 - self.padded_tokens / self.padded_slots if self.padded_slots else 0.0,
+            peak_memory_bytes=int(all_reduce_max(memory, self.device)),
+            peak_memory_kind=memory_kind,
+            output_dir=self.out,
+            last_checkpoint=latest_checkpoint(self.out),
+            metrics_file=self.metrics_file,
+            tensorboard_dir=self.tb_dir,
+            world_size=self.info.world_size,
+            data_parallel=self.dp.mode,
+        )
+
+
 def train_loop(
     model: CausalLM,
     tokenizer: Tokenizer,
@@ -286,7 +579,7 @@ def train_loop(
         model: The model to train (its trainable parameters are those with ``requires_grad``). With
             ``run.data_parallel='fsdp'`` under torchrun it is sharded in place.
         tokenizer: Its tokenizer (tokenizes the data, saved with the final model).
-        data: The data config.
+        data: The data config (``data.shuffle`` and ``data.shuffle_seed`` set the batch order).
         optim: Optimizer and schedule.
         run: Steps, batching, checkpoints, data parallelism, TensorBoard.
         config_to_save: The full recipe config, written to ``config.yaml`` in the run directory.
@@ -303,216 +596,6 @@ def train_loop(
             ``run.tensorboard`` is true and TensorBoard is not installed, or when
             ``run.data_parallel='fsdp'`` meets a model with frozen parameters (LoRA, QLoRA).
     """
-    out = Path(run.output_dir)
-    if run.data_parallel == "fsdp" and any(not p.requires_grad for p in model.parameters()):
-        raise TrainError(
-            "run.data_parallel='fsdp' supports full-weight training (pretrain, sft) only, and this model "
-            "has frozen parameters (a LoRA or QLoRA base); use run.data_parallel='ddp' for adapters."
-        )
-    tensorboard = use_tensorboard(run.tensorboard)  # before any work, so a missing package fails fast
-    out.mkdir(parents=True, exist_ok=True)
-    info = init_distributed(run.device)
-    device = info.device
-    if config_to_save is not None and info.is_main:
-        save_config(config_to_save, out / "config.yaml")
-    torch.manual_seed(run.seed)
-    model.to(device).train()
-    if run.activation_checkpointing:
-        model.enable_activation_checkpointing()
-    if run.data_parallel == "fsdp" and info.world_size == 1:
-        logger.info("run.data_parallel='fsdp' has nothing to shard in one process; training unsharded")
-    # Under torchrun each rank holds a replica (DDP) or a shard (FSDP2); both average gradients.
-    dp = wrap_data_parallel(model, info, run.data_parallel)
-    dataset = build_dataset(data, tokenizer)
-    loader: ResumableLoader[Any] = ResumableLoader(
-        dataset, run.batch_size, seed=run.seed, rank=info.rank, world_size=info.world_size
-    )
-    # Built after sharding: FSDP2 replaces the parameters by DTensor shards.
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, optim.weight_decay),
-        lr=optim.lr,
-        betas=(optim.betas[0], optim.betas[1]),
-        eps=optim.eps,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(
-            s,
-            total_steps=run.max_steps,
-            warmup_steps=optim.warmup_steps,
-            decay=optim.decay,
-            min_ratio=optim.min_lr_ratio,
-        ),
-    )
-    start_step, tokens_seen = 0, 0
-    # Run-wide totals for the summary, carried through checkpoints.
-    best_loss, best_step, padded_tokens, padded_slots = math.inf, 0, 0, 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        if run.resume == "never":
-            raise TrainError(
-                f"{out} already holds checkpoint {ckpt.name}; use resume=auto or a new output_dir."
-            )
-        state = load_checkpoint(
-            ckpt, model=model, optimizer=optimizer, scheduler=scheduler, sharded=dp.sharded
-        )
-        loader.load_state_dict(state["data"])
-        start_step, tokens_seen = int(state["step"]), int(state["tokens"])
-        if state.get("best_loss") is not None:
-            best_loss, best_step = float(state["best_loss"]), int(state["best_step"])
-        # Checkpoints from before these counters existed: the ratio covers this call only.
-        padded_tokens, padded_slots = int(state.get("padded_tokens", 0)), int(state.get("padded_slots", 0))
-        logger.info("resumed from %s (step %d)", ckpt, start_step)
-    start_tokens = tokens_seen
-    autocast = run.precision == "bfloat16"
-    params = [p for p in model.parameters() if p.requires_grad]
-    metrics_file = out / "metrics.jsonl"
-    tb_dir = out / "tensorboard" if tensorboard else None
-    metrics = metrics_file.open("a", encoding="utf-8") if info.is_main else None
-    writer: ScalarWriter | None = None
-    batches = _batches(loader)
-    losses: list[float] = []
-    started = time.perf_counter()
-    bar = tqdm(
-        total=run.max_steps,
-        initial=start_step,
-        desc="Training",
-        unit="step",
-        disable=not info.is_main or None,
-    )
-    loss_value = float("nan")
-    try:
-        if tb_dir is not None and info.is_main:
-            # purge_step: points a killed run logged after its last checkpoint are replaced.
-            writer = open_tensorboard(tb_dir, purge_step=start_step + 1 if start_step else None)
-        for step in range(start_step, run.max_steps):
-            t0 = time.perf_counter()
-            window: list[PackedBatch] = [next(batches) for _ in range(run.grad_accum)]
-            # Normalise by the loss tokens of the whole step on every rank; the gradient average
-            # over ranks (DDP all-reduce, FSDP2 reduce-scatter) divides by the world size, which the
-            # factor undoes.
-            loss_tokens = all_reduce_sum(sum(b.num_loss_tokens for b in window), device)
-            if loss_tokens == 0:
-                raise TrainError(
-                    f"step {step + 1} has no token to learn from; check data.train_on and the data."
-                )
-            total = torch.zeros((), device=device)
-            for i, micro in enumerate(window):
-                b = micro.to(device)
-                # Gradients of earlier micro-batches accumulate locally; the last one communicates.
-                with dp.gradient_sync(i == len(window) - 1):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss = _batch_loss(dp.module, b) * (info.world_size / loss_tokens)
-                    loss.backward()
-                total += loss.detach()
-            loss_value = all_reduce_sum(float(total), device) / info.world_size
-            clip = optim.grad_clip if optim.grad_clip > 0 else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            # With FSDP2 the norm is a replicated DTensor already reduced over every rank's shards.
-            grad_norm = scalar_value(norm)
-            if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
-                last = latest_checkpoint(out)
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                raise TrainError(
-                    f"non-finite {what} at step {step + 1}; "
-                    f"the weights were not updated. Last good checkpoint: {last or 'none'}. "
-                    "Lower optim.lr, raise warmup, or check the data."
-                )
-            lr = float(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_tokens = int(all_reduce_sum(sum(b.num_tokens for b in window), device))
-            tokens_seen += step_tokens
-            slots = int(all_reduce_sum(sum(b.input_ids.numel() for b in window), device))
-            padded_tokens, padded_slots = padded_tokens + step_tokens, padded_slots + slots
-            if loss_value < best_loss:
-                best_loss, best_step = loss_value, step + 1
-            record = {
-                "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                "loss_tokens": int(loss_tokens),
-                "tokens_per_s": step_tokens / max(time.perf_counter() - t0, 1e-9),
-                "padding_ratio": 1 - step_tokens / max(slots, 1),
-            }  # fmt: skip
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if writer is not None:
-                for name in SCALARS:
-                    writer.add_scalar(f"train/{name}", record[name], step + 1)
-            losses.append(loss_value)
-            bar.update(1)
-            if (step + 1) % max(run.log_every, 1) == 0:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if run.save_every and (step + 1) % run.save_every == 0 and step + 1 < run.max_steps:
-                # Gathering shards takes every rank; replicas are identical, so then only rank 0 reads.
-                gather = dp.sharded or info.is_main
-                weights, optim_state = (
-                    gather_train_state(model, optimizer, sharded=dp.sharded) if gather else ({}, {})
-                )
-                if info.is_main:  # one rank writes
-                    save_checkpoint(
-                        out,
-                        step + 1,
-                        model=model,
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        trainer_state={
-                            "data": loader.state_dict(),
-                            "tokens": tokens_seen,
-                            "best_loss": best_loss,
-                            "best_step": best_step,
-                            "padded_tokens": padded_tokens,
-                            "padded_slots": padded_slots,
-                        },
-                        keep_last=run.keep_last,
-                        model_state=weights,
-                        optimizer_state=optim_state,
-                    )
-                    if writer is not None:  # what TensorBoard shows survives a kill, like the checkpoint
-                        writer.flush()
-                barrier()
-        train_seconds = time.perf_counter() - started
-        final = out / "final"
-        model.eval()
-        whole = unsharded_model(model, sharded=dp.sharded)  # every rank takes part in the gather
-        if info.is_main:
-            assert whole is not None
-            if save_model is not None:
-                save_model(whole, final)
-            else:
-                save_pretrained(whole, final, tokenizer=tokenizer)
-        barrier()
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-        if writer is not None:
-            writer.close()
-    seconds = time.perf_counter() - started
-    memory, memory_kind = peak_memory(device)
-    logger.info(
-        "finished %d steps in %.1f s; final loss %.4f; model in %s", run.max_steps, seconds, loss_value, final
-    )
-    return TrainResult(
-        steps=run.max_steps,
-        final_loss=loss_value,
-        tokens=tokens_seen,
-        seconds=seconds,
-        model_dir=final,
-        losses=losses,
-        start_step=start_step,
-        best_loss=best_loss if best_step else math.nan,
-        best_step=best_step,
-        tokens_this_call=tokens_seen - start_tokens,
-        tokens_per_s=(tokens_seen - start_tokens) / max(train_seconds, 1e-9),
-        padding_ratio=1 - padded_tokens / padded_slots if padded_slots else 0.0,
-        peak_memory_bytes=int(all_reduce_max(memory, device)),
-        peak_memory_kind=memory_kind,
-        output_dir=out,
-        last_checkpoint=latest_checkpoint(out),
-        metrics_file=metrics_file,
-        tensorboard_dir=tb_dir,
-        world_size=info.world_size,
-        data_parallel=dp.mode,
-    )
+    training = _Training(model, tokenizer, data, optim, run)
+    training.setup(config_to_save)
+    return training.run(save_model)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from lmstack.train._errors import TrainError
+from lmstack.train.data._errors import TrainError
 
 __all__ = [
     "SCALARS",

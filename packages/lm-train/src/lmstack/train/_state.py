@@ -2,9 +2,10 @@
 
 A checkpoint is a directory ``<run>/checkpoints/step-00000042/`` holding the trainable weights, the
 optimizer and scheduler states, every random generator's state, and ``trainer_state.json`` (step,
-data position, counters). It is written into a temporary sibling and renamed into place, so a run
-killed mid-save leaves the previous checkpoint intact and no half-written one that looks complete;
-only the newest ``keep_last`` checkpoints are kept.
+data position, counters). It is written with lmstack-core's :func:`~lmstack.core.atomic_directory`
+(a hidden sibling, flushed, then swapped into place), so a run killed at any moment of a save leaves
+every earlier checkpoint complete and no half-written one that looks complete; only the newest
+``keep_last`` checkpoints are kept, and a pruned one is renamed out of sight before it is deleted.
 
 The files never depend on how the run was spread over processes: weights are whole tensors keyed by
 parameter name, and the optimizer state is in ``torch.optim.Optimizer.state_dict()``'s own layout
@@ -16,26 +17,22 @@ position in ``trainer_state.json`` is the loader's business: it needs the same b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from lmstack.core import CausalLM
-from lmstack.train._errors import TrainError
+from lmstack.core import CausalLM, atomic_directory
+from lmstack.train.data._errors import TrainError
 
 __all__ = [
-    "atomic_directory",
     "gather_train_state",
     "latest_checkpoint",
     "load_checkpoint",
@@ -160,31 +157,6 @@ def unsharded_model(model: CausalLM, *, sharded: bool) -> CausalLM | None:
     return plain.eval()
 
 
-@contextlib.contextmanager
-def atomic_directory(target: Path, *, prefix: str) -> Iterator[Path]:
-    """Write a directory all at once: fill the yielded empty sibling, and it replaces ``target``.
-
-    On leaving the block the files are fsynced and the directory renamed over ``target`` (an old one
-    is removed first); if the block raises, the temporary directory is removed and ``target`` is left
-    as it was. ``prefix`` names the temporary sibling (start it with ``.`` to keep it out of listings).
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700 directories
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     step: int,
@@ -204,18 +176,31 @@ def save_checkpoint(
     """
     root = Path(run_dir) / "checkpoints"
     target = root / f"step-{step:08d}"
-    with atomic_directory(target, prefix=".tmp-") as tmp:
+    with atomic_directory(target) as tmp:
         torch.save(trainable_state(model) if model_state is None else model_state, tmp / "model.pt")
         torch.save(
             optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt"
         )
         torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-        # The JSON goes last: a directory with it is complete.
+        # The JSON goes last: a directory with it is complete (one copied in by hand too).
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
-    for old in _checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(root, keep_last)
     logger.info("saved checkpoint %s", target)
     return target
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Deletes all but the newest ``keep_last`` checkpoints (and what an interrupted prune left).
+
+    Each is first renamed to a hidden name in one step, so a prune killed midway never leaves a
+    partly deleted directory that still looks like a complete checkpoint.
+    """
+    for leftover in root.glob(".step-*.pruned"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in _checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        hidden = root / f".{old.name}.pruned"
+        os.replace(old, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
 
 
 def _checkpoints(root: Path) -> list[Path]:

@@ -16,24 +16,23 @@ tokenization (format, fields, txt_mode, train_on, add_eos, error policies). A la
 key opens it without tokenizing; any change gives a new key. ``max_length``, packing and shuffling are
 applied afterwards and do not invalidate it.
 
-Writes are atomic: files go to a hidden ``.<key>.tmp-<host>-<pid>-<random>`` directory, ``meta.json``
-last, and the directory is renamed into place only when complete. A crash leaves only the hidden
-directory, never read (and removed by a later build on the same host once its process is gone). When
-two processes build the same key at once, the first rename wins and the other uses its result.
+Writes are atomic (lmstack-core's :func:`~lmstack.core.atomic_directory`): files go to a hidden
+staging sibling, ``meta.json`` last, and it takes the key's place only when complete, so the entry is
+at every instant absent, or complete (a corrupt entry found on disk is replaced the same way). A
+crash leaves only the hidden directory, never read (and removed by a later build on the same host once
+its process is gone). When two processes build the same key at once, each puts a complete, equal
+entry in place, and whichever lands last stays.
 Without ``cache_dir`` the dataset is written to a private temporary directory removed when the
 dataset object is garbage collected or the process exits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
-import socket
 import tempfile
 import weakref
 from array import array
@@ -45,11 +44,11 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm.auto import tqdm
 
-from lmstack.core import Tokenizer
+from lmstack.core import Tokenizer, atomic_directory
 from lmstack.core.tokenizer import INTERNLM2_CHAT_TEMPLATE
-from lmstack.train._config import DataConfig
-from lmstack.train._errors import DataError
-from lmstack.train.data._formats import Sample, SkipCounter, iter_samples
+from lmstack.train.data._config import DataConfig
+from lmstack.train.data._errors import DataError, SkipPolicy
+from lmstack.train.data._formats import Sample, iter_samples
 from lmstack.train.data._readers import resolve_data_files
 from lmstack.train.data._stats import DataStats
 from lmstack.train.data._tokenize import ChatTemplateError, SampleTokenizer, TokenizedSample
@@ -293,25 +292,14 @@ class _Writer:
         self.offsets.append(self.num_tokens)
 
     def finish(self, meta: dict[str, Any]) -> None:
-        with open(self.directory / "offsets.bin", "wb") as offsets:
-            offsets.write(np.frombuffer(self.offsets, dtype=np.int64).tobytes())
-            _sync(offsets)
-        for handle in self._handles.values():
-            _sync(handle)
-            handle.close()
-        with open(self.directory / "meta.json", "w", encoding="utf-8") as text:
-            json.dump(meta, text, indent=1)
-            text.flush()
-            os.fsync(text.fileno())
+        # No fsync here: atomic_directory flushes the whole entry before it takes its place.
+        (self.directory / "offsets.bin").write_bytes(np.frombuffer(self.offsets, dtype=np.int64).tobytes())
+        self.close()
+        (self.directory / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
-
-
-def _sync(handle: IO[Any]) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
 
 
 def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
@@ -323,22 +311,6 @@ def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
             batch = []
     if batch:
         yield batch
-
-
-def _remove_stale_staging(root: Path, key: str) -> None:
-    """Removes staging directories of this key left by crashed processes on this host."""
-    host = socket.gethostname().replace("-", "_")
-    for path in root.glob(f".{key}.tmp-*"):
-        parts = path.name.split(".tmp-", 1)[1].split("-")
-        if len(parts) != 3 or parts[0] != host:
-            continue
-        try:
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-            logger.info("removed %s, left by an interrupted tokenization", path)
-        except (ValueError, OSError):
-            continue
 
 
 def _tokenize_into(
@@ -354,7 +326,7 @@ def _tokenize_into(
         tokenizer, train_on=config.train_on, add_eos=config.add_eos, chat_template=config.chat_template
     )
     writer = _Writer(directory)
-    skips = SkipCounter()
+    skip_malformed = SkipPolicy(config.on_malformed, "data.on_malformed")
     try:
         progress = tqdm(
             desc="tokenizing", unit=" samples", disable=None if show_progress is None else not show_progress
@@ -368,7 +340,7 @@ def _tokenize_into(
                     except ChatTemplateError:
                         raise
                     except DataError as exc:
-                        skips.handle(exc, config.on_malformed, "data.on_malformed")
+                        skip_malformed(exc)
                         stats.skipped_malformed += 1
                 for tokenized in sample_tokenizer.encode(rendered):
                     writer.add(tokenized)
@@ -437,39 +409,17 @@ def tokenize_dataset(
             logger.info("reusing pre-tokenized data from %s", final)
             return TokenizedDataset(final, cache_hit=True)
         logger.warning("the cache entry %s is incomplete or corrupt: tokenizing again", final)
-        shutil.rmtree(final, ignore_errors=True)
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        with atomic_directory(final) as staging:
+            _tokenize_into(staging, files, tokenizer, config, key, show_progress)
     except OSError as exc:
-        raise DataError(f"cannot create the cache directory {root}: {exc}") from exc
-    _remove_stale_staging(root, key)
-    host = socket.gethostname().replace("-", "_")
-    staging = root / f".{key}.tmp-{host}-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    try:
-        _tokenize_into(staging, files, tokenizer, config, key, show_progress)
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not _sizes_ok(final):
-                raise
-            logger.info("another process cached %s first; using its copy", final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        _fsync_dir(root)
+        # Another process put the same entry in place first (renaming onto it then fails).
+        if not _sizes_ok(final):
+            raise DataError(f"cannot write the cache entry {final}: {exc}") from exc
+        logger.info("another process cached %s first; using its copy", final)
     dataset = TokenizedDataset(final)
     logger.info("tokenized %d samples (%d tokens) into %s", dataset.num_samples, dataset.num_tokens, final)
     return dataset
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_on_collect(dataset: TokenizedDataset, directory: Path) -> None:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmstack.train._config import DataConfig
-from lmstack.train._errors import DataError, format_location
+from lmstack.train.data._config import DataConfig
+from lmstack.train.data._errors import DataError, SkipPolicy
 from lmstack.train.data._readers import RawRecord, read_records
 from lmstack.train.data._stats import DataStats
 
@@ -41,6 +41,7 @@ __all__ = [
     "SHAREGPT_ROLES",
     "FormatName",
     "Sample",
+    "content_text",
     "detect_format",
     "iter_samples",
     "to_sample",
@@ -64,32 +65,6 @@ SHAREGPT_ROLES: dict[str, str] = {
 """ShareGPT ``from`` values and the role each becomes."""
 
 _DEFAULT_MESSAGES_FIELD = {"messages": "messages", "sharegpt": "conversations"}
-_WARN_LIMIT = 5
-
-
-class SkipCounter:
-    """Applies a ``fail``/``skip`` policy to bad records: raise with a hint, or warn (a few times)."""
-
-    def __init__(self) -> None:
-        self.warned = 0
-
-    def handle(self, exc: DataError, policy: str, option: str) -> None:
-        """Re-raise ``exc`` (with how to skip it) when ``policy`` is ``fail``; otherwise log it.
-
-        Args:
-            exc: The record's error.
-            policy: ``fail`` or ``skip``.
-            option: The config key that sets the policy (named in the message).
-        """
-        if policy == "fail":
-            raise type(exc)(
-                f"{exc.detail} (set {option}=skip to skip and count such records)",
-                source=exc.source,
-                line=exc.line,
-            ) from None
-        self.warned += 1
-        if self.warned <= _WARN_LIMIT:
-            logger.warning("skipping %s: %s", format_location(exc.source, exc.line), exc.detail)
 
 
 @dataclass
@@ -101,7 +76,7 @@ class Sample:
         text: The document, or None for a conversation.
         tools: JSON schemas of the tools offered in the conversation, passed to the chat template.
         source: The file it came from.
-        line: Where in that file (see :class:`~lmstack.train.data.RawRecord`).
+        line: Where in that file (see :class:`~lmstack.train.data._readers.RawRecord`).
     """
 
     messages: list[dict[str, Any]] | None = None
@@ -169,7 +144,11 @@ def detect_format(record: Any, *, text_field: str = "text", messages_field: str 
     )
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
+    """The text of a message's content: a string, or the joined ``text`` of its content parts.
+
+    Parts without string text (images, audio, a ``text`` of None) contribute nothing.
+    """
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -218,7 +197,7 @@ def _check_conversation(messages: list[dict[str, Any]], where: tuple[str, int]) 
     for index, message in enumerate(messages):
         if (
             message["role"] == "assistant"
-            and not _content_text(message.get("content")).strip()
+            and not content_text(message.get("content")).strip()
             and not message.get("tool_calls")
         ):
             raise EmptyTurnError(f"assistant turn (message {index}) is empty", source=source, line=line)
@@ -435,7 +414,9 @@ def iter_samples(
                 "use data.format=auto or text"
             )
         fmt: FormatName | None = None if config.format == "auto" else config.format
-        skips = SkipCounter()
+        # Per file, as the readers' malformed-line policy: the first few of each file are logged.
+        skip_empty = SkipPolicy(config.on_empty_assistant, "data.on_empty_assistant")
+        skip_malformed = SkipPolicy(config.on_malformed, "data.on_malformed")
         for raw in read_records(
             path, txt_mode=config.txt_mode, on_malformed=config.on_malformed, stats=stats
         ):
@@ -455,11 +436,11 @@ def iter_samples(
                 stats.skipped_empty += 1
                 continue
             except EmptyTurnError as exc:
-                skips.handle(exc, config.on_empty_assistant, "data.on_empty_assistant")
+                skip_empty(exc)
                 stats.skipped_empty += 1
                 continue
             except DataError as exc:
-                skips.handle(exc, config.on_malformed, "data.on_malformed")
+                skip_malformed(exc)
                 stats.skipped_malformed += 1
                 continue
             stats.formats[fmt] = stats.formats.get(fmt, 0) + 1

@@ -24,9 +24,9 @@ import numpy as np
 import torch.utils.data
 
 from lmstack.core import Tokenizer
-from lmstack.train._config import DataConfig
-from lmstack.train._errors import DataError, TrainError
 from lmstack.train.data._cache import tokenize_dataset
+from lmstack.train.data._config import DataConfig
+from lmstack.train.data._errors import DataError, TrainError
 from lmstack.train.data._packing import PackedDataset, PaddedDataset
 
 logger = logging.getLogger(__name__)

@@ -47,8 +47,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lmstack.core import DenseAttention, PackedAttention
-from lmstack.train._errors import DataError
 from lmstack.train.data._cache import TokenizedDataset
+from lmstack.train.data._errors import DataError
 from lmstack.train.data._stats import DataStats
 from lmstack.train.data._tokenize import IGNORE_INDEX, TokenizedSample
 
@@ -389,6 +389,9 @@ class _PlannedSamples:
         self.pad_id = int(pad_id)
         self.stats = replace(data.stats, formats=dict(data.stats.formats))
         self._pieces = _plan_pieces(data, self.max_length, on_overflow, self.stats)
+        # Pieces are numbered samples-that-fit first (the shuffled packing plan rests on that
+        # numbering); this is their order in the files, for unshuffled use.
+        self._file_order = np.lexsort((self._pieces.start, self._pieces.sample))
 
 
 class PackedDataset(_PlannedSamples, Dataset[PackedBin]):
@@ -403,7 +406,7 @@ class PackedDataset(_PlannedSamples, Dataset[PackedBin]):
         pad_id: The padding token id.
         on_overflow: What to do with samples longer than ``max_length`` (see the module docs).
         seed: Seed of the shuffle before packing.
-        shuffle: Shuffle the samples before packing (else pack them in order).
+        shuffle: Shuffle the samples before packing (else pack them in the order of the files).
         window: Samples packed together by best-fit decreasing (see :func:`best_fit_bins`).
 
     Attributes:
@@ -423,7 +426,7 @@ class PackedDataset(_PlannedSamples, Dataset[PackedBin]):
     ) -> None:
         super().__init__(data, max_length, pad_id=pad_id, on_overflow=on_overflow)
         count = self._pieces.sample.shape[0]
-        order = np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
+        order = np.random.default_rng(seed).permutation(count) if shuffle else self._file_order
         members: list[int] = []
         bounds = [0]
         for bin_items in best_fit_bins(self._pieces.length[order], self.max_length, window):
@@ -481,6 +484,8 @@ class PackedDataset(_PlannedSamples, Dataset[PackedBin]):
 class PaddedDataset(_PlannedSamples, Dataset[TokenizedSample]):
     """Tokenized samples one per row, with the same overflow rules as :class:`PackedDataset`.
 
+    Item ``i`` is the ``i``-th sample (or piece of a split sample) in the order of the files.
+
     Args:
         data: The tokenized samples.
         max_length: The longest row.
@@ -498,12 +503,12 @@ class PaddedDataset(_PlannedSamples, Dataset[TokenizedSample]):
     def __getitem__(self, index: int) -> TokenizedSample:
         if not -len(self) <= index < len(self):
             raise IndexError(f"item {index} out of range for {len(self)} items")
-        index %= len(self)
-        ids, labels = _piece(self.data, self._pieces, index)
+        k = int(self._file_order[index % len(self)])  # item i is the i-th piece in file order
+        ids, labels = _piece(self.data, self._pieces, k)
         return TokenizedSample(
             input_ids=ids.astype(np.int32),
             loss_mask=labels != IGNORE_INDEX,
-            is_chat=self.data.is_chat(int(self._pieces.sample[index])),
+            is_chat=self.data.is_chat(int(self._pieces.sample[k])),
         )
 
     def collate(self, samples: Sequence[TokenizedSample]) -> PaddedBatch:

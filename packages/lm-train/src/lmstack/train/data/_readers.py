@@ -29,11 +29,11 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal, NamedTuple
 
-from lmstack.train._errors import DataError, format_location
+from lmstack.train.data._errors import DataError, SkipPolicy
 from lmstack.train.data._stats import DataStats
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (
 """File name endings the readers understand."""
 
 _CHUNK = 1 << 20  # characters read at a time from a JSON array
-_WARN_LIMIT = 5  # skipped-line warnings logged per file; the rest are counted only
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -146,33 +145,26 @@ def _open_binary(path: Path) -> IO[bytes]:
         raise DataError(f"cannot open {path}: {exc}") from exc
 
 
-class _Malformed:
-    """Raises on a malformed line, or counts it and warns for the first few (``on_malformed``)."""
-
-    def __init__(self, source: str, on_malformed: str, stats: DataStats | None) -> None:
-        self.source = source
-        self.skip = on_malformed == "skip"
-        self.stats = stats
-        self.count = 0
-
-    def __call__(self, line: int, message: str) -> None:
-        if not self.skip:
-            raise DataError(
-                f"{message} (set data.on_malformed=skip to skip and count such records)",
-                source=self.source,
-                line=line,
-            )
-        self.count += 1
-        if self.stats is not None:
-            self.stats.skipped_malformed += 1
-            self.stats.records += 1
-        if self.count <= _WARN_LIMIT:
-            logger.warning("skipping %s: %s", format_location(self.source, line), message)
-        elif self.count == _WARN_LIMIT + 1:
-            logger.warning("%s: more malformed records skipped (counted, not logged)", self.source)
+_OnMalformed = Callable[[int, str], None]
+"""What a reader calls with the line and the problem of a malformed line."""
 
 
-def _read_jsonl(path: Path, malformed: _Malformed, first_line: int = 1) -> Iterator[RawRecord]:
+def _malformed_lines(
+    source: str, on_malformed: str, stats: DataStats | None
+) -> tuple[SkipPolicy, _OnMalformed]:
+    """The ``data.on_malformed`` policy of one file, and the function its readers call on a bad line."""
+    policy = SkipPolicy(on_malformed, "data.on_malformed")
+
+    def malformed(line: int, message: str) -> None:
+        policy(DataError(message, source=source, line=line))
+        if stats is not None:  # skipped (a failing policy has raised)
+            stats.skipped_malformed += 1
+            stats.records += 1
+
+    return policy, malformed
+
+
+def _read_jsonl(path: Path, malformed: _OnMalformed, first_line: int = 1) -> Iterator[RawRecord]:
     source = str(path)
     with _open_binary(path) as handle:
         try:
@@ -194,7 +186,7 @@ def _read_jsonl(path: Path, malformed: _Malformed, first_line: int = 1) -> Itera
             raise DataError(f"cannot read {path}: {exc}") from exc
 
 
-def _read_json(path: Path, malformed: _Malformed) -> Iterator[RawRecord]:
+def _read_json(path: Path, malformed: _OnMalformed) -> Iterator[RawRecord]:
     """Streams the elements of a top-level JSON array with ``raw_decode`` over a sliding buffer."""
     source = str(path)
     decoder = json.JSONDecoder()
@@ -290,7 +282,7 @@ def _read_json(path: Path, malformed: _Malformed) -> Iterator[RawRecord]:
             pos = end
 
 
-def _read_txt(path: Path, mode: str, malformed: _Malformed) -> Iterator[RawRecord]:
+def _read_txt(path: Path, mode: str, malformed: _OnMalformed) -> Iterator[RawRecord]:
     source = str(path)
     with _open_binary(path) as handle:
         try:
@@ -387,7 +379,7 @@ def read_records(
         raise DataError(f"{file}: no such data file")
     if txt_mode not in ("paragraph", "line", "file"):
         raise DataError(f"txt_mode must be 'paragraph', 'line' or 'file', got {txt_mode!r}")
-    malformed = _Malformed(str(file), on_malformed, stats)
+    policy, malformed = _malformed_lines(str(file), on_malformed, stats)
     base = kind.removesuffix(".gz")
     records: Iterator[RawRecord]
     if base == ".jsonl":
@@ -404,5 +396,5 @@ def read_records(
         if stats is not None:
             stats.records += 1
         yield record
-    if malformed.count:
-        logger.warning("%s: skipped %d malformed records", file, malformed.count)
+    if policy.count:
+        logger.warning("%s: skipped %d malformed records", file, policy.count)

@@ -38,8 +38,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from lmstack.core import LMStackError, Tokenizer
-from lmstack.train._errors import DataError
-from lmstack.train.data._formats import Sample
+from lmstack.train.data._errors import DataError
+from lmstack.train.data._formats import Sample, content_text
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +92,6 @@ class RenderedSample:
     text: str
     spans: list[tuple[int, int]]
     is_chat: bool
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            p if isinstance(p, str) else str(p.get("text", ""))
-            for p in content
-            if isinstance(p, (str, Mapping))
-        )
-    return ""
 
 
 def _difference(a: str, b: str) -> str:
@@ -229,7 +217,7 @@ class SampleTokenizer:
     def _locate_reply(self, sample: Sample, i: int, full: str, lo: int, hi: int) -> int:
         """Where assistant turn ``i``'s text starts in ``full[lo:hi]`` (templates without a prompt)."""
         messages = sample.messages or []
-        content = _content_text(messages[i].get("content"))
+        content = content_text(messages[i].get("content"))
         for needle in (content, content.strip()):
             if needle:
                 found = full.rfind(needle, lo, hi)

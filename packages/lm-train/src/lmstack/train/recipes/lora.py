@@ -29,8 +29,8 @@ How a run goes:
    the adapters were trained against.
 
 Example:
-    >>> from lmstack.train import load_config
-    >>> cfg = load_config(LoRAConfig, None, ["--model", "out/runs/pretrain-world/final", "--merge"])
+    >>> from lmstack.train import load_train_config
+    >>> cfg = load_train_config(LoRAConfig, None, ["--model", "out/runs/pretrain-world/final", "--merge"])
     >>> cfg.lora.r, cfg.lora.target_modules[:2], cfg.optim.lr
     (16, ['q_proj', 'k_proj'], 0.0002)
     >>> result = qlora(cfg)  # doctest: +SKIP
@@ -56,12 +56,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.core import CausalLM, Tokenizer, load_pretrained, save_pretrained
-from lmstack.train._config import DataConfig
+from lmstack.core import CausalLM, Tokenizer, atomic_directory, load_pretrained, save_pretrained
 from lmstack.train._dist import init_distributed
-from lmstack.train._errors import TrainConfigError, TrainError
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
-from lmstack.train._state import atomic_directory
+from lmstack.train.data._config import DataConfig
+from lmstack.train.data._errors import TrainConfigError, TrainError
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -418,7 +417,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, base_model: 
     state = peft.get_peft_model_state_dict(model, adapter_name=_ADAPTER, save_embedding_layers=False)
     tensors = {_PEFT_PREFIX + key: value.detach().to("cpu").contiguous() for key, value in state.items()}
     target = Path(path).absolute()
-    with atomic_directory(target, prefix=f".{target.name}.tmp-") as tmp:
+    with atomic_directory(target) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
     logger.info("saved the adapter (%d tensors) to %s", len(tensors), target)

@@ -13,10 +13,10 @@ from typing import Literal
 import torch
 
 from lmstack.core import CausalLM, ModelConfig, Tokenizer, train_bpe_tokenizer
-from lmstack.train._config import DataConfig
 from lmstack.train._dist import barrier, init_distributed
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
 from lmstack.train.data import iter_samples, resolve_data_files
+from lmstack.train.data._config import DataConfig
 
 __all__ = ["ArchConfig", "PretrainConfig", "TokenizerConfig", "pretrain"]
 

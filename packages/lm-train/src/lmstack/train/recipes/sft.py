@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmstack.core import Tokenizer, load_pretrained
-from lmstack.train._config import DataConfig
-from lmstack.train._errors import TrainConfigError
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
+from lmstack.train.data._config import DataConfig
+from lmstack.train.data._errors import TrainConfigError
 
 __all__ = ["SFTConfig", "sft"]
 

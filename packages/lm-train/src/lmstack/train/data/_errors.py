@@ -1,14 +1,20 @@
 """The errors lmstack-train raises on purpose.
 
 Everything derives from :class:`lmstack.core.LMStackError`, so one ``except`` clause catches the whole
-stack; :class:`TrainError` catches this layer alone.
+stack; :class:`TrainError` catches this layer alone. They live in ``data/`` because the data pipeline
+is the bottom of the layer (the loop and the recipes import it, never the reverse); ``lmstack.train``
+exports them.
 """
 
 from __future__ import annotations
 
+import logging
+
 from lmstack.core import ConfigError, LMStackError
 
-__all__ = ["DataError", "TrainConfigError", "TrainError"]
+__all__ = ["DataError", "SkipPolicy", "TrainConfigError", "TrainError", "format_location"]
+
+logger = logging.getLogger(__name__)
 
 
 class TrainError(LMStackError):
@@ -62,3 +68,44 @@ def format_location(source: str | None, line: int | None) -> str:
     if source.endswith(".parquet"):
         return f"{source}, row {line}"
     return f"{source}:{line}"
+
+
+_WARN_LIMIT = 5  # skipped records logged one by one; the rest are counted only
+
+
+class SkipPolicy:
+    """What to do with a bad record: ``fail`` (raise, saying how to skip) or ``skip`` (warn, count).
+
+    The one policy of every ``data.on_*`` option: readers apply it to malformed lines, the formats to
+    malformed or empty records, tokenization to records the chat template refuses.
+
+    Args:
+        policy: ``fail`` or ``skip``.
+        option: The config key that sets it (``data.on_malformed``), named in the error.
+
+    Attributes:
+        count: Records skipped so far.
+    """
+
+    def __init__(self, policy: str, option: str) -> None:
+        self.policy = policy
+        self.option = option
+        self.count = 0
+
+    def __call__(self, exc: DataError) -> None:
+        """Applies the policy to one bad record: re-raise, or count (and warn about the first few).
+
+        Raises:
+            DataError: Of ``exc``'s own class, when the policy is ``fail``.
+        """
+        if self.policy == "fail":
+            raise type(exc)(
+                f"{exc.detail} (set {self.option}=skip to skip and count such records)",
+                source=exc.source,
+                line=exc.line,
+            ) from None
+        self.count += 1
+        if self.count <= _WARN_LIMIT:
+            logger.warning("skipping %s: %s", format_location(exc.source, exc.line), exc.detail)
+        elif self.count == _WARN_LIMIT + 1:
+            logger.warning("more records skipped under %s=skip (counted, not logged)", self.option)
