@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmstack.core import LMStackError, atomic_directory
+from lmstack.core import LMStackError, atomic_directory, atomic_write_file
 from lmstack.core._atomic import recover_directory
 
 OLD = {"a.txt": "old a", "b.txt": "old b", "sub/deep.txt": "old deep"}
@@ -182,3 +182,55 @@ def test_a_live_writers_staging_is_not_touched(old_dir: Path) -> None:
         recover_directory(old_dir)  # a reader or a second writer looking at the target meanwhile
         assert tmp.is_dir() and _read(tmp) == NEW
     assert _read(old_dir) == NEW
+
+
+# -- single files -----------------------------------------------------------------------------------------
+
+
+def test_atomic_write_file_creates_and_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "run" / "config.yaml"
+    assert atomic_write_file(target, "a: 1\n") == target
+    atomic_write_file(target, b"a: 2\n")
+    assert target.read_bytes() == b"a: 2\n"
+    assert _siblings(target) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_atomic_write_file_refuses_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(LMStackError, match="is a directory"):
+        atomic_write_file(tmp_path, "x")
+
+
+_FILE_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from lmstack.core import _atomic
+
+    real = getattr(os, sys.argv[2])
+    def killing(*args, **kwargs):
+        os._exit(9)
+    class _Os:
+        def __getattr__(self, attr):
+            return getattr(os, attr)
+    proxy = _Os()
+    setattr(proxy, sys.argv[2], killing)
+    _atomic.os = proxy
+    _atomic.atomic_write_file(sys.argv[1], "new contents " * 10_000)
+    os._exit(0)
+    """
+)
+
+
+@pytest.mark.parametrize("step", ["fsync", "replace"])
+def test_atomic_write_file_killed_leaves_the_old_file(tmp_path: Path, step: str) -> None:
+    target = tmp_path / "config.yaml"
+    target.write_text("old contents")
+    args = [sys.executable, "-c", _FILE_CHILD, str(target), step]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert proc.returncode == 9, proc.stderr
+    assert target.read_text() == "old contents"
+    atomic_write_file(target, "next")  # the next write works and clears the dead writer's sibling
+    assert target.read_text() == "next"
+    assert _siblings(target) == []

@@ -13,7 +13,7 @@ The bottom of the lmstack stack. Everything a higher layer needs from a model li
   chat template (InternLM2 ChatML built in), byte-level BPE training.
 """
 
-from lmstack.core._atomic import atomic_directory
+from lmstack.core._atomic import atomic_directory, atomic_write_file
 from lmstack.core._config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, load_config
 from lmstack.core._errors import CheckpointError, ConfigError, LMStackError, TokenizerError
 from lmstack.core.checkpoint import load_pretrained, save_pretrained
@@ -37,6 +37,7 @@ __all__ = [
     "TokenizerError",
     "__version__",
     "atomic_directory",
+    "atomic_write_file",
     "load_config",
     "load_pretrained",
     "save_pretrained",

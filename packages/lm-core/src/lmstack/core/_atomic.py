@@ -6,6 +6,9 @@ fills it, and on a clean exit it is flushed to disk and swapped with the target 
 guarantee: at every instant the target path holds either the complete old directory or the complete new
 one, whatever kills the writer (an exception, SIGKILL, power loss after the flush).
 
+A single file (a run's ``config.yaml`` beside its checkpoints) gets the same guarantee from
+:func:`atomic_write_file`: written to a hidden sibling, flushed, and renamed over the target.
+
 The swap is ``renameat2(RENAME_EXCHANGE)`` where the kernel and filesystem offer it (Linux 3.15+: ext4,
 xfs, btrfs, tmpfs). Elsewhere it is two renames (target aside, new into place); a writer killed between
 them leaves the old directory complete beside the empty path, and the next write to that target, or
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from lmstack.core._errors import LMStackError
 
-__all__ = ["atomic_directory", "recover_directory"]
+__all__ = ["atomic_directory", "atomic_write_file", "recover_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,3 +220,49 @@ def atomic_directory(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _fsync_dir(target.parent)
+
+
+def atomic_write_file(path: str | os.PathLike[str], data: str | bytes, *, encoding: str = "utf-8") -> Path:
+    """Replace the file ``path`` all at once with ``data``: it holds the old bytes or the new, never part.
+
+    The data goes to a hidden sibling, is flushed to disk, and is renamed over ``path`` (one atomic
+    step on POSIX); the parent directory is then flushed too. On any failure the sibling is removed and
+    ``path`` is untouched; a sibling left by a killed writer is removed by the next write. Parent
+    directories are created.
+
+    Args:
+        path: The file to create or replace.
+        data: Its new contents; ``str`` is encoded with ``encoding``.
+        encoding: The text encoding for ``str`` data.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        LMStackError: ``path`` is a directory.
+        OSError: The file could not be written (the old one is left as it was).
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise LMStackError(f"{target} is a directory; give the path of a file to write.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):  # a killed writer's
+        if leftover.is_file() and _stale(leftover):
+            leftover.unlink(missing_ok=True)
+    payload = data.encode(encoding) if isinstance(data, str) else data
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_HOST}-{os.getpid()}-", dir=target.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the mode an open() would
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    return target

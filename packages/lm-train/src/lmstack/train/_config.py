@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from lmstack.core import LMStackError, atomic_write_file
 from lmstack.train._coerce import build_config, to_plain
 from lmstack.train.data._errors import TrainConfigError
 
@@ -113,16 +113,7 @@ def save_config(cfg: Any, path: str | os.PathLike[str]) -> None:
     data = config_to_dict(cfg)
     target = Path(path)
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
+        atomic_write_file(target, text)
+    except (OSError, LMStackError) as exc:
         raise TrainConfigError(f"cannot write the config to {str(target)!r}: {exc}") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
