@@ -113,8 +113,9 @@ def layers(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Mypy over the libraries' sources that have landed (settings in pyproject.toml)."""
-    _install(session, "mypy", "types-PyYAML", _local("core"), _local("infer"), _local("train"))
-    sources = [f"packages/lm-{layer}/src" for layer in ("core", "infer", "train")]
+    landed = ("core", "infer", "train", "eval")
+    _install(session, "mypy", "types-PyYAML", *(_local(layer) for layer in landed))
+    sources = [f"packages/lm-{layer}/src" for layer in landed]
     session.run("mypy", *sources, *session.posargs)
 
 

@@ -1,9 +1,46 @@
-"""lmstack.eval: Benchmarks and evaluation.
+"""lmstack.eval: benchmarks and evaluation on any model behind the LLM protocol.
 
-This layer's features have not landed yet; the package installs, versions and
-imports so that the stack's layout, layering and CI are real from day one.
+Landed so far (issue 10 is in progress; the runner, the cache and ``lmstack eval`` come next):
+
+* :mod:`lmstack.eval.tasks`: tasks as data — :class:`TaskConfig` from lmstack's YAML or Python, or an
+  lm-evaluation-harness task YAML (:func:`load_task_config`); local jsonl / json / csv / parquet data;
+  jinja2 templates; few-shot examples seeded per document; chat-template mode; typed
+  :class:`Request` objects with stable hashes, and per-document :class:`DocTarget` answers.
+* :mod:`lmstack.eval.metrics`: acc / acc_norm, exact match with normalisers and answer extraction,
+  math answer equivalence, BLEU, ROUGE-L, perplexities and bits per byte, pass@k, mean and bootstrap
+  standard errors, micro / macro groups; a registry by name (:func:`get_metric`).
 """
+
+from lmstack.eval._errors import (
+    DatasetError,
+    EvalError,
+    MetricError,
+    TaskConfigError,
+    TemplateError,
+    UnknownTaskError,
+)
+from lmstack.eval.metrics import Metric, Score, UnknownMetricError, get_metric, metric_names
+from lmstack.eval.tasks import DocTarget, Request, Task, TaskConfig, load_task, load_task_config
 
 __version__ = "0.1.0"
 
-__all__: list[str] = []
+__all__ = [
+    "DatasetError",
+    "DocTarget",
+    "EvalError",
+    "Metric",
+    "MetricError",
+    "Request",
+    "Score",
+    "Task",
+    "TaskConfig",
+    "TaskConfigError",
+    "TemplateError",
+    "UnknownMetricError",
+    "UnknownTaskError",
+    "__version__",
+    "get_metric",
+    "load_task",
+    "load_task_config",
+    "metric_names",
+]

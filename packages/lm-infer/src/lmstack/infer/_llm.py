@@ -4,8 +4,9 @@
 (:meth:`LLM.generate`, :meth:`LLM.chat`) drive the engine in the caller's thread; async streams
 (:meth:`LLM.stream`) are served by a background thread. Both share the engine under a lock, so a
 stream and a batch generation run in the same continuous batch. Every step's outputs are routed to
-the caller that owns each request. Scoring (:meth:`LLM.loglikelihood`, :meth:`LLM.prompt_logprobs`)
-runs packed forwards of its own, written in :mod:`lmstack.infer._scoring`.
+the caller that owns each request. Scoring (:meth:`LLM.loglikelihood`,
+:meth:`LLM.loglikelihood_rolling`, :meth:`LLM.prompt_logprobs`) runs packed forwards of its own,
+written in :mod:`lmstack.infer._scoring`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ from tqdm.auto import tqdm
 
 from lmstack.core import CausalLM, Tokenizer, load_pretrained
 from lmstack.infer._errors import InferError, InvalidRequestError
-from lmstack.infer._inputs import Message, Prompt, as_batch, as_conversations, as_params, is_conversation
+from lmstack.infer._inputs import (
+    Message,
+    Prompt,
+    as_batch,
+    as_conversations,
+    as_params,
+    check_max_length,
+    is_conversation,
+    plan_rolling,
+    rolling_token_lists,
+    sum_rolling,
+)
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
 from lmstack.infer._sampling_params import SamplingParams
 from lmstack.infer._scoring import check_prompt, prompt_logprobs, score_pairs, split_pair
@@ -343,6 +355,52 @@ class LLM:
         disable = None if use_tqdm is None else not use_tqdm
         with tqdm(total=len(pairs), desc="Scoring", unit="req", disable=disable) as bar:
             return score_pairs(self.engine, pairs, max_batch_tokens, bar.update)
+
+    def loglikelihood_rolling(
+        self,
+        texts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        max_length: int | None = None,
+        max_batch_tokens: int = 4096,
+        use_tqdm: bool | None = None,
+    ) -> list[float]:
+        """Log-likelihood of each whole text, scored in rolling windows: perplexity and bits per byte.
+
+        For each text, the summed log-probability of all its tokens, the first one conditioned on the
+        tokenizer's bos (else eos) token, as lm-evaluation-harness's ``loglikelihood_rolling`` computes
+        it. A text longer than ``max_length`` tokens is cut into windows: the first predicts its
+        first ``max_length`` tokens, each later one the next ``max_length`` (fewer at the end), seeing
+        the ``max_length`` tokens before its last one, so every token is scored exactly once.
+
+        Text is tokenized as lm-evaluation-harness's HF model does: with the tokenizer's special
+        tokens (a leading bos where the tokenizer adds one), unless it already starts with the prefix
+        token's text. Token-id lists are taken as already tokenized. A text with no tokens (an empty
+        id list) scores 0.0, as in lm-evaluation-harness. The windows of all texts are packed into
+        forwards together, and each window attends only to its own tokens, so a text's score does not
+        depend on which other texts are scored with it or on ``max_batch_tokens`` (beyond float
+        rounding: a matmul may round one row differently next to other rows, about 1e-7 relative).
+
+        Args:
+            texts: Texts, or token-id lists (a list of them, even for one).
+            max_length: Most tokens the model sees in one window (default: ``max_model_len``).
+            max_batch_tokens: Token budget of one packed forward pass (a longer window runs alone).
+            use_tqdm: Show a progress bar over the windows (default: only on an interactive terminal).
+
+        Returns:
+            One summed log-probability per text, in the texts' order.
+
+        Raises:
+            InvalidRequestError: ``max_length`` below 2 or above ``max_model_len``, an item that is
+                neither text nor token ids, or ids outside the vocabulary (nothing is scored then).
+        """
+        limit = self.engine.max_model_len
+        length = check_max_length(max_length, limit) or limit
+        token_lists = rolling_token_lists(texts, self.tokenizer, self.engine.vocab_size)
+        pairs, owners = plan_rolling(token_lists, self.tokenizer, length)
+        disable = None if use_tqdm is None else not use_tqdm
+        with tqdm(total=len(pairs), desc="Scoring windows", unit="win", disable=disable) as bar:
+            scores = score_pairs(self.engine, pairs, max_batch_tokens, bar.update)
+        return sum_rolling(len(token_lists), owners, [logprob for logprob, _ in scores])
 
     def prompt_logprobs(self, token_ids: Sequence[int], top_k: int = 0) -> list[dict[int, float] | None]:
         """Log-probability of each prompt token given the tokens before it, from one forward pass.

@@ -58,3 +58,18 @@ class LLMProtocol(Protocol):
     ) -> list[tuple[float, bool]]:
         """For each ``(context, continuation)``: summed log-probability of the continuation, and is-greedy."""
         ...
+
+    def loglikelihood_rolling(
+        self,
+        texts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        max_length: int | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[float]:
+        """For each text (or token-id list): the summed log-probability of all its tokens.
+
+        The first token is conditioned on the bos (else eos) token; a text longer than ``max_length``
+        tokens is scored in rolling windows, each conditioned on the tokens before it
+        (lm-evaluation-harness's ``loglikelihood_rolling``). Used for perplexity and bits per byte.
+        """
+        ...

@@ -22,8 +22,12 @@ from lmstack.infer._inputs import (
     as_batch,
     as_conversations,
     as_params,
+    check_max_length,
     is_conversation,
+    plan_rolling,
+    rolling_token_lists,
     split_whitespace,
+    sum_rolling,
 )
 from lmstack.infer._outputs import RequestOutput
 from lmstack.infer._protocol import LLMProtocol
@@ -34,6 +38,8 @@ from lmstack.infer.remote._response import (
     RemoteRequestOutput,
     StreamAssembler,
     Usage,
+    context_length,
+    model_cards,
     parse_chat,
     parse_completion,
 )
@@ -55,14 +61,15 @@ class RemoteLLM:
 
     ``generate`` uses ``POST /v1/completions``, ``chat`` ``POST /v1/chat/completions``, ``stream`` either
     of them with server-sent events, and ``loglikelihood`` ``/v1/completions`` with ``echo`` and
-    ``logprobs``. Each prompt is its own request; a batch runs concurrently, at most
-    ``max_concurrency`` requests in flight. Failed attempts are retried with exponential backoff and
-    jitter on 408/409/429/5xx, connection errors and timeouts, honouring ``Retry-After``; other
-    errors raise at once with the server's message.
+    ``logprobs`` (``loglikelihood_rolling`` too, one request per window). Each prompt is its own
+    request; a batch runs concurrently, at most ``max_concurrency`` requests in flight. Failed
+    attempts are retried with exponential backoff and jitter on 408/409/429/5xx, connection errors
+    and timeouts, honouring ``Retry-After``; other errors raise at once with the server's message.
 
     Synchronous methods may be called from any thread (and from inside a running event loop, which
-    they block); ``agenerate``, ``achat``, ``aloglikelihood`` and ``amodels`` are their ``async``
-    counterparts. All requests run on one private event loop thread that shares one connection pool.
+    they block); ``agenerate``, ``achat``, ``aloglikelihood``, ``aloglikelihood_rolling`` and
+    ``amodels`` are their ``async`` counterparts. All requests run on one private event loop thread
+    that shares one connection pool.
 
     Args:
         base_url: The server, such as ``"http://127.0.0.1:8000"`` or ``"http://127.0.0.1:8000/v1"``
@@ -221,13 +228,13 @@ class RemoteLLM:
 
     async def _models(self) -> list[str]:
         body = await self._transport.request_json("GET", "models")
-        data = body.get("data") if isinstance(body, Mapping) else None
-        if not isinstance(data, list):
-            raise RemoteError(
-                f"GET {self.base_url}/models did not return a model list; is it an OpenAI-compatible server?",
-                server=self.base_url,
-            )
-        return [str(m["id"]) for m in data if isinstance(m, Mapping) and "id" in m]
+        return [str(card["id"]) for card in model_cards(body, self.base_url)]
+
+    async def _context_length(self) -> int | None:
+        """The served model's context length, as ``GET /v1/models`` reports it (None if it does not)."""
+        model = await self._model_name()
+        body = await self._transport.request_json("GET", "models")
+        return context_length(model_cards(body, self.base_url), model)
 
     async def _gather(self, coros: Sequence[Awaitable[T]], desc: str, use_tqdm: bool | None) -> list[T]:
         """Runs ``coros`` concurrently, in order; the first failure cancels the rest and is raised."""
@@ -601,6 +608,88 @@ class RemoteLLM:
         """Async :meth:`loglikelihood`."""
         jobs = self._scoring_jobs(requests)
         return await self._arun(self._loglikelihood(jobs, use_tqdm))
+
+    # -- protocol: loglikelihood_rolling ---------------------------------------------------------------------
+    async def _loglikelihood_rolling(
+        self, token_lists: list[list[int]], max_length: int | None, use_tqdm: bool | None
+    ) -> list[float]:
+        if not any(token_lists):
+            return [0.0] * len(token_lists)
+        served = await self._context_length()
+        # The echoed prompt is the window plus the token it predicts last: one more than the model sees.
+        limit = None if served is None else served - 1
+        if max_length is None:
+            if limit is None:
+                raise InvalidRequestError(
+                    f"{self.base_url} does not report its context length (max_model_len in GET /models): "
+                    "pass max_length= to loglikelihood_rolling.",
+                    param="max_length",
+                )
+            max_length = limit
+        length = check_max_length(max_length, limit) or max_length
+        pairs, owners = plan_rolling(token_lists, self.tokenizer, length)
+        scores = await self._gather(
+            [self._score_one(ctx + cont, len(cont)) for ctx, cont in pairs], "Scoring windows", use_tqdm
+        )
+        return sum_rolling(len(token_lists), owners, [logprob for logprob, _ in scores])
+
+    def _rolling_inputs(
+        self, texts: Sequence[str] | Sequence[Sequence[int]], max_length: int | None
+    ) -> list[list[int]]:
+        check_max_length(max_length, None)
+        return rolling_token_lists(texts, self.tokenizer, None)
+
+    def loglikelihood_rolling(
+        self,
+        texts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        max_length: int | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[float]:
+        """Log-likelihood of each whole text, scored in rolling windows: perplexity and bits per byte.
+
+        The same windows and numbers as :meth:`LLM.loglikelihood_rolling
+        <lmstack.infer.LLM.loglikelihood_rolling>` (lm-evaluation-harness's semantics): the text is
+        tokenized here with the given tokenizer, cut into windows of at most ``max_length`` tokens, the
+        first conditioned on the bos (else eos) token and each later one on the tokens before it, and
+        each window is one ``/v1/completions`` request with its token ids, ``echo: true, logprobs: 1,
+        max_tokens: 0``, at most ``max_concurrency`` in flight; its last tokens' log-probs are summed.
+
+        The echoed prompt holds one token more than the model sees (the last one, predicted but not
+        fed), and servers check the whole prompt against their context, so ``max_length`` defaults
+        to the context length the server reports in ``GET /v1/models`` minus one. For the same numbers
+        as a local :class:`~lmstack.infer.LLM`, pass the same ``max_length`` to both.
+
+        Args:
+            texts: Texts, or token-id lists (a list of them, even for one).
+            max_length: Most tokens the model sees in one window (default: the server's context
+                length minus one; required when the server does not report it).
+            use_tqdm: Show a progress bar over the windows (default: only on an interactive terminal).
+
+        Returns:
+            One summed log-probability per text, in the texts' order (0.0 for a text with no tokens).
+
+        Raises:
+            TokenizerUnavailableError: no ``tokenizer=`` was given (it tokenizes text and names the
+                bos token that starts every text).
+            InvalidRequestError: ``max_length`` below 2 or above what the server can score, or an
+                item that is neither text nor token ids.
+            RemoteUnsupportedError: the server does not return prompt log-probs.
+            RemoteError: a request failed otherwise.
+        """
+        token_lists = self._rolling_inputs(texts, max_length)
+        return self._run(self._loglikelihood_rolling(token_lists, max_length, use_tqdm))
+
+    async def aloglikelihood_rolling(
+        self,
+        texts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        max_length: int | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[float]:
+        """Async :meth:`loglikelihood_rolling`."""
+        token_lists = self._rolling_inputs(texts, max_length)
+        return await self._arun(self._loglikelihood_rolling(token_lists, max_length, use_tqdm))
 
 
 # A RemoteLLM without a tokenizer still implements the protocol: on Python < 3.12, isinstance() probes the

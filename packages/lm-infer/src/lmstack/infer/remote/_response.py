@@ -23,6 +23,8 @@ __all__ = [
     "RemoteRequestOutput",
     "StreamAssembler",
     "Usage",
+    "context_length",
+    "model_cards",
     "parse_chat",
     "parse_completion",
     "stream_error",
@@ -69,6 +71,33 @@ class Usage:
         self.total_tokens += other.total_tokens
         if other.cached_tokens is not None:
             self.cached_tokens = (self.cached_tokens or 0) + other.cached_tokens
+
+
+def model_cards(body: Any, server: str) -> list[Mapping[str, Any]]:
+    """The model objects of a ``GET /v1/models`` response (each has an ``id``).
+
+    Raises:
+        RemoteError: the response holds no model list.
+    """
+    data = body.get("data") if isinstance(body, Mapping) else None
+    if not isinstance(data, list):
+        raise RemoteError(
+            f"GET {server}/models did not return a model list; is it an OpenAI-compatible server?",
+            server=server,
+        )
+    return [card for card in data if isinstance(card, Mapping) and "id" in card]
+
+
+def context_length(cards: Sequence[Mapping[str, Any]], model: str) -> int | None:
+    """The context length the server reports for ``model``, or None when it does not say.
+
+    lmstack serve and vLLM put it in each model object as ``max_model_len``.
+    """
+    for card in cards:
+        value = card.get("max_model_len")
+        if str(card["id"]) == model and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 @dataclass
