@@ -292,7 +292,7 @@ def test_unknown_metric_names_the_known_ones() -> None:
 
 
 def test_registry_directions_and_options() -> None:
-    higher = {"acc", "acc_norm", "acc_bytes", "exact_match", "math_equiv", "bleu", "rouge_l"}
+    higher = {"acc", "acc_norm", "acc_bytes", "exact_match", "contains", "math_equiv", "bleu", "rouge_l"}
     lower = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"}
     assert set(metric_names()) == higher | lower
     for name in higher:

@@ -1,7 +1,9 @@
 """lmstack.eval: benchmarks and evaluation on any model behind the LLM protocol.
 
-Landed so far (issue 10 is in progress; the runner, the cache and ``lmstack eval`` come next):
-
+* :func:`evaluate` (and ``lmstack eval``): tasks against any LLM-protocol model, every answer in a
+  SQLite cache keyed by model fingerprint and request hash (a killed run resumes with nothing
+  recomputed), ``--shard i/n`` with mergeable caches, and ``results.json`` / ``results.md`` /
+  ``samples/``; :func:`rescore` scores a cache again without a model. See :mod:`lmstack.eval.runner`.
 * :mod:`lmstack.eval.tasks`: tasks as data — :class:`TaskConfig` from lmstack's YAML or Python, or an
   lm-evaluation-harness task YAML (:func:`load_task_config`); local jsonl / json / csv / parquet data;
   jinja2 templates; few-shot examples seeded per document; chat-template mode; typed
@@ -11,6 +13,7 @@ Landed so far (issue 10 is in progress; the runner, the cache and ``lmstack eval
   standard errors, micro / macro groups; a registry by name (:func:`get_metric`).
 """
 
+from lmstack.eval._api import EvalResult, evaluate, rescore
 from lmstack.eval._errors import (
     DatasetError,
     EvalError,
@@ -28,6 +31,7 @@ __all__ = [
     "DatasetError",
     "DocTarget",
     "EvalError",
+    "EvalResult",
     "Metric",
     "MetricError",
     "Request",
@@ -39,8 +43,10 @@ __all__ = [
     "UnknownMetricError",
     "UnknownTaskError",
     "__version__",
+    "evaluate",
     "get_metric",
     "load_task",
     "load_task_config",
     "metric_names",
+    "rescore",
 ]

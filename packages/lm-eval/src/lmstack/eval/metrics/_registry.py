@@ -20,7 +20,7 @@ from lmstack.eval.metrics._likelihood import RollingResult
 from lmstack.eval.metrics._math import math_equiv
 from lmstack.eval.metrics._overlap import bleu_corpus, bleu_stats, rouge_l
 from lmstack.eval.metrics._stats import Score, bootstrap_stderr, mean, mean_stderr
-from lmstack.eval.metrics._text import GenerationResult, exact_match
+from lmstack.eval.metrics._text import GenerationResult, contains, exact_match
 
 __all__ = [
     "LoglikelihoodResult",
@@ -220,6 +220,7 @@ for _metric in (
     Metric("acc_norm", (ChoiceResult,), acc_norm, mean, True),
     Metric("acc_bytes", (ChoiceResult,), acc_bytes, mean, True),
     Metric("exact_match", (GenerationResult,), exact_match, mean, True, _EXACT_MATCH_OPTIONS),
+    Metric("contains", (GenerationResult,), contains, mean, True, ("ignore_case",)),
     Metric("math_equiv", (GenerationResult,), math_equiv, mean, True, ("rel_tol",)),
     Metric("bleu", (GenerationResult,), bleu_stats, bleu_corpus, True, bootstrap=True),
     Metric("rouge_l", (GenerationResult,), rouge_l, mean, True),

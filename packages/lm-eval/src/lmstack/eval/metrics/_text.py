@@ -22,6 +22,7 @@ __all__ = [
     "EXTRACTION_STRATEGIES",
     "Extraction",
     "GenerationResult",
+    "contains",
     "exact_match",
     "extract_answer",
     "normalize_text",
@@ -280,3 +281,23 @@ def extract_answer(
         if found:
             return Extraction(answer=found, ok=True, strategy=name)
     return Extraction(answer=fallback, ok=False, strategy=None)
+
+
+def contains(result: GenerationResult, *, ignore_case: bool = False) -> float:
+    """1.0 when a reference occurs in the prediction as whole words, else 0.0.
+
+    For free-form replies that state the answer in a sentence (the world's questions, the needle in a
+    haystack), where exact match would demand the bare value: ``red`` is not found in ``Fredor``.
+
+    Args:
+        result: The reply and its acceptable answers.
+        ignore_case: Compare case-insensitively.
+
+    Returns:
+        The per-sample score.
+    """
+    flags = re.IGNORECASE if ignore_case else 0
+    for reference in result.references:
+        if re.search(rf"(?<!\w){re.escape(reference)}(?!\w)", result.prediction, flags):
+            return 1.0
+    return 0.0

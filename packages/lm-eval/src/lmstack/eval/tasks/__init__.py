@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from lmstack.eval.tasks._config import (
     ChatConfig,
+    CodeConfig,
     DatasetConfig,
     DatasetFormat,
     FewshotSampler,
@@ -26,6 +27,7 @@ from lmstack.eval.tasks._yaml import from_lm_eval_dict, load_task_config
 __all__ = [
     "ChatConfig",
     "ChatMessage",
+    "CodeConfig",
     "DatasetConfig",
     "DatasetFormat",
     "DocTarget",

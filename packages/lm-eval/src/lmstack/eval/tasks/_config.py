@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ChatConfig",
+    "CodeConfig",
     "DatasetConfig",
     "DatasetFormat",
     "FewshotSampler",
@@ -322,6 +323,57 @@ class ChatConfig:
         return cls(system_prompt=_optional_str(where, data, "system_prompt"), fewshot_as_multiturn=multiturn)
 
 
+@dataclass(frozen=True)
+class CodeConfig:
+    r"""Code execution for a ``generate_until`` task scored by running what the model wrote (pass@k).
+
+    Each completion is pasted into :attr:`program` and the result runs in
+    :func:`lmstack.core.sandbox.run_python`; a sample passes when the program exits cleanly.
+
+    Attributes:
+        program: A jinja2 template over the document's fields plus ``completion`` (the model's reply),
+            rendering the whole program to run, e.g. HumanEval's
+            ``"{{prompt}}{{completion}}\n\n{{test}}\ncheck({{entry_point}})"``.
+        timeout_s: Wall-clock limit of one run, in seconds.
+        memory_mb: Address-space limit of one run, in MiB.
+        samples: Completions generated per document (pass@k's ``n``); unset, the largest ``k`` among the
+            task's ``pass@k`` metrics (1 without any).
+    """
+
+    program: str
+    timeout_s: float = 10.0
+    memory_mb: int = 512
+    samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.program, str) or not self.program.strip():
+            raise TaskConfigError(
+                f"code.program must be a non-empty template, got {self.program!r}", key="code.program"
+            )
+        if not self.timeout_s > 0:
+            raise TaskConfigError(f"code.timeout_s must be > 0, got {self.timeout_s}", key="code.timeout_s")
+        if self.memory_mb < 1:
+            raise TaskConfigError(f"code.memory_mb must be >= 1, got {self.memory_mb}", key="code.memory_mb")
+        if self.samples is not None and self.samples < 1:
+            raise TaskConfigError(f"code.samples must be >= 1, got {self.samples}", key="code.samples")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: _Where) -> CodeConfig:
+        """Read the ``code`` mapping of lmstack's task YAML."""
+        where.check_keys(data, ("program", "timeout_s", "memory_mb", "samples"), "code")
+        if "program" not in data:
+            raise where.error("program", "is required (the template of the program to run)")
+        samples = data.get("samples")
+        return cls(
+            program=_expect(where, "program", data["program"], str, "a string"),
+            timeout_s=float(
+                _expect(where, "timeout_s", data.get("timeout_s", 10.0), (int, float), "a number")
+            ),
+            memory_mb=_expect(where, "memory_mb", data.get("memory_mb", 512), int, "an int"),
+            samples=None if samples is None else _expect(where, "samples", samples, int, "an int"),
+        )
+
+
 TemplateSpec = str | tuple[str, ...]
 
 
@@ -354,6 +406,7 @@ class TaskConfig:
             few-shot delimiter).
         metrics: The metrics reported.
         chat: Chat-template mode when set, else plain text prompts.
+        code: Code execution of the completions (``generate_until`` only), for ``pass@k`` metrics.
         limit: Evaluate only the first ``limit`` documents.
         source: The file the task was read from, when any (named in errors).
     """
@@ -374,6 +427,7 @@ class TaskConfig:
     generation: GenerationKwargs | None = None
     metrics: tuple[MetricConfig, ...] = ()
     chat: ChatConfig | None = None
+    code: CodeConfig | None = None
     limit: int | None = None
     source: Path | None = field(default=None, compare=False)
 
@@ -404,11 +458,21 @@ class TaskConfig:
             object.__setattr__(self, "generation", GenerationKwargs(until=(self.fewshot_delimiter,)))
         elif self.output_type != "generate_until" and self.generation is not None:
             raise where.error("generation", f"only applies to generate_until, not {self.output_type}")
+        if self.code is not None and self.output_type != "generate_until":
+            raise where.error("code", f"only applies to generate_until, not {self.output_type}")
         object.__setattr__(self, "metrics", tuple(self.metrics))
         names = [metric.name for metric in self.metrics]
         for name in names:
             if names.count(name) > 1:
                 raise where.error("metrics", f"metric {name!r} is listed twice")
+
+    @property
+    def code_samples(self) -> int:
+        """Completions generated per document: ``code.samples``, else the largest pass@k ``k``, else 1."""
+        if self.code is not None and self.code.samples is not None:
+            return self.code.samples
+        ks = [int(m.name[5:]) for m in self.metrics if m.name.startswith("pass@") and m.name[5:].isdigit()]
+        return max(ks, default=1)
 
     def check_metrics(self, known: Collection[str]) -> None:
         """Raise a :class:`TaskConfigError` naming any metric not in ``known`` (the registry's names)."""
@@ -469,6 +533,9 @@ class TaskConfig:
             chat=None
             if data.get("chat") is None
             else ChatConfig.from_dict(_mapping(where, data, "chat"), where=where.child("chat")),
+            code=None
+            if data.get("code") is None
+            else CodeConfig.from_dict(_mapping(where, data, "code"), where=where.child("code")),
             limit=None
             if data.get("limit") is None
             else _expect(where, "limit", data["limit"], int, "an int"),

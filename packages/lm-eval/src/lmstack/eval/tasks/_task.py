@@ -339,6 +339,19 @@ class Task:
             doc_id,
         )
 
+    def program(self, doc_id: int, completion: str) -> str:
+        """The program that tests one completion: ``code.program`` rendered with the doc and ``completion``.
+
+        Raises:
+            TaskConfigError: The task has no ``code`` section.
+            TemplateError: The template names a field the document lacks.
+        """
+        code = self.config.code
+        if code is None:
+            raise TaskConfigError(f"task {self.name} has no `code` section: nothing runs its completions")
+        fields = {**self.docs[doc_id], "completion": completion}
+        return self._renderer.render(code.program, fields, doc_id=doc_id, what="code.program")
+
     def prompt_hash(self, requests: Sequence[Request] | None = None) -> str:
         """sha256 over ``requests`` (by default all of :meth:`build_requests`'s), in order."""
         return prompt_hash(self.build_requests() if requests is None else requests)
