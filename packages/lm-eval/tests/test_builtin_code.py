@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from lmstack.core.sandbox import SandboxError, run_python
+from lmstack.core.sandbox import run_python
 from lmstack.eval.tasks.builtin import find_task
 
 HUMANEVAL = [
@@ -48,10 +46,7 @@ MBPP[-1] = {**MBPP[-1], "test_setup_code": "OFFSET = 12", "code": "def add_12(x)
 
 
 def _passes(program: str) -> bool:
-    try:
-        return run_python(program, timeout_s=10).ok
-    except SandboxError as err:  # no Linux namespaces on this machine
-        pytest.skip(f"the sandbox cannot run here: {err}")
+    return run_python(program, timeout_s=10).ok
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from lmstack.core._cli import main
 
 
@@ -56,11 +54,6 @@ def test_eval_shards_merge_rescore(
 
 
 def test_compare_runs(model_dir: Path, task_files: dict[str, Path], tmp_path: Path, capsys) -> None:
-    pytest.importorskip("lmstack.eval.report")
-    from lmstack.eval import report
-
-    if not hasattr(report, "compare_runs"):
-        pytest.skip("lmstack.eval.report.compare_runs has not landed")
     for name in ("a", "b"):
         run = ["eval", "--model", str(model_dir), "--tasks", str(task_files["mc"]), "--limit", "4"]
         assert main([*run, "--output", str(tmp_path / name)]) == 0

@@ -15,6 +15,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from lm_eval.api import metrics as lm_metrics
+from lm_eval.api import task as lm_task
 
 from lmstack.core import LMStackError
 from lmstack.eval.metrics import (
@@ -36,9 +38,6 @@ from lmstack.eval.metrics import (
     pass_at_k,
     register_metric,
 )
-
-lm_metrics = pytest.importorskip("lm_eval.api.metrics")
-lm_task = pytest.importorskip("lm_eval.api.task")
 
 
 def _lm_eval_process_results(output_type: str, doc: dict[str, Any], results: list[Any], metrics: list[str]):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
 
 from lmstack.eval.metrics import GenerationResult, bleu_corpus, bleu_stats, get_metric, rouge_l, tokenize_13a
-
-sacrebleu = pytest.importorskip("sacrebleu")
-rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 
 HYPOTHESES = [
     "The cat sat on the mat.",

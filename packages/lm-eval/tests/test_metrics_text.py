@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from lm_eval.api import metrics as lm_metrics
+from lm_eval.filters import extraction as lm_extraction
 
 from lmstack.eval.metrics import (
     Extraction,
@@ -21,9 +23,6 @@ from lmstack.eval.metrics import (
     normalize_text,
     parse_math,
 )
-
-lm_metrics = pytest.importorskip("lm_eval.api.metrics")
-lm_extraction = pytest.importorskip("lm_eval.filters.extraction")
 
 PAIRS = [
     ("The answer is 42.", "the answer is 42"),

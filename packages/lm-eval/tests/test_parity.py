@@ -11,14 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lm_eval
 import pytest
+import transformers  # noqa: F401  (the test extra installs it)
+from lm_eval.tasks import TaskManager
 
 from lmstack.eval import evaluate
 from lmstack.infer import LLM
-
-lm_eval = pytest.importorskip("lm_eval")
-pytest.importorskip("transformers")
-from lm_eval.tasks import TaskManager  # noqa: E402
 
 
 def _absolute(task_files: dict[str, Path]) -> None:

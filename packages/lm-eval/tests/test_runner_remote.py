@@ -10,15 +10,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import fastapi  # noqa: F401  (the test extra installs it)
 import pytest
+import uvicorn
 
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-
-from lmstack.eval import EvalError, evaluate  # noqa: E402
-from lmstack.eval.runner import AnswerCache  # noqa: E402
-from lmstack.infer import LLM, RemoteLLM  # noqa: E402
-from lmstack.infer.server import ServerConfig, create_app  # noqa: E402
+from lmstack.eval import EvalError, evaluate
+from lmstack.eval.runner import AnswerCache
+from lmstack.infer import LLM, RemoteLLM
+from lmstack.infer.server import ServerConfig, create_app
 
 
 @pytest.fixture(scope="module")

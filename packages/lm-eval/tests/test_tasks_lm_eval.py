@@ -13,14 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import yaml
+from lm_eval.api import task as lm_eval_task
+from pyarrow import parquet as pq
 
 from lmstack.eval.tasks import ChatConfig, fewshot_seed, load_task
-
-lm_eval_task = pytest.importorskip("lm_eval.api.task")
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 
 QA = [
     {"question": "What is 2+2?", "choices": ["3", "4", "5"], "label": 1, "answer": "4"},
