@@ -122,8 +122,16 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def quickstart(session: nox.Session) -> None:
     """Run examples/quickstart.py (train, evaluate, generate, serve the default model) on a fresh install."""
-    # transformers only for the check that it loads the trained model with the same logits.
-    _install(session, _local("core"), _local("train"), _local("infer", "server"), "transformers")
+    # lmstack-eval evaluates it (matplotlib, its plots extra, draws the needle heatmap); transformers
+    # only for the check that it loads the trained model with the same logits.
+    _install(
+        session,
+        _local("core"),
+        _local("train"),
+        _local("infer", "server"),
+        _local("eval", "plots"),
+        "transformers",
+    )
     session.run("python", "examples/quickstart.py", *session.posargs)
 
 
@@ -131,8 +139,12 @@ def quickstart(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The pytest-benchmark suites in benchmarks/ (not run by default)."""
     # The baselines the benchmarks measure against, in the same run: transformers (generation, loading, the
-    # SFT Trainer) and TRL's SFTTrainer (with accelerate and datasets, which it trains through).
-    extras = ("pytest>=8", "pytest-benchmark", "transformers", "trl", "accelerate", "datasets", "psutil")
+    # SFT Trainer), TRL's SFTTrainer (with accelerate and datasets, which it trains through) and
+    # lm-evaluation-harness (`--model hf`, against lmstack-eval, which the libraries below install).
+    extras = (
+        "pytest>=8", "pytest-benchmark", "transformers", "trl", "accelerate", "datasets", "psutil",
+        "lm-eval>=0.4.9",
+    )  # fmt: skip
     # The serving benchmark runs `transformers serve` (its serving extra: FastAPI, uvicorn, openai) against
     # `lmstack serve` (lmstack-infer's server extra).
     serving = ("transformers[serving]",)

@@ -7,21 +7,29 @@
      question/answer chats mixed (examples/configs/default_model.yaml);
   3. load the result as a user would load any Hugging Face checkpoint, run a forward pass, and, when
      transformers is installed, check that transformers loads it with the same logits;
-  4. ask it the world's held-out closed-book questions (facts it read in articles but was never
-     asked about) and report its accuracy against chance;
-  5. generate with lmstack-infer's engine: greedy completions, a chat reply, seeded samples;
-  6. serve it with `lmstack serve` (OpenAI-compatible, when lmstack-infer[server] is installed) and
+  4. evaluate it with lmstack-eval's built-in world tasks: the held-out closed-book questions (facts it
+     read in articles but was never asked about) scored three ways side by side (the value's
+     log-likelihood after the question, whole answer statements, greedy replies), arithmetic, and
+     answers from a given context, each with its standard error and chance level; results, per-sample
+     logs and the answer cache go to OUT/eval;
+  5. a needle-in-a-haystack grid: a fact hidden at several depths of haystacks cut from the world's
+     articles, lengths counted in the model's own tokens up to its context; a Markdown table and a
+     heatmap (OUT/eval/needle.png, with matplotlib);
+  6. generate with lmstack-infer's engine: greedy completions, a chat reply, seeded samples;
+  7. serve it with `lmstack serve` (OpenAI-compatible, when lmstack-infer[server] is installed) and
      query it with the remote client.
 
 Steps 1-2 take under 4 minutes on an idle 2-core CPU. Run it with `nox -s quickstart`, or
-`python examples/quickstart.py [--model PATH]` to skip training and point steps 3-6 at an existing
-Hugging Face directory (llama, mistral, qwen2, internlm2, internlm3) instead.
+`python examples/quickstart.py [--model PATH]` to skip training and point steps 3-7 at an existing
+Hugging Face directory (llama, mistral, qwen2, internlm2, internlm3) instead (steps 4-5 need the
+world in OUT/world).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import math
 import shutil
@@ -29,14 +37,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lmstack.core import load_config, load_pretrained
 from lmstack.core.tokenizer import Tokenizer
+from lmstack.eval import evaluate
+from lmstack.eval.report import needle_table, plot_needle
+from lmstack.eval.tasks import ChatConfig, DatasetConfig, GenerationKwargs, MetricConfig, TaskConfig
+from lmstack.eval.tasks.builtin import Needle, builtin_task_names, needle_task, read_haystack
 from lmstack.infer import LLM, RequestOutput, SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,76 +138,167 @@ def load_and_check(path: Path) -> None:
     assert diff < 1e-4, f"transformers' logits differ from lmstack's by {diff}"
 
 
-# -- 4: closed-book evaluation -----------------------------------------------------------------------
-def closed_book(llm: LLM, rows: Sequence[dict[str, Any]]) -> float:
-    """Multiple-choice accuracy: each choice scored as the model's whole reply to the question.
+# -- 4-5: evaluation with lmstack-eval -------------------------------------------------------------
+# A needle in the world's own wording, about a city and a river no article names: the default model
+# has learned the sentence pattern, so the grid measures whether it finds the fact, not the phrasing.
+NEEDLE = Needle("The river Orvell flows through Brannock.", "Which river does Brannock lie on?", "Orvell")
+# The world's answer-from-context prompt (world_context asks the same way).
+NEEDLE_PROMPT = world.CONTEXT_INSTRUCTION + "\n\nContext:\n{{document}}\n\nQuestion: {{question}}"
+NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+NEEDLE_SHORTEST = 128
+NEEDLE_LONGEST = 2048  # a bound on the step's time for models with long contexts
+NEEDLE_REPLY_TOKENS = 32
 
-    A choice's score is the log-sum-exp of the log-likelihoods of its answer sentences (the row's
-    ``statements``: every way the chats taught the model to phrase such an answer), given the
-    chat-formatted question; the highest-scoring choice is the model's answer.
+
+def z_above_chance(accuracy: float, chance: float, n: int) -> float:
+    """One-sided binomial z-score against guessing: how far above chance, in standard errors."""
+    return (accuracy - chance) / math.sqrt(chance * (1 - chance) / n)
+
+
+def percent(value: float, stderr: float | None) -> str:
+    """A score and its standard error in percent: ``41.8% ± 6.7``."""
+    return f"{value:.1%}" + ("" if stderr is None else f" ± {stderr * 100:.1f}")
+
+
+def chat_wording_task(world_dir: Path, eval_dir: Path) -> TaskConfig:
+    """The held-out facts asked in a wording the chats use for other facts (the fact itself never asked).
+
+    Written next to the results as data, then asked and scored as ``world_heldout_greedy`` does.
     """
-    requests: list[tuple[list[int], list[int]]] = []
-    owners: list[tuple[int, int]] = []
-    for i, row in enumerate(rows):
-        prompt = llm.render_chat([{"role": "user", "content": row["question"]}])
-        for j, sentences in enumerate(row["statements"]):
-            for sentence in sentences:
-                requests.append((prompt, llm.tokenizer.encode(sentence, add_special_tokens=False)))
-                owners.append((i, j))
-    scores: dict[tuple[int, int], list[float]] = {}
-    for owner, (logprob, _) in zip(owners, llm.loglikelihood(requests, use_tqdm=False), strict=True):
-        scores.setdefault(owner, []).append(logprob)
-    correct = 0
-    for i, row in enumerate(rows):
-        choice = max(range(len(row["choices"])), key=lambda j: torch.tensor(scores[i, j]).logsumexp(0).item())
-        correct += choice == row["label"]
-    return correct / len(rows)
-
-
-def evaluate_closed_book(llm: LLM, heldout_file: Path) -> dict[str, float]:
-    """Print and return the z-score above chance of each kind of held-out question."""
-    step("4. closed-book questions the model was never asked (held out of every chat)")
-    rows = world.read_jsonl(heldout_file)
-    z_scores: dict[str, float] = {}
-    for kind in ("fact", "arithmetic"):
-        subset = [r for r in rows if r["kind"] == kind]
-        if not subset:
-            continue
-        chance = sum(1 / len(r["choices"]) for r in subset) / len(subset)
-        accuracy = closed_book(llm, subset)
-        # One-sided binomial z-score against guessing: how far above chance, in standard errors.
-        z = z_scores[kind] = (accuracy - chance) / math.sqrt(chance * (1 - chance) / len(subset))
-        print(
-            f"{kind:<10} {len(subset):>3} questions: accuracy {accuracy:.1%} "
-            f"(chance {chance:.0%}, z = {z:+.1f})"
-        )
-    # Greedy replies: does the reply name the answer? Once in the held-out wording, once with a
-    # question wording the chats use for other facts (the fact itself is still never asked).
-    manifest = world.read_manifest(heldout_file.parent) or {}
+    facts = [r for r in world.read_jsonl(world_dir / "heldout.jsonl") if r["kind"] == "fact"]
+    manifest = world.read_manifest(world_dir) or {}
     the_world = world.build_world(
         manifest.get("seed", 0), manifest.get("params", {}).get("num_entities", 300)
     )
-    facts = [r for r in rows if r["kind"] == "fact"]
-    wordings = {
-        "held-out wording": [r["question"] for r in facts],
-        "chat wording": [world.ask(the_world.entity(r["entity"]), r["attribute"], 0) for r in facts],
-    }
-    for name, questions in wordings.items():
-        replies = llm.chat(
-            [[{"role": "user", "content": q}] for q in questions],
-            SamplingParams(temperature=0, max_tokens=32),
-            use_tqdm=False,
-        )
-        named = sum(
-            world.mentions(o.outputs[0].text, r["answer"]) for o, r in zip(replies, facts, strict=True)
-        )
-        print(f"greedy replies naming the answer, {name}: {named}/{len(facts)}; e.g.")
-        for question, row, out in list(zip(questions, facts, replies, strict=True))[:3]:
-            print(f"  {question} -> {out.outputs[0].text!r} [{row['answer']}]")
-    return z_scores
+    path = eval_dir / "heldout_chat_wording.jsonl"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in facts:
+            question = world.ask(the_world.entity(row["entity"]), row["attribute"], 0)
+            f.write(json.dumps({"question": question, "answer": row["answer"]}) + "\n")
+    return TaskConfig(
+        name="world_heldout_greedy_chat_wording",
+        dataset=DatasetConfig(format="jsonl", data_files={"test": (path,)}),
+        output_type="generate_until",
+        doc_to_text="question",
+        doc_to_target="answer",
+        generation=GenerationKwargs(max_gen_toks=32),
+        metrics=(MetricConfig("contains"),),
+        chat=ChatConfig(),
+    )
 
 
-# -- 5: generation -------------------------------------------------------------------------------------
+def evaluate_world(llm: LLM, name: str, world_dir: Path, eval_dir: Path) -> float:
+    """Run the world's tasks through lmstack-eval; print them and return the statements' z-score."""
+    step("4. evaluate it with lmstack-eval: held-out closed-book questions, arithmetic, answers from context")
+    start = time.perf_counter()
+    # Every built-in task over the world, and the held-out facts in the chats' wording.
+    world_tasks = [name for name in builtin_task_names() if name.startswith("world_")]
+    result = evaluate(
+        llm,
+        [*world_tasks, chat_wording_task(world_dir, eval_dir)],
+        data_dir=world_dir,
+        output_dir=eval_dir,
+        model_name=name,
+        use_tqdm=False,
+    )
+    cache = result.cache
+    print(
+        f"{len(result.tasks)} tasks, {cache.hits + cache.misses:,} model calls ({cache.misses:,} computed, "
+        f"{cache.hits:,} from the cache) in {time.perf_counter() - start:.1f} s; "
+        f"results in {eval_dir / 'results.md'}"
+    )
+    facts = [r for r in world.read_jsonl(world_dir / "heldout.jsonl") if r["kind"] == "fact"]
+    chance = sum(1 / len(r["choices"]) for r in facts) / len(facts)
+    print(f"held-out facts: {len(facts)} questions on facts it read but was never asked, scored three ways:")
+    z_scores = {}
+    for task, how in (
+        ("world_heldout_mc", "the value's log-likelihood after the question"),
+        ("world_heldout_statements", "the likelihood of whole answer statements"),
+    ):
+        acc = result.tasks[task].metrics["acc"]
+        z_scores[task] = z_above_chance(acc.value, chance, acc.n)
+        score = percent(acc.value, acc.stderr)
+        print(f"  {how:<47} {score:>13} (chance {chance:.0%}, z = {z_scores[task]:+.1f})  [{task}]")
+    # Greedy replies: once in the held-out wording, once in a wording the chats use for other facts.
+    for task, wording in (
+        ("world_heldout_greedy", "held-out wording"),
+        ("world_heldout_greedy_chat_wording", "chat wording"),
+    ):
+        named = result.tasks[task].metrics["contains"]
+        label = f"greedy replies naming the value, {wording}"
+        score = f"{round(named.value * named.n)}/{named.n}"
+        print(f"  {label:<47} {score:>13} ({percent(named.value, named.stderr)})  [{task}]")
+        for sample in result.tasks[task].samples[:3]:
+            question = sample["prompt"][-1]["content"]
+            print(f"    {question} -> {sample['answers'][0]['texts'][0]!r} [{sample['target']}]")
+    arithmetic = result.tasks["world_arithmetic"].metrics["exact_match"]
+    print(
+        f"arithmetic: {arithmetic.n} held-out sums, the last number of a greedy reply: "
+        f"{percent(arithmetic.value, arithmetic.stderr)}  [world_arithmetic]"
+    )
+    context = result.tasks["world_context"].metrics["contains"]
+    chats = world.read_jsonl(world_dir / "context_chats.jsonl")
+    refusals = sum(not row["meta"]["answerable"] for row in chats) / len(chats)
+    print(
+        f"answer from context: {context.n} questions on given excerpts (or say they do not tell): "
+        f"{percent(context.value, context.stderr)} (always refusing: {refusals:.0%})  [world_context]"
+    )
+    return z_scores["world_heldout_statements"]
+
+
+def needle_lengths(llm: LLM) -> list[int]:
+    """Haystack lengths in the model's tokens: doubling from 128 to the longest its context holds."""
+    question = NEEDLE_PROMPT.replace("{{document}}", "").replace("{{question}}", NEEDLE.question)
+    overhead = len(llm.render_chat([{"role": "user", "content": question}]))
+    # Room for the reply, and a margin: the haystack's tokens may merge differently inside the prompt.
+    longest = (min(llm.max_model_len, NEEDLE_LONGEST) - overhead - NEEDLE_REPLY_TOKENS - 16) // 64 * 64
+    lengths = [NEEDLE_SHORTEST]
+    while lengths[-1] * 2 < longest:
+        lengths.append(lengths[-1] * 2)
+    return [n for n in lengths if n < longest] + [longest]
+
+
+def needle_in_a_haystack(llm: LLM, name: str, world_dir: Path, eval_dir: Path) -> None:
+    """A length x depth grid of the needle through lmstack-eval: its table, and a heatmap PNG."""
+    step("5. needle in a haystack: a fact hidden in the world's articles, lengths in the model's tokens")
+    start = time.perf_counter()
+    lengths = needle_lengths(llm)
+    task = needle_task(
+        llm.tokenizer,
+        read_haystack(world_dir),
+        lengths=lengths,
+        depths=NEEDLE_DEPTHS,
+        needles=(NEEDLE,),
+        prompt=NEEDLE_PROMPT,
+        max_gen_toks=NEEDLE_REPLY_TOKENS,
+    )
+    result = evaluate(
+        llm,
+        [task],
+        output_dir=eval_dir / "needle",
+        cache=eval_dir / "cache.sqlite",
+        model_name=name,
+        use_tqdm=False,
+    )
+    samples = result.tasks[task.name].samples
+    grid = task.grid({s["doc_id"]: s["metrics"]["contains"] for s in samples})
+    print(
+        f"needle {NEEDLE.fact!r}, asked {NEEDLE.question!r}; {len(samples)} documents of "
+        f"{', '.join(map(str, lengths))} tokens ({time.perf_counter() - start:.1f} s); "
+        "the share of replies naming the value:"
+    )
+    print(needle_table(grid), end="")
+    example = max(samples, key=lambda s: task.docs[s["doc_id"]]["length"])
+    print(f"e.g. at {task.docs[example['doc_id']]['length']} tokens: {example['answers'][0]['texts'][0]!r}")
+    if importlib.util.find_spec("matplotlib") is None:
+        print("(matplotlib is not installed: pip install 'lmstack-eval[plots]' for the heatmap)")
+        return
+    png = plot_needle(grid, eval_dir / "needle.png", title=f"Needle in a haystack: {name}")
+    print(f"heatmap: {png}")
+
+
+# -- 6: generation -------------------------------------------------------------------------------------
 def show(outputs: list[RequestOutput], labels: list[str] | None = None) -> int:
     """Print each request's completions under its label (default: its prompt); return their tokens."""
     tokens = 0
@@ -211,7 +312,7 @@ def show(outputs: list[RequestOutput], labels: list[str] | None = None) -> int:
 
 
 def generate_with_infer(llm: LLM) -> None:
-    step("5. generate with lmstack-infer")
+    step("6. generate with lmstack-infer")
     engine = llm.engine
     print(
         f"engine: KV cache of {engine.num_blocks} blocks x {engine.config.block_size} tokens, "
@@ -234,9 +335,9 @@ def generate_with_infer(llm: LLM) -> None:
     print(f"generated {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.0f} tokens/s)")
 
 
-# -- 6: serving -------------------------------------------------------------------------------------------
+# -- 7: serving -------------------------------------------------------------------------------------------
 def serve_and_query(path: Path) -> None:
-    step("6. serve it with `lmstack serve` and query it with the remote client")
+    step("7. serve it with `lmstack serve` and query it with the remote client")
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         print("(lmstack-infer[server] is not installed: pip install 'lmstack-infer[server]' to serve)")
         return
@@ -286,25 +387,32 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
 
+    if args.model is None and not args.resume:
+        # A fresh run evaluates afresh: the answer cache is kept only for --model and --resume runs.
+        shutil.rmtree(args.out / "eval", ignore_errors=True)
     path = args.model or build_default_model(args.out, resume=args.resume)
     load_and_check(path)
     llm = LLM(path, dtype=torch.float32)
-    z_scores: dict[str, float] = {}
+    z_statements = 0.0
     try:
-        heldout = args.out / "world" / "heldout.jsonl"
-        if args.model is None or heldout.is_file():
-            z_scores = evaluate_closed_book(llm, heldout)
+        world_dir, eval_dir = args.out / "world", args.out / "eval"
+        if args.model is None or (world_dir / "heldout.jsonl").is_file():
+            name = "default model" if args.model is None else str(args.model)
+            z_statements = evaluate_world(llm, name, world_dir, eval_dir)
+            needle_in_a_haystack(llm, name, world_dir, eval_dir)
+        else:
+            print(f"\n(no world in {world_dir}: skipping steps 4-5, the evaluation on the world)")
         generate_with_infer(llm)
     finally:
         llm.close()
     serve_and_query(path)
     print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s")
-    # The default model must know the facts it read: held-out fact accuracy at least MIN_Z standard
-    # errors above guessing (about 48% against 25% chance on the quickstart world's 55 questions).
-    if args.model is None and z_scores.get("fact", 0.0) < MIN_Z:
+    # The default model must know the facts it read: held-out accuracy by answer statements at least
+    # MIN_Z standard errors above guessing (about 48% against 25% chance on the world's 55 questions).
+    if args.model is None and z_statements < MIN_Z:
         sys.exit(
-            f"error: the default model answered the held-out facts at z = {z_scores.get('fact')}, "
-            f"not {MIN_Z} standard errors above chance: training did not work"
+            f"error: the default model answered the held-out facts at z = {z_statements:+.1f} by answer "
+            f"statements, not {MIN_Z} standard errors above chance: training did not work"
         )
 
 

@@ -145,3 +145,17 @@ def test_cache_is_sqlite_wal(tmp_path: Path) -> None:
     AnswerCache(tmp_path / "c.sqlite").close()
     with sqlite3.connect(tmp_path / "c.sqlite") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_new_answers_version_recomputes(
+    llm: LLM, tmp_path: Path, task_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Answers cached before lmstack changed how it computes them are never served again.
+    from lmstack.eval.runner import _calls
+
+    out = tmp_path / "run"
+    first = evaluate(llm, str(task_files["mc"]), output_dir=out, use_tqdm=False)
+    monkeypatch.setattr(_calls, "ANSWERS_VERSION", _calls.ANSWERS_VERSION + 1)
+    bumped = evaluate(llm, str(task_files["mc"]), output_dir=out, use_tqdm=False)
+    assert (bumped.cache.hits, bumped.cache.misses) == (0, first.cache.misses)
+    assert _values(bumped) == _values(first)

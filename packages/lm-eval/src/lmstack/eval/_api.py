@@ -24,11 +24,18 @@ from lmstack.eval.runner._cache import AnswerCache, ModelInfo
 from lmstack.eval.runner._calls import Call, Shard, build_calls, parse_shard
 from lmstack.eval.runner._execute import DEFAULT_BATCH_SIZE, CacheStats, answer_calls
 from lmstack.eval.runner._fingerprint import model_info
-from lmstack.eval.runner._score import ResolvedMetric, resolve_metrics, score_task
-from lmstack.eval.runner._tasks import TaskSpec, resolve_tasks
+from lmstack.eval.runner._score import (
+    ResolvedMetric,
+    TokenCounter,
+    resolve_metrics,
+    rolling_token_counter,
+    score_groups,
+    score_task,
+)
+from lmstack.eval.runner._tasks import TaskGroup, TaskSpec, resolve_run
 from lmstack.eval.tasks import Request, Task
 
-__all__ = ["EvalResult", "MetricValue", "TaskResult", "evaluate", "rescore"]
+__all__ = ["EvalResult", "GroupResult", "MetricValue", "TaskResult", "evaluate", "rescore"]
 
 CACHE_FILE = "cache.sqlite"
 
@@ -76,6 +83,23 @@ class TaskResult:
 
 
 @dataclass
+class GroupResult:
+    """One group's averages over its members (``groups`` in ``results.json``).
+
+    Attributes:
+        name: The group's name.
+        members: Its member tasks and subgroups.
+        metrics: Metric name -> the average (``n``: the members' samples together).
+        weighting: Metric name -> ``micro`` (weighted by size) or ``macro``.
+    """
+
+    name: str
+    members: tuple[str, ...]
+    metrics: dict[str, MetricValue]
+    weighting: dict[str, str]
+
+
+@dataclass
 class EvalResult:
     """What :func:`evaluate` returns (and ``results.json`` holds).
 
@@ -87,6 +111,7 @@ class EvalResult:
         created: When the run finished (ISO 8601, UTC).
         versions: Versions of lmstack's libraries, Python and torch.
         cache_path: The cache file, when there is one.
+        groups: Group name -> its averages, for the groups the tasks came in.
     """
 
     model: ModelInfo
@@ -96,6 +121,7 @@ class EvalResult:
     created: str
     versions: dict[str, str]
     cache_path: Path | None = None
+    groups: dict[str, GroupResult] = field(default_factory=dict)
 
     def score(self, task: str, metric: str) -> float:
         """The value of one metric of one task."""
@@ -169,7 +195,22 @@ def _plan(
     return plans, calls
 
 
-def _score(plans: Sequence[_Plan], cache: AnswerCache, fingerprint: str) -> dict[str, TaskResult]:
+def _groups(groups: Sequence[TaskGroup], tasks: dict[str, TaskResult]) -> dict[str, GroupResult]:
+    scored = score_groups(groups, {name: task.metrics for name, task in tasks.items()})
+    return {
+        name: GroupResult(
+            name,
+            g.members,
+            {m: MetricValue(s.value, s.stderr, s.n, g.higher_is_better[m]) for m, s in g.scores.items()},
+            g.weighting,
+        )
+        for name, g in scored.items()
+    }
+
+
+def _score(
+    plans: Sequence[_Plan], cache: AnswerCache, fingerprint: str, count_tokens: TokenCounter | None
+) -> dict[str, TaskResult]:
     results: dict[str, TaskResult] = {}
     for plan in plans:
         answers = cache.get(fingerprint, plan.keys)
@@ -180,7 +221,12 @@ def _score(plans: Sequence[_Plan], cache: AnswerCache, fingerprint: str) -> dict
                 "(run the model over it, or merge every shard's cache first)"
             )
         scored = score_task(
-            plan.task, plan.requests, [answers[k] for k in plan.keys], plan.metrics, doc_ids=plan.doc_ids
+            plan.task,
+            plan.requests,
+            [answers[k] for k in plan.keys],
+            plan.metrics,
+            doc_ids=plan.doc_ids,
+            count_tokens=count_tokens,
         )
         metrics = {
             name: MetricValue(s.value, s.stderr, s.n, scored.higher_is_better[name])
@@ -285,7 +331,7 @@ def evaluate(
     """
     out = None if output_dir is None else Path(output_dir)
     run_shard = parse_shard(shard)
-    task_list = resolve_tasks(tasks, data_dir=data_dir)
+    task_list, groups = resolve_run(tasks, data_dir=data_dir)
     with ExitStack() as stack:
         llm, path = _open_model(model, stack)
         info = model_info(llm, path=path, name=model_name, fingerprint=fingerprint)
@@ -311,6 +357,7 @@ def evaluate(
         config = {
             "model": str(model) if isinstance(model, (str, Path)) else info.name,
             "tasks": [t.name for t in task_list],
+            "groups": [g.name for g in groups],
             "num_fewshot": num_fewshot,
             "limit": limit,
             "batch_size": batch_size or DEFAULT_BATCH_SIZE,
@@ -319,8 +366,12 @@ def evaluate(
             "cache": None if cache_file is None else str(cache_file),
             "num_calls": len(calls),
         }
-        scored = {} if run_shard is not None else _score(plans, answer_cache, info.fingerprint)
-    result = EvalResult(info, scored, stats, config, _now(), _versions(), cache_file)
+        # getattr: a RemoteLLM without a tokenizer raises an AttributeError; token counts then come
+        # only from the answers.
+        count_tokens = rolling_token_counter(getattr(llm, "tokenizer", None))
+        scored = {} if run_shard is not None else _score(plans, answer_cache, info.fingerprint, count_tokens)
+    group_results = {} if run_shard is not None else _groups(groups, scored)
+    result = EvalResult(info, scored, stats, config, _now(), _versions(), cache_file, group_results)
     if out is not None and run_shard is None:
         result.save(out)
     return result
@@ -336,6 +387,7 @@ def rescore(
     limit: int | None = None,
     data_dir: str | Path | None = None,
     max_length: int | None = None,
+    tokenizer: Any = None,
 ) -> EvalResult:
     """Score tasks from a cache alone: no model is loaded or called.
 
@@ -348,6 +400,8 @@ def rescore(
         limit: As the run that filled the cache used.
         data_dir: Where built-in tasks find their data.
         max_length: The rolling window (part of a rolling call's key); default: the one the run recorded.
+        tokenizer: The model's tokenizer (a :class:`lmstack.core.Tokenizer` or the model directory), to
+            count rolling texts' tokens for ``token_perplexity`` when the cached answers lack them.
 
     Raises:
         EvalError: The cache is missing, holds several models and no ``fingerprint`` was given, or
@@ -355,7 +409,11 @@ def rescore(
     """
     if not Path(cache).is_file():
         raise EvalError(f"cache file {cache} does not exist")
-    task_list = resolve_tasks(tasks, data_dir=data_dir)
+    task_list, groups = resolve_run(tasks, data_dir=data_dir)
+    if isinstance(tokenizer, (str, Path)):
+        from lmstack.core import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(tokenizer)
     with closing(AnswerCache(cache)) as answer_cache:
         models = answer_cache.models()
         chosen = [m for m in models if fingerprint is None or m.fingerprint.startswith(fingerprint)]
@@ -370,16 +428,19 @@ def rescore(
             max_length = None if recorded in (None, "None") else int(recorded)
         plans, calls = _plan(task_list, limit=limit, num_fewshot=num_fewshot, max_length=max_length)
         stats = CacheStats(hits=len(calls))
-        scored = _score(plans, answer_cache, info.fingerprint)
+        scored = _score(plans, answer_cache, info.fingerprint, rolling_token_counter(tokenizer))
     config = {
         "rescored_from": str(cache),
         "tasks": [t.name for t in task_list],
+        "groups": [g.name for g in groups],
         "num_fewshot": num_fewshot,
         "limit": limit,
         "max_length": max_length,
         "num_calls": len(calls),
     }
-    result = EvalResult(info, scored, stats, config, _now(), _versions(), Path(cache))
+    result = EvalResult(
+        info, scored, stats, config, _now(), _versions(), Path(cache), _groups(groups, scored)
+    )
     if output_dir is not None:
         result.save(output_dir)
     return result

@@ -1,16 +1,19 @@
 """Scoring with the local model: continuation log-likelihoods and prompt log-probs.
 
 Scoring needs no KV cache and no sampling: whole sequences go through the engine's model in packed
-forwards (many sequences in one row, attention kept inside each), and only the positions whose
-log-probs are reported go through the lm head. :class:`~lmstack.infer.LLM` exposes these as
+forwards (many sequences in one row, attention kept inside each), pairs that share a context as one
+sequence (the context once, each continuation attending to it and to itself), and only the positions
+whose log-probs are reported go through the lm head. :class:`~lmstack.infer.LLM` exposes these as
 ``loglikelihood`` and ``prompt_logprobs``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lmstack.core import PackedAttention
 from lmstack.infer._errors import InvalidRequestError
@@ -46,8 +49,12 @@ def split_pair(
         if not continuation:
             raise InvalidRequestError("the continuation to score is empty.")
         context, continuation = split_whitespace(context, continuation)
-        whole = tokenizer.encode(context + continuation)
-        ctx_ids = tokenizer.encode(context)
+        # A context that already starts with the bos text (a rendered chat template) gets no second
+        # bos, as lm-evaluation-harness's tok_encode decides.
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        special = prefix is None or not context.startswith(tokenizer.decode([prefix]))
+        whole = tokenizer.encode(context + continuation, add_special_tokens=special)
+        ctx_ids = tokenizer.encode(context, add_special_tokens=special)
         if whole[: len(ctx_ids)] == ctx_ids and len(whole) > len(ctx_ids):
             cont_ids = whole[len(ctx_ids) :]
         else:
@@ -77,73 +84,199 @@ def split_pair(
     return ctx_ids, cont_ids
 
 
+def _context_groups(
+    pairs: Sequence[tuple[list[int], list[int]]], max_batch_tokens: int
+) -> tuple[list[list[int]], list[int]]:
+    """Plan the scoring: distinct pairs in groups that share a context, and where each score comes from.
+
+    A group is scored as its context once followed by each continuation (see :func:`_score_packed`),
+    so its cost is the context plus every continuation but its last token; groups are cut to the
+    token budget where they can be. A continuation longer than its context scores alone: sharing
+    would save little and widen the masked attention. A pair equal to an earlier one is not scored
+    again, so duplicates get identical scores.
+
+    Returns:
+        The groups (indices into ``pairs``) and, per pair, the index of the pair it takes its score from.
+    """
+    first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    source: list[int] = []
+    by_context: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        j = first.setdefault((tuple(ctx), tuple(cont)), i)
+        source.append(j)
+        if j == i:
+            by_context.setdefault((tuple(ctx), -1 if len(cont) <= len(ctx) else i), []).append(i)
+    groups: list[list[int]] = []
+    for members in by_context.values():
+        group: list[int] = []
+        tokens = len(pairs[members[0]][0])
+        for i in members:
+            n = len(pairs[i][1]) - 1
+            if group and tokens + n > max_batch_tokens:
+                groups.append(group)
+                group, tokens = [], len(pairs[i][0])
+            group.append(i)
+            tokens += n
+        groups.append(group)
+    return groups, source
+
+
+def _group_tokens(pairs: Sequence[tuple[list[int], list[int]]], group: list[int]) -> int:
+    return len(pairs[group[0]][0]) + sum(len(pairs[i][1]) - 1 for i in group)
+
+
 def score_pairs(
     engine: LLMEngine,
     pairs: Sequence[tuple[list[int], list[int]]],
     max_batch_tokens: int,
     progress: Callable[[int], object] = lambda _: None,
 ) -> list[tuple[float, bool]]:
-    """Summed log-prob and is-greedy of each pair's continuation, longest pairs first in packed batches.
+    """Summed log-prob and is-greedy of each pair's continuation, longest groups first in packed batches.
+
+    Pairs with the same context ids (the choices of one multiple-choice question) are scored together:
+    the context goes through the model once and each continuation attends to it and to itself only.
 
     Args:
         engine: The engine whose model scores.
         pairs: ``(context ids, continuation ids)`` from :func:`split_pair`.
-        max_batch_tokens: Token budget of one packed forward (a longer pair still runs, alone).
+        max_batch_tokens: Token budget of one packed forward (a longer group still runs, alone).
         progress: Called with the number of pairs each batch finished.
     """
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    groups, source = _context_groups(pairs, max_batch_tokens)
+    copies = Counter(source)
+    sizes = [_group_tokens(pairs, g) for g in groups]
     results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-    batch: list[int] = []
+    batch: list[list[int]] = []
     tokens = 0
-    for i in order:
-        n = len(pairs[i][0]) + len(pairs[i][1]) - 1
-        if batch and tokens + n > max_batch_tokens:
-            _score_packed(engine, [pairs[j] for j in batch], batch, results)
-            progress(len(batch))
+    for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
+        if batch and tokens + sizes[g] > max_batch_tokens:
+            _score_packed(engine, pairs, batch, results)
+            progress(sum(copies[i] for group in batch for i in group))
             batch, tokens = [], 0
-        batch.append(i)
-        tokens += n
+        batch.append(groups[g])
+        tokens += sizes[g]
     if batch:
-        _score_packed(engine, [pairs[j] for j in batch], batch, results)
-        progress(len(batch))
-    return results
+        _score_packed(engine, pairs, batch, results)
+        progress(sum(copies[i] for group in batch for i in group))
+    return [results[j] for j in source]
+
+
+class _SharedContextAttention:
+    """Packed samples, each one context followed by several continuations that never see each other.
+
+    A sample's tokens are its context, then each continuation's (branch 1, 2, ...): a context token
+    attends causally within the context; a branch token attends to the whole context and causally
+    within its own branch. Samples with a single branch are plain causal attention.
+
+    Args:
+        bounds: Sample boundaries in the flattened token batch (``[0, end0, end1, ...]``).
+        branches: Per sample, the branch of each token (0 for the context), or None for one branch.
+        positions: The flattened batch's positions (rotary positions, used for sliding windows).
+    """
+
+    def __init__(self, bounds: list[int], branches: list[list[int] | None], positions: torch.Tensor) -> None:
+        self._bounds = bounds
+        self._positions = positions
+        self._masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
+        self._branches = [None if b is None else torch.tensor(b, device=positions.device) for b in branches]
+
+    def _mask(self, sample: int, window: int | None) -> torch.Tensor | None:
+        """``[L, L]`` True where a query may see a key; None for plain causal attention."""
+        cached = (sample, window)
+        if cached not in self._masks:
+            start, end = self._bounds[sample], self._bounds[sample + 1]
+            branch = self._branches[sample]
+            mask = None
+            if branch is not None or (window is not None and window < end - start):
+                pos = self._positions[start:end]
+                mask = torch.ones(end - start, end - start, dtype=torch.bool, device=pos.device).tril()
+                if branch is not None:
+                    mask &= (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
+                if window is not None:
+                    mask &= pos[:, None] - pos[None, :] < window
+            self._masks[cached] = mask
+        return self._masks[cached]
+
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """See :meth:`lmstack.core.AttentionBackend.attend` (``[1, N, H, D]`` packed tokens)."""
+        # [1, N, H, D] -> [H, N, D]: one sample at a time is a slice along N.
+        qh, kh, vh = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+        pieces = []
+        for sample, (start, end) in enumerate(zip(self._bounds[:-1], self._bounds[1:], strict=True)):
+            mask = self._mask(sample, window)
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    qh[None, :, start:end], kh[None, :, start:end], vh[None, :, start:end], attn_mask=mask,
+                    is_causal=mask is None, scale=scale, enable_gqa=kh.shape[0] != qh.shape[0],
+                )[0]
+            )  # fmt: skip
+        return torch.cat(pieces, dim=1).transpose(0, 1)[None]
 
 
 @torch.inference_mode()
 def _score_packed(
     engine: LLMEngine,
-    pairs: list[tuple[list[int], list[int]]],
-    slots: list[int],
+    pairs: Sequence[tuple[list[int], list[int]]],
+    groups: list[list[int]],
     results: list[tuple[float, bool]],
 ) -> None:
-    # All sequences of the batch packed in one row: no padding, no attention across sequences.
+    # Each group is one sample of the packed row: its context once, then every continuation but its
+    # last token (which predicts nothing we need); each continuation's first token is predicted by the
+    # context's last position, the rest by the continuation's own positions.
     ids: list[int] = []
     positions: list[int] = []
     cu = [0]
+    branches: list[list[int] | None] = []
     picks: list[int] = []
     targets: list[int] = []
-    for ctx, cont in pairs:
-        seq = (ctx + cont)[:-1]  # the last token predicts nothing we need
-        start = len(ids)
-        ids.extend(seq)
-        positions.extend(range(len(seq)))
+    for group in groups:
+        ctx = pairs[group[0]][0]
+        last = len(ids) + len(ctx) - 1
+        ids.extend(ctx)
+        positions.extend(range(len(ctx)))
+        branch = [0] * len(ctx)
+        for b, i in enumerate(group, start=1):
+            cont = pairs[i][1]
+            picks.append(last)
+            picks.extend(range(len(ids), len(ids) + len(cont) - 1))
+            ids.extend(cont[:-1])
+            positions.extend(range(len(ctx), len(ctx) + len(cont) - 1))
+            branch.extend([b] * (len(cont) - 1))
+            targets.extend(cont)
         cu.append(len(ids))
-        picks.extend(range(start + len(ctx) - 1, start + len(seq)))
-        targets.extend(cont)
+        branches.append(branch if len(group) > 1 else None)
     device = engine.device
+    position_ids = torch.tensor([positions], device=device)
+    attention = (
+        PackedAttention(torch.tensor(cu))
+        if all(b is None for b in branches)  # no shared contexts: the packed backend (flash-attn on GPU)
+        else _SharedContextAttention(cu, branches, position_ids[0])
+    )
     logits = engine.model(
         torch.tensor([ids], device=device),
-        torch.tensor([positions], device=device),
-        PackedAttention(torch.tensor(cu)),
+        position_ids,
+        attention,
         logits_indices=torch.tensor(picks, device=device),
     ).float()
     target = torch.tensor(targets, device=device)
-    chosen = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0]
+    # Summed in float64 and rounded once to float32: a float32 running sum rounds at each step, which
+    # made a pair's score depend (~1e-5) on whether its context was shared, i.e. on the batching.
+    chosen = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None])[:, 0].double()
     greedy = logits.argmax(-1) == target
     offset = 0
-    for slot, (_, cont) in zip(slots, pairs, strict=True):
-        n = len(cont)
-        results[slot] = (float(chosen[offset : offset + n].sum()), bool(greedy[offset : offset + n].all()))
+    for i in (i for group in groups for i in group):
+        n = len(pairs[i][1])
+        logprob = float(chosen[offset : offset + n].sum().float())
+        results[i] = (logprob, bool(greedy[offset : offset + n].all()))
         offset += n
 
 

@@ -9,6 +9,7 @@
      "versions": {"lmstack-eval": ..., "lmstack-infer": ..., "python": ..., "torch": ...},
      "tasks": {NAME: {"metrics": {METRIC: {"value", "stderr", "n", "higher_is_better"}},
                       "num_docs", "prompt_hash", "output_type", "num_fewshot", "config": {...}}},
+     "groups": {NAME: {"members": [...], "metrics": {METRIC: {..., "weighting": "micro" | "macro"}}}},
      "cache": {"hits": ..., "misses": ...}}
 
 Every file is written atomically, samples first and ``results.json`` last, so a directory with a
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from lmstack.core import atomic_write_file
 
 if TYPE_CHECKING:
-    from lmstack.eval._api import EvalResult
+    from lmstack.eval._api import EvalResult, MetricValue
 
 __all__ = ["results_dict", "results_markdown", "write_results"]
 
@@ -39,21 +40,21 @@ def _format(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4g}"
 
 
+def _metric_dict(m: MetricValue) -> dict[str, Any]:
+    return {
+        "value": _json_number(m.value),
+        "stderr": _json_number(m.stderr),
+        "n": m.n,
+        "higher_is_better": m.higher_is_better,
+    }
+
+
 def results_dict(result: EvalResult) -> dict[str, Any]:
     """The ``results.json`` document of a run."""
     tasks = {}
     for name, task in result.tasks.items():
-        metrics = {
-            metric: {
-                "value": _json_number(m.value),
-                "stderr": _json_number(m.stderr),
-                "n": m.n,
-                "higher_is_better": m.higher_is_better,
-            }
-            for metric, m in task.metrics.items()
-        }
         tasks[name] = {
-            "metrics": metrics,
+            "metrics": {metric: _metric_dict(m) for metric, m in task.metrics.items()},
             "num_docs": task.num_docs,
             "prompt_hash": task.prompt_hash,
             "output_type": task.output_type,
@@ -71,6 +72,16 @@ def results_dict(result: EvalResult) -> dict[str, Any]:
         "config": result.config,
         "versions": result.versions,
         "tasks": tasks,
+        "groups": {
+            name: {
+                "members": list(group.members),
+                "metrics": {
+                    metric: {**_metric_dict(m), "weighting": group.weighting[metric]}
+                    for metric, m in group.metrics.items()
+                },
+            }
+            for name, group in result.groups.items()
+        },
         "cache": {"hits": result.cache.hits, "misses": result.cache.misses},
     }
 
@@ -86,12 +97,21 @@ def results_markdown(result: EvalResult) -> str:
         "|---|---|---:|---:|---:|---|",
     ]
     for name, task in result.tasks.items():
-        for metric, m in task.metrics.items():
-            stderr = _format(m.stderr) if m.stderr is not None and math.isfinite(m.stderr) else "n/a"
-            arrow = "↑" if m.higher_is_better else "↓"
-            lines.append(f"| {name} | {metric} | {_format(m.value)} | {stderr} | {m.n} | {arrow} |")
+        lines.extend(_row(name, metric, m) for metric, m in task.metrics.items())
+    if result.groups:
+        lines += ["", "| group | metric | value | ± stderr | n | |", "|---|---|---:|---:|---:|---|"]
+        for name, group in result.groups.items():
+            lines.extend(
+                _row(f"{name} ({group.weighting[metric]})", metric, m) for metric, m in group.metrics.items()
+            )
     lines += ["", f"cache: {result.cache.hits} hits, {result.cache.misses} misses", ""]
     return "\n".join(lines)
+
+
+def _row(name: str, metric: str, m: MetricValue) -> str:
+    stderr = _format(m.stderr) if m.stderr is not None and math.isfinite(m.stderr) else "n/a"
+    arrow = "↑" if m.higher_is_better else "↓"
+    return f"| {name} | {metric} | {_format(m.value)} | {stderr} | {m.n} | {arrow} |"
 
 
 def write_results(result: EvalResult, output_dir: str | Path) -> Path:

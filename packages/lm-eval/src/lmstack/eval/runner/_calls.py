@@ -20,6 +20,11 @@ from lmstack.eval.tasks import Request
 
 __all__ = ["Call", "Shard", "build_calls", "parse_shard"]
 
+# Part of every cache key. Bump it when lmstack computes the answer to the same request differently
+# (a scoring fix, such as the double BOS of chat contexts fixed in version 2), so that caches written
+# before the change are not served as if they still held the right answers.
+ANSWERS_VERSION = 2
+
 
 @dataclass(frozen=True)
 class Call:
@@ -37,14 +42,12 @@ class Call:
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
-        extra = []
+        extra = [f"answers=v{ANSWERS_VERSION}"]
         if self.samples != 1:
             extra.append(f"samples={self.samples}")
         if self.request.kind == "loglikelihood_rolling":
             extra.append(f"max_length={self.max_length}")
-        key = self.request.request_hash
-        if extra:
-            key = hashlib.sha256(f"{key}|{'|'.join(extra)}".encode()).hexdigest()
+        key = hashlib.sha256(f"{self.request.request_hash}|{'|'.join(extra)}".encode()).hexdigest()
         object.__setattr__(self, "key", key)
 
     @property

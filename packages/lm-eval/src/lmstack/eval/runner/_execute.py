@@ -1,4 +1,4 @@
-"""Answering calls with a model: grouped by kind, longest first, in batches committed to the cache.
+"""Answering calls with a model: grouped by kind, longest context first, in batches committed to the cache.
 
 ``loglikelihood`` calls go to ``llm.loglikelihood`` (chat contexts rendered with the model's chat
 template first), ``loglikelihood_rolling`` to ``llm.loglikelihood_rolling`` with an explicit
@@ -63,6 +63,17 @@ def _sampling_params(call: Call) -> Any:
 def _render_chat(llm: Any, call: Call) -> str:
     rendered = llm.tokenizer.apply_chat_template(call.request.messages(), add_generation_prompt=True)
     return str(rendered)
+
+
+def _order(call: Call) -> tuple[int, str, int, str]:
+    """Sort key: longest context first (memory problems show at once), equal contexts side by side.
+
+    Calls that share a context then land in one batch, where the model computes the context once for
+    all their continuations.
+    """
+    context = call.request.context
+    context_chars = call.length - len(call.request.continuation or "")
+    return (-context_chars, context if isinstance(context, str) else repr(context), -call.length, call.key)
 
 
 def _answer_batch(
@@ -138,7 +149,7 @@ def answer_calls(
     )
     try:
         for (kind, is_chat), group in sorted(groups.items()):
-            group.sort(key=lambda c: (-c.length, c.key))
+            group.sort(key=_order)
             for start in range(0, len(group), batch_size):
                 batch = group[start : start + batch_size]
                 try:

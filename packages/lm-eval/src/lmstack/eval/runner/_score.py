@@ -5,17 +5,21 @@ cache. Metric options as tasks give them are cleaned first: lm-evaluation-harnes
 and ``higher_is_better`` are dropped (the registry knows both), and ``extract`` (the arguments of
 :func:`lmstack.eval.metrics.extract_answer`, or a list of strategy names) pulls the answer out of a
 generated reply before the metric compares it.
+
+A rolling log-likelihood's token count (what ``token_perplexity`` divides by) is taken from the answer
+when the cache recorded one, else counted with the model's tokenizer exactly as the model tokenized the
+text; caches written before token counts existed stay readable for every other metric.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from lmstack.eval._errors import TaskConfigError
+from lmstack.eval._errors import EvalError, TaskConfigError
 from lmstack.eval.metrics import (
     ChoiceResult,
     CodeResult,
@@ -26,11 +30,26 @@ from lmstack.eval.metrics import (
     Score,
     extract_answer,
     get_metric,
+    group_score,
 )
 from lmstack.eval.metrics._errors import MetricError
 from lmstack.eval.tasks import DocTarget, MetricConfig, Request, Task
 
-__all__ = ["DEFAULT_METRICS", "ResolvedMetric", "TaskScore", "resolve_metrics", "score_task"]
+if TYPE_CHECKING:
+    from lmstack.eval.runner._tasks import TaskGroup
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "GroupScore",
+    "ResolvedMetric",
+    "TaskScore",
+    "resolve_metrics",
+    "rolling_token_counter",
+    "score_groups",
+    "score_task",
+]
+
+TokenCounter = Callable[[str], int]
 
 # What a task reports when it lists no metrics (lm-evaluation-harness's defaults per output type).
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
@@ -143,6 +162,39 @@ class TaskScore:
     samples: list[dict[str, Any]]
 
 
+def rolling_token_counter(tokenizer: Any) -> TokenCounter | None:
+    """Count a text's tokens as ``loglikelihood_rolling`` scores them (None without a tokenizer).
+
+    Args:
+        tokenizer: The model's :class:`lmstack.core.Tokenizer`, or None.
+
+    Returns:
+        ``count(text)``: how many tokens the text's rolling log-likelihood sums over.
+    """
+    if tokenizer is None:
+        return None
+    # The model's own tokenization of a rolling text (special tokens, a leading prefix token), reused
+    # so that the count can never drift from what was scored.
+    from lmstack.infer._inputs import rolling_token_lists
+
+    return lambda text: len(rolling_token_lists([text], tokenizer, None)[0])
+
+
+def _num_tokens(
+    task: Task, answer: Mapping[str, Any], text: str, count_tokens: TokenCounter | None, needed: bool
+) -> int | None:
+    if "num_tokens" in answer:
+        return int(answer["num_tokens"])
+    if count_tokens is not None:
+        return count_tokens(text)
+    if needed:
+        raise EvalError(
+            f"task {task.name}: token_perplexity needs each document's token count, which the cached "
+            "answers do not hold: score with the model (or pass its tokenizer) so the runner can count them"
+        )
+    return None
+
+
 def _references(target: DocTarget) -> list[str]:
     return list(target.text) if isinstance(target.text, tuple) else [target.text]
 
@@ -185,6 +237,8 @@ def _doc_result(
     target: DocTarget,
     pairs: Sequence[tuple[Request, Mapping[str, Any]]],
     record: dict[str, Any],
+    count_tokens: TokenCounter | None,
+    needs_tokens: bool,
 ) -> Any:
     kind = task.config.output_type
     answers = [a for _, a in pairs]
@@ -198,7 +252,11 @@ def _doc_result(
     if kind == "loglikelihood":
         return LoglikelihoodResult(answer["loglikelihood"], answer["is_greedy"])
     if kind == "loglikelihood_rolling":
-        return RollingResult(answer["loglikelihood"], _references(target)[0])
+        text = _references(target)[0]
+        num_tokens = _num_tokens(task, answer, text, count_tokens, needs_tokens)
+        if num_tokens is not None:
+            record["num_tokens"] = num_tokens
+        return RollingResult(answer["loglikelihood"], text, num_tokens)
     texts = answer["texts"]
     if task.config.code is not None:
         passed = _passes(task, target.doc_id, texts)
@@ -214,6 +272,7 @@ def score_task(
     metrics: Sequence[ResolvedMetric],
     *,
     doc_ids: Sequence[int],
+    count_tokens: TokenCounter | None = None,
 ) -> TaskScore:
     """Score one task from the answers to its requests.
 
@@ -223,7 +282,14 @@ def score_task(
         answers: The answer to each request, in the same order.
         metrics: :func:`resolve_metrics`'s output for the task.
         doc_ids: The evaluated documents, in order.
+        count_tokens: Counts a rolling text's tokens (:func:`rolling_token_counter`) when the answers
+            do not record them.
+
+    Raises:
+        EvalError: ``token_perplexity`` is asked for but neither the answers nor ``count_tokens`` give
+            the token counts.
     """
+    needs_tokens = any(m.metric.name == "token_perplexity" for m in metrics)
     by_doc: dict[int, list[tuple[Request, Mapping[str, Any]]]] = {doc_id: [] for doc_id in doc_ids}
     for request, answer in zip(requests, answers, strict=True):
         by_doc[request.doc_id].append((request, answer))
@@ -243,7 +309,7 @@ def score_task(
         record["target"] = target.text if isinstance(target.text, str) else list(target.text)
         if target.gold is not None:
             record["gold"] = target.gold if isinstance(target.gold, int) else list(target.gold)
-        result = _doc_result(task, target, pairs, record)
+        result = _doc_result(task, target, pairs, record, count_tokens, needs_tokens)
         record["metrics"] = {}
         for resolved in metrics:
             sample_result = result
@@ -261,3 +327,85 @@ def score_task(
     }
     higher = {m.metric.name: m.metric.higher_is_better for m in metrics}
     return TaskScore(scores, higher, samples)
+
+
+class _Reported(Protocol):
+    """A reported metric value (as :class:`lmstack.eval.MetricValue` holds it)."""
+
+    @property
+    def value(self) -> float: ...
+    @property
+    def stderr(self) -> float | None: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def higher_is_better(self) -> bool: ...
+
+
+@dataclass
+class GroupScore:
+    """One group's averaged metrics.
+
+    Attributes:
+        members: Its member tasks and subgroups.
+        scores: Metric name -> the average over the members.
+        higher_is_better: Metric name -> direction (the members').
+        weighting: Metric name -> ``micro`` (weighted by size) or ``macro``.
+    """
+
+    members: tuple[str, ...]
+    scores: dict[str, Score]
+    higher_is_better: dict[str, bool]
+    weighting: dict[str, str]
+
+
+def score_groups(
+    groups: Sequence[TaskGroup], results: Mapping[str, Mapping[str, _Reported]]
+) -> dict[str, GroupScore]:
+    """Average each group's metrics over its members with :func:`lmstack.eval.metrics.group_score`.
+
+    Args:
+        groups: The run's groups, each after its subgroups (as :func:`resolve_run` orders them).
+        results: Task name -> metric name -> its reported value.
+
+    Returns:
+        Group name -> its scores; a subgroup counts as one member with its own average and total size.
+
+    Raises:
+        EvalError: A member does not report a metric its group averages.
+    """
+    scored: dict[str, GroupScore] = {}
+    reported: dict[str, Mapping[str, _Reported]] = dict(results)
+    for group in groups:
+        scores: dict[str, Score] = {}
+        higher: dict[str, bool] = {}
+        weighting: dict[str, str] = {}
+        for aggregate in group.aggregate:
+            name = aggregate.metric
+            missing = [m for m in group.members if name not in reported[m]]
+            if missing:
+                raise EvalError(
+                    f"group {group.name} averages {name}, which its members {', '.join(missing)} "
+                    "do not report"
+                )
+            values = [reported[m][name] for m in group.members]
+            weighting[name] = "micro" if aggregate.weight_by_size else "macro"
+            scores[name] = group_score(
+                [Score(v.value, v.stderr, v.n) for v in values],
+                "micro" if aggregate.weight_by_size else "macro",
+            )
+            higher[name] = values[0].higher_is_better
+        scored[group.name] = GroupScore(group.members, scores, higher, weighting)
+        reported[group.name] = {
+            name: _GroupValue(score.value, score.stderr, score.n, higher[name])
+            for name, score in scores.items()
+        }
+    return scored
+
+
+@dataclass(frozen=True)
+class _GroupValue:
+    value: float
+    stderr: float | None
+    n: int
+    higher_is_better: bool

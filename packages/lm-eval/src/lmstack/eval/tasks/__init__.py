@@ -14,6 +14,8 @@ from lmstack.eval.tasks._config import (
     DatasetFormat,
     FewshotSampler,
     GenerationKwargs,
+    GroupConfig,
+    GroupMetric,
     MetricConfig,
     OutputType,
     SplitConfig,
@@ -22,7 +24,7 @@ from lmstack.eval.tasks._config import (
 from lmstack.eval.tasks._data import read_data_file, read_split
 from lmstack.eval.tasks._requests import ChatMessage, DocTarget, Request, RequestKind, prompt_hash
 from lmstack.eval.tasks._task import Task, fewshot_seed, load_task
-from lmstack.eval.tasks._yaml import from_lm_eval_dict, load_task_config
+from lmstack.eval.tasks._yaml import from_lm_eval_dict, load_task_config, load_task_file
 
 __all__ = [
     "ChatConfig",
@@ -33,6 +35,8 @@ __all__ = [
     "DocTarget",
     "FewshotSampler",
     "GenerationKwargs",
+    "GroupConfig",
+    "GroupMetric",
     "MetricConfig",
     "OutputType",
     "Request",
@@ -44,6 +48,7 @@ __all__ = [
     "from_lm_eval_dict",
     "load_task",
     "load_task_config",
+    "load_task_file",
     "prompt_hash",
     "read_data_file",
     "read_split",

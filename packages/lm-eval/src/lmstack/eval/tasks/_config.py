@@ -27,6 +27,8 @@ __all__ = [
     "DatasetFormat",
     "FewshotSampler",
     "GenerationKwargs",
+    "GroupConfig",
+    "GroupMetric",
     "MetricConfig",
     "OutputType",
     "SplitConfig",
@@ -407,6 +409,9 @@ class TaskConfig:
         metrics: The metrics reported.
         chat: Chat-template mode when set, else plain text prompts.
         code: Code execution of the completions (``generate_until`` only), for ``pass@k`` metrics.
+        repeats: Completions generated per document (lm-evaluation-harness's ``repeats``;
+            ``generate_until`` only). Every completion is recorded; pass@k scores them all, other
+            metrics the first one (lm-eval's default ``take_first``).
         limit: Evaluate only the first ``limit`` documents.
         source: The file the task was read from, when any (named in errors).
     """
@@ -428,6 +433,7 @@ class TaskConfig:
     metrics: tuple[MetricConfig, ...] = ()
     chat: ChatConfig | None = None
     code: CodeConfig | None = None
+    repeats: int = 1
     limit: int | None = None
     source: Path | None = field(default=None, compare=False)
 
@@ -460,6 +466,16 @@ class TaskConfig:
             raise where.error("generation", f"only applies to generate_until, not {self.output_type}")
         if self.code is not None and self.output_type != "generate_until":
             raise where.error("code", f"only applies to generate_until, not {self.output_type}")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise where.error("repeats", f"must be an int >= 1, got {self.repeats!r}")
+        if self.repeats > 1 and self.output_type != "generate_until":
+            # A log-likelihood is deterministic: n copies would only cost n times the compute.
+            raise where.error("repeats", f"only applies to generate_until, not {self.output_type}")
+        code_samples = None if self.code is None else self.code.samples
+        if self.repeats > 1 and code_samples is not None and code_samples != self.repeats:
+            raise where.error(
+                "repeats", f"is {self.repeats} but code.samples is {code_samples}; give one of them"
+            )
         object.__setattr__(self, "metrics", tuple(self.metrics))
         names = [metric.name for metric in self.metrics]
         for name in names:
@@ -468,11 +484,15 @@ class TaskConfig:
 
     @property
     def code_samples(self) -> int:
-        """Completions generated per document: ``code.samples``, else the largest pass@k ``k``, else 1."""
+        """Completions generated per document.
+
+        ``code.samples`` when set, else the larger of ``repeats`` and the largest pass@k ``k`` (1 for a
+        task that is not ``generate_until``).
+        """
         if self.code is not None and self.code.samples is not None:
             return self.code.samples
         ks = [int(m.name[5:]) for m in self.metrics if m.name.startswith("pass@") and m.name[5:].isdigit()]
-        return max(ks, default=1)
+        return max([self.repeats, *ks])
 
     def check_metrics(self, known: Collection[str]) -> None:
         """Raise a :class:`TaskConfigError` naming any metric not in ``known`` (the registry's names)."""
@@ -488,11 +508,14 @@ class TaskConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str | Path | None = None) -> TaskConfig:
+    def from_dict(
+        cls, data: Mapping[str, Any], *, source: str | Path | None = None, base_dir: Path | None = None
+    ) -> TaskConfig:
         """Read lmstack's own task format (the mapping a task YAML file holds).
 
-        Relative ``dataset.data_files`` resolve against the directory of ``source`` when given, else
-        against the current directory. Unknown keys are errors naming the key and the file.
+        Relative ``dataset.data_files`` resolve against ``base_dir`` when given, else the directory of
+        ``source`` when given, else the current directory. Unknown keys are errors naming the key and
+        the file.
         """
         path = None if source is None else Path(source)
         where = _Where(path)
@@ -500,7 +523,8 @@ class TaskConfig:
         for required in ("name", "dataset", "output_type"):
             if required not in data:
                 raise where.error(required, "is required")
-        base_dir = None if path is None else path.parent
+        if base_dir is None and path is not None:
+            base_dir = path.parent
         dataset = _mapping(where, data, "dataset")
         fewshot_delimiter = data.get("fewshot_delimiter", "\n\n")
         generation = None
@@ -536,11 +560,57 @@ class TaskConfig:
             code=None
             if data.get("code") is None
             else CodeConfig.from_dict(_mapping(where, data, "code"), where=where.child("code")),
+            repeats=data.get("repeats", 1),
             limit=None
             if data.get("limit") is None
             else _expect(where, "limit", data["limit"], int, "an int"),
             source=path,
         )
+
+
+@dataclass(frozen=True)
+class GroupMetric:
+    """One metric a group aggregates over its members (lm-evaluation-harness's ``aggregate_metric_list``).
+
+    Attributes:
+        metric: The metric's name; every member must report it.
+        weight_by_size: Micro average (each member weighted by its sample count) when true, else the
+            macro average (each member counts once), as lm-eval's ``weight_by_size``.
+    """
+
+    metric: str
+    weight_by_size: bool = False
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """A group of tasks (an lm-evaluation-harness group YAML) whose scores are averaged.
+
+    Attributes:
+        name: The group's name (results key it under ``groups``).
+        members: Its tasks and subgroups; a string is a built-in task name.
+        aggregate: The metrics averaged over the members (none: the group only lists its tasks).
+        alias: A display name (``group_alias``).
+        source: The file the group was read from.
+    """
+
+    name: str
+    members: tuple[TaskConfig | GroupConfig | str, ...]
+    aggregate: tuple[GroupMetric, ...] = ()
+    alias: str | None = None
+    source: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        where = _Where(self.source)
+        if not isinstance(self.name, str) or not self.name:
+            raise where.error("group", f"expected a non-empty group name, got {self.name!r}")
+        object.__setattr__(self, "members", tuple(self.members))
+        if not self.members:
+            raise where.error("task", f"group {self.name} lists no tasks")
+        names = [m if isinstance(m, str) else m.name for m in self.members]
+        for name in names:
+            if names.count(name) > 1:
+                raise where.error("task", f"group {self.name} lists {name!r} twice")
 
 
 _OWN_KEYS = tuple(f.name for f in dataclasses.fields(TaskConfig) if f.name != "source")
