@@ -11,6 +11,8 @@
 * :mod:`lmstack.eval.metrics`: acc / acc_norm, exact match with normalisers and answer extraction,
   math answer equivalence, BLEU, ROUGE-L, perplexities and bits per byte, pass@k, mean and bootstrap
   standard errors, micro / macro groups; a registry by name (:func:`get_metric`).
+* :class:`TransformersLLM`: a transformers model (greedy generation and scoring) to evaluate as a
+  reference beside lmstack's engine.
 """
 
 from lmstack.eval._api import EvalResult, evaluate, rescore
@@ -22,6 +24,7 @@ from lmstack.eval._errors import (
     TemplateError,
     UnknownTaskError,
 )
+from lmstack.eval._reference import TransformersLLM
 from lmstack.eval.metrics import Metric, Score, UnknownMetricError, get_metric, metric_names
 from lmstack.eval.tasks import DocTarget, Request, Task, TaskConfig, load_task, load_task_config
 
@@ -40,6 +43,7 @@ __all__ = [
     "TaskConfig",
     "TaskConfigError",
     "TemplateError",
+    "TransformersLLM",
     "UnknownMetricError",
     "UnknownTaskError",
     "__version__",

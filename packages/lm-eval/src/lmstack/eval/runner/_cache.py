@@ -48,7 +48,8 @@ class ModelInfo:
     Attributes:
         name: A readable name (the model directory's name, or the served model's name).
         fingerprint: A hash that changes whenever the answers could (see :mod:`._fingerprint`).
-        kind: ``local`` (:class:`lmstack.infer.LLM`), ``remote`` (:class:`lmstack.infer.RemoteLLM`) or
+        kind: ``local`` (:class:`lmstack.infer.LLM`), ``remote`` (:class:`lmstack.infer.RemoteLLM`),
+            ``reference`` (:class:`lmstack.eval.TransformersLLM`) or
             ``custom`` (another LLM-protocol object).
     """
 

@@ -11,6 +11,9 @@ The choice, per kind of model:
   because ``cp`` changes mtimes and an in-place re-save can keep sizes.
 * **an ``LLM`` object** (no path known): sha256 over its model config, every parameter's bytes and
   the tokenizer's vocabulary — the same guarantee, from memory.
+* **a ``TransformersLLM``** (the reference model): its directory, hashed as above with
+  ``transformers:<dtype>`` as the extra, so it never shares cached answers with ``LLM`` on the same
+  checkpoint (different arithmetic, answers that may differ in the last bits).
 * **a ``RemoteLLM``**: its base URL and the served model's name. The ``/v1/models`` card is not
   hashed: servers put their start time in it (``created``), which would orphan the cache on every
   restart. Pass ``fingerprint=`` to :func:`lmstack.eval.evaluate` when the weights behind a name change.
@@ -100,8 +103,13 @@ def model_info(
     Raises:
         EvalError: No fingerprint can be derived for ``llm``.
     """
+    from lmstack.eval._reference import TransformersLLM
     from lmstack.infer import LLM, RemoteLLM
 
+    if isinstance(llm, TransformersLLM):
+        dtype = str(llm.dtype).removeprefix("torch.")
+        fp = fingerprint or fingerprint_dir(llm.path, extra=f"transformers:{dtype}")
+        return ModelInfo(name or llm.path.name, fp, "reference")
     if isinstance(llm, RemoteLLM):
         served = llm.model or _only_model(llm)
         fp = fingerprint or hashlib.sha256(f"lmstack-remote:{llm.base_url}\n{served}".encode()).hexdigest()
