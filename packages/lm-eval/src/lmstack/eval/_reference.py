@@ -21,9 +21,10 @@ import torch
 
 from lmstack.core import Tokenizer
 from lmstack.eval._errors import EvalError
-from lmstack.infer import CompletionOutput, RequestOutput, SamplingParams
-from lmstack.infer._errors import InvalidRequestError
-from lmstack.infer._inputs import (
+from lmstack.infer import CompletionOutput, InvalidRequestError, RequestOutput, SamplingParams
+from lmstack.infer.engine import LLMEngine
+from lmstack.infer.protocol import (
+    IncrementalDetokenizer,
     as_batch,
     as_conversations,
     as_params,
@@ -32,11 +33,9 @@ from lmstack.infer._inputs import (
     is_conversation,
     plan_rolling,
     rolling_token_lists,
+    split_pair,
     sum_rolling,
 )
-from lmstack.infer._scoring import split_pair
-from lmstack.infer.engine import LLMEngine
-from lmstack.infer.engine._detokenizer import IncrementalDetokenizer
 
 __all__ = ["TransformersLLM"]
 

@@ -175,7 +175,7 @@ def rolling_token_counter(tokenizer: Any) -> TokenCounter | None:
         return None
     # The model's own tokenization of a rolling text (special tokens, a leading prefix token), reused
     # so that the count can never drift from what was scored.
-    from lmstack.infer._inputs import rolling_token_lists
+    from lmstack.infer.protocol import rolling_token_lists
 
     return lambda text: len(rolling_token_lists([text], tokenizer, None)[0])
 
