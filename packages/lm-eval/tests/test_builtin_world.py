@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from lmstack.eval import DatasetError, TaskConfigError, UnknownTaskError
-from lmstack.eval.metrics import GenerationResult, contains, extract_answer, get_metric
+from lmstack.eval.metrics import GenerationResult, extract_answer, get_metric
+from lmstack.eval.metrics._text import contains
 from lmstack.eval.tasks import ChatMessage
 from lmstack.eval.tasks.builtin import builtin_task_names, find_task
 

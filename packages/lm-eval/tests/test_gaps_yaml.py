@@ -15,11 +15,11 @@ from lmstack.eval.tasks import (
     CodeConfig,
     GroupConfig,
     GroupMetric,
-    from_lm_eval_dict,
     load_task,
     load_task_config,
     load_task_file,
 )
+from lmstack.eval.tasks._yaml import from_lm_eval_dict
 
 # MMLU's _default_template_yaml, with local data instead of the hub dataset.
 TEMPLATE = """\

@@ -26,7 +26,7 @@ from lmstack.eval.judge import (
     PairwiseRubric,
     PointwiseRubric,
 )
-from lmstack.infer import LLM, CompletionOutput, RequestOutput, SamplingParams
+from lmstack.infer import LLM, CompletionOutput, RequestOutput, SamplingParams, TokenizerUnavailableError
 
 Conversation = Sequence[Mapping[str, Any]]
 
@@ -40,7 +40,8 @@ class ScriptedJudge:
 
     @property
     def tokenizer(self) -> Any:
-        raise NotImplementedError
+        # The judge only chats; a scripted judge has no tokenizer, like a RemoteLLM built without one.
+        raise TokenizerUnavailableError("the scripted judge has no tokenizer")
 
     def chat(
         self, messages: Sequence[Conversation], sampling_params: SamplingParams | None = None

@@ -28,16 +28,14 @@ from lmstack.eval.metrics import (
     RollingResult,
     Score,
     UnknownMetricError,
-    bootstrap_stderr,
-    first_argmax,
     get_metric,
     group_score,
-    mean,
-    mean_stderr,
     metric_names,
     pass_at_k,
     register_metric,
 )
+from lmstack.eval.metrics._choice import first_argmax
+from lmstack.eval.metrics._stats import bootstrap_stderr, mean, mean_stderr
 
 
 def _lm_eval_process_results(output_type: str, doc: dict[str, Any], results: list[Any], metrics: list[str]):

@@ -6,7 +6,8 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from lmstack.eval.metrics import GenerationResult, bleu_corpus, bleu_stats, get_metric, rouge_l, tokenize_13a
+from lmstack.eval.metrics import GenerationResult, get_metric
+from lmstack.eval.metrics._overlap import bleu_corpus, bleu_stats, rouge_l, tokenize_13a
 
 HYPOTHESES = [
     "The cat sat on the mat.",

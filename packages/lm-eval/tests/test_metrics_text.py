@@ -20,9 +20,9 @@ from lmstack.eval.metrics import (
     extract_answer,
     get_metric,
     math_equal,
-    normalize_text,
-    parse_math,
 )
+from lmstack.eval.metrics._math import parse_math
+from lmstack.eval.metrics._text import normalize_text
 
 PAIRS = [
     ("The answer is 42.", "the answer is 42"),

@@ -18,9 +18,9 @@ from lmstack.eval.tasks import (
     TaskConfig,
     load_task,
     load_task_config,
-    prompt_hash,
-    read_data_file,
 )
+from lmstack.eval.tasks._data import read_data_file
+from lmstack.eval.tasks._requests import prompt_hash
 
 ROWS = [{"q": f"question {i}", "choices": ["yes", "no"], "label": i % 2} for i in range(12)]
 

@@ -19,7 +19,8 @@ import yaml
 from lm_eval.api import task as lm_eval_task
 from pyarrow import parquet as pq
 
-from lmstack.eval.tasks import ChatConfig, fewshot_seed, load_task
+from lmstack.eval.tasks import ChatConfig, load_task
+from lmstack.eval.tasks._task import fewshot_seed
 
 QA = [
     {"question": "What is 2+2?", "choices": ["3", "4", "5"], "label": 1, "answer": "4"},

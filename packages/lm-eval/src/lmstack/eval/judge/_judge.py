@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lmstack.eval.judge._rubric import PairwiseRubric, PointwiseRubric, Verdict
-from lmstack.eval.metrics import Score, mean, mean_stderr
+from lmstack.eval.metrics import Score
+from lmstack.eval.metrics._stats import mean, mean_stderr
 from lmstack.infer import LLMProtocol, RequestOutput, SamplingParams
 
 __all__ = [
