@@ -121,15 +121,17 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def quickstart(session: nox.Session) -> None:
-    """Run examples/quickstart.py (train, evaluate, generate, serve the default model) on a fresh install."""
-    # lmstack-eval evaluates it (matplotlib, its plots extra, draws the needle heatmap); transformers
-    # only for the check that it loads the trained model with the same logits.
+    """Run examples/quickstart.py (train, evaluate, answer from documents, serve) on a fresh install."""
+    # lmstack-eval evaluates it (matplotlib, its plots extra, draws the needle heatmap); lmstack-rag answers
+    # from the world's articles; transformers only for the check that it loads the trained model with the
+    # same logits.
     _install(
         session,
         _local("core"),
         _local("train"),
         _local("infer", "server"),
         _local("eval", "plots"),
+        _local("rag"),
         "transformers",
     )
     session.run("python", "examples/quickstart.py", *session.posargs)

@@ -16,13 +16,17 @@
      articles, lengths counted in the model's own tokens up to its context; a Markdown table and a
      heatmap (OUT/eval/needle.png, with matplotlib);
   6. generate with lmstack-infer's engine: greedy completions, a chat reply, seeded samples;
-  7. serve it with `lmstack serve` (OpenAI-compatible, when lmstack-infer[server] is installed) and
+  7. answer from documents with lmstack-rag: index the world's articles (hybrid dense + BM25 search),
+     calibrate the relevance gate on labelled questions and score it on held-out ones (retrieval hit@k,
+     MRR, nDCG; rejection precision, recall, F1), then the held-out facts asked closed-book and with
+     retrieved passages, both scored by lmstack-eval; one cited answer and one refused chat message;
+  8. serve it with `lmstack serve` (OpenAI-compatible, when lmstack-infer[server] is installed) and
      query it with the remote client.
 
 Steps 1-2 take under 4 minutes on an idle 2-core CPU. Run it with `nox -s quickstart`, or
-`python examples/quickstart.py [--model PATH]` to skip training and point steps 3-7 at an existing
-Hugging Face directory (llama, mistral, qwen2, internlm2, internlm3) instead (steps 4-5 need the
-world in OUT/world).
+`python examples/quickstart.py [--model PATH]` to skip training and point steps 3-8 at an existing
+Hugging Face directory (llama, mistral, qwen2, internlm2, internlm3) instead (steps 4-5 and 7 need
+the world in OUT/world).
 """
 
 from __future__ import annotations
@@ -160,6 +164,20 @@ def percent(value: float, stderr: float | None) -> str:
     return f"{value:.1%}" + ("" if stderr is None else f" ± {stderr * 100:.1f}")
 
 
+def greedy_task(name: str, path: Path) -> TaskConfig:
+    """Ask each row's ``question`` as a chat; score whether the greedy reply names ``answer``."""
+    return TaskConfig(
+        name=name,
+        dataset=DatasetConfig(format="jsonl", data_files={"test": (path,)}),
+        output_type="generate_until",
+        doc_to_text="question",
+        doc_to_target="answer",
+        generation=GenerationKwargs(max_gen_toks=32),
+        metrics=(MetricConfig("contains"),),
+        chat=ChatConfig(),
+    )
+
+
 def chat_wording_task(world_dir: Path, eval_dir: Path) -> TaskConfig:
     """The held-out facts asked in a wording the chats use for other facts (the fact itself never asked).
 
@@ -176,16 +194,7 @@ def chat_wording_task(world_dir: Path, eval_dir: Path) -> TaskConfig:
         for row in facts:
             question = world.ask(the_world.entity(row["entity"]), row["attribute"], 0)
             f.write(json.dumps({"question": question, "answer": row["answer"]}) + "\n")
-    return TaskConfig(
-        name="world_heldout_greedy_chat_wording",
-        dataset=DatasetConfig(format="jsonl", data_files={"test": (path,)}),
-        output_type="generate_until",
-        doc_to_text="question",
-        doc_to_target="answer",
-        generation=GenerationKwargs(max_gen_toks=32),
-        metrics=(MetricConfig("contains"),),
-        chat=ChatConfig(),
-    )
+    return greedy_task("world_heldout_greedy_chat_wording", path)
 
 
 def evaluate_world(llm: LLM, name: str, world_dir: Path, eval_dir: Path) -> float:
@@ -298,6 +307,93 @@ def needle_in_a_haystack(llm: LLM, name: str, world_dir: Path, eval_dir: Path) -
     print(f"heatmap: {png}")
 
 
+# -- 7: answers from documents with lmstack-rag ----------------------------------------------------------
+# Chunks of about the size of the excerpts in the world's context chats, two passages a question: the
+# default model answers from prompts as long as those it was trained on.
+RAG_CHUNK_TOKENS = 96
+RAG_PASSAGES = 2
+
+
+def answer_from_documents(llm: LLM, name: str, world_dir: Path, out: Path) -> None:
+    """Index the world's articles, calibrate the gate, and answer the held-out questions from the passages."""
+    step("7. answer from the world's articles with lmstack-rag: hybrid search, the gate, cited answers")
+    if importlib.util.find_spec("lmstack.rag") is None:
+        print("(lmstack-rag is not installed: pip install lmstack-rag to run this step)")
+        return
+    sys.path.insert(0, str(REPO / "examples" / "rag"))
+    import labelled  # examples/rag: the labelled questions over the world
+
+    from lmstack.rag import Assistant, ChunkingConfig, Index, evaluate_index
+
+    start = time.perf_counter()
+    rag_dir, eval_dir = out / "rag", out / "eval"
+    docs = rag_dir / "world_docs"
+    labelled.write_world_documents(world_dir, docs)
+    chunking = ChunkingConfig(chunk_tokens=RAG_CHUNK_TOKENS, overlap_tokens=RAG_CHUNK_TOKENS // 4)
+    index = Index.open(rag_dir / "index", create=True, chunking=chunking)
+    report = index.ingest(docs, use_tqdm=False)
+    print(f"$ lmstack rag ingest {docs} --index {rag_dir / 'index'}\n{report.summary()}")
+
+    # The gate: fitted on one half of the labelled questions, scored on the other with retrieval.
+    splits = labelled.world_questions(world_dir)
+    related = [row["question"] for row in splits["related_calibrate"]]
+    unrelated = [row["question"] for row in splits["unrelated_calibrate"]]
+    calibration, _ = index.calibrate(related, unrelated, use_tqdm=False)
+    print(
+        f"gate calibrated on {len(related)} related and {len(unrelated)} unrelated questions "
+        f"(off-topic chatter, and questions about names the world does not have): "
+        f"F1 {calibration.cross_validated.f1:.3f} cross-validated"
+    )
+    questions = [{**row, "relevant": row["sources"]} for row in splits["related_test"]]
+    scores = evaluate_index(index, questions, splits["unrelated_test"], use_tqdm=False)
+    print(f"held-out halves ({len(questions)} related, {len(splits['unrelated_test'])} unrelated):")
+    print(scores.table())
+
+    # Answers: the held-out facts closed-book against the same questions with retrieved passages, asked
+    # and scored by lmstack-eval the same way (greedy reply naming the value).
+    assistant = Assistant(
+        index, llm, k=RAG_PASSAGES, instruction=world.CONTEXT_INSTRUCTION,
+        sampling_params=SamplingParams(max_tokens=32, temperature=0.0),
+    )  # fmt: skip
+    facts = [r for r in world.read_jsonl(world_dir / "heldout.jsonl") if r["kind"] == "fact"]
+    path = eval_dir / "heldout_with_passages.jsonl"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    found = 0
+    with path.open("w", encoding="utf-8") as f:
+        for row in facts:
+            hits = index.search(row["question"], RAG_PASSAGES)
+            found += any(row["answer"] in hit.text for hit in hits)
+            f.write(
+                json.dumps({"question": assistant.prompt(row["question"], hits), "answer": row["answer"]})
+                + "\n"
+            )
+    result = evaluate(
+        llm, ["world_heldout_greedy", greedy_task("world_heldout_rag", path)],
+        data_dir=world_dir, output_dir=eval_dir / "rag", model_name=name, use_tqdm=False,
+    )  # fmt: skip
+    closed = result.tasks["world_heldout_greedy"].metrics["contains"]
+    opened = result.tasks["world_heldout_rag"].metrics["contains"]
+    print(f"held-out facts, greedy replies naming the value ({closed.n} questions):")
+    for label, score, task in (
+        ("closed-book", closed, "world_heldout_greedy"),
+        (f"with {RAG_PASSAGES} retrieved passages", opened, "world_heldout_rag"),
+    ):
+        named = f"{round(score.value * score.n)}/{score.n}"
+        print(f"  {label:<28} {named:>7} ({percent(score.value, score.stderr)})  [{task}]")
+    print(f"  (the passages held the value for {found}/{len(facts)} questions)")
+
+    question = facts[0]["question"]
+    answer = assistant.ask(question)
+    print(f"ask: {question!r}\n  -> {answer.text!r}")
+    for passage_number, hit in enumerate(answer.passages, start=1):
+        print(f"  [{passage_number}] {hit.source} ({hit.score:.4f})")
+    chatter = "Does anyone know a good pizza place near the office?"
+    refused = assistant.ask(chatter)
+    print(f"ask: {chatter!r}\n  -> {refused.text!r} (refused: {refused.reason})")
+    index.close()
+    print(f"step 7 took {time.perf_counter() - start:.0f} s")
+
+
 # -- 6: generation -------------------------------------------------------------------------------------
 def show(outputs: list[RequestOutput], labels: list[str] | None = None) -> int:
     """Print each request's completions under its label (default: its prompt); return their tokens."""
@@ -335,9 +431,9 @@ def generate_with_infer(llm: LLM) -> None:
     print(f"generated {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.0f} tokens/s)")
 
 
-# -- 7: serving -------------------------------------------------------------------------------------------
+# -- 8: serving -------------------------------------------------------------------------------------------
 def serve_and_query(path: Path) -> None:
-    step("7. serve it with `lmstack serve` and query it with the remote client")
+    step("8. serve it with `lmstack serve` and query it with the remote client")
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         print("(lmstack-infer[server] is not installed: pip install 'lmstack-infer[server]' to serve)")
         return
@@ -396,13 +492,15 @@ def main() -> None:
     z_statements = 0.0
     try:
         world_dir, eval_dir = args.out / "world", args.out / "eval"
+        name = "default model" if args.model is None else str(args.model)
         if args.model is None or (world_dir / "heldout.jsonl").is_file():
-            name = "default model" if args.model is None else str(args.model)
             z_statements = evaluate_world(llm, name, world_dir, eval_dir)
             needle_in_a_haystack(llm, name, world_dir, eval_dir)
         else:
             print(f"\n(no world in {world_dir}: skipping steps 4-5, the evaluation on the world)")
         generate_with_infer(llm)
+        if (world_dir / "articles.jsonl").is_file():
+            answer_from_documents(llm, name, world_dir, args.out)
     finally:
         llm.close()
     serve_and_query(path)

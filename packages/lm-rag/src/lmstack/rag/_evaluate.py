@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from lmstack.rag._errors import RAGConfigError
 from lmstack.rag._index import SEARCH_MODES, Index
 from lmstack.rag.gate import Calibration
@@ -191,26 +189,31 @@ def evaluate_index(
     rankings: dict[str, list[list[str]]] = {mode: [] for mode in modes}
     relevant_sets: list[set[str]] = []
     related_features: list[tuple[str, dict[str, float]]] = []
-    for row in tqdm(questions, desc="related", disable=not progress):
+    for row in questions:
         relevant = [str(r) for r in row.get("relevant") or []]
         if not relevant:
             raise RAGConfigError(f"question {row['question']!r} has no 'relevant' sources", field="questions")
         relevant_sets.append(set(relevant))
-        for mode in modes:
-            retrieval = index.retrieve(row["question"], depth, mode=mode)
-            ranked, _ = _labels(dedupe_sources([h.source for h in retrieval.hits]), relevant)
+    texts = [row["question"] for row in questions]
+    for mode in modes:
+        retrievals = index.retrieve_many(texts, depth, mode=mode, use_tqdm=progress)
+        for retrieval, relevant_set in zip(retrievals, relevant_sets, strict=True):
+            ranked, _ = _labels(dedupe_sources([h.source for h in retrieval.hits]), relevant_set)
             rankings[mode].append(ranked)
-            if mode == "hybrid" or (mode == modes[0] and "hybrid" not in modes):
-                related_features.append((str(row.get("kind", "related")), retrieval.features))
+        if mode == "hybrid" or (mode == modes[0] and "hybrid" not in modes):
+            related_features = [
+                (str(row.get("kind", "related")), r.features)
+                for row, r in zip(questions, retrievals, strict=True)
+            ]
     scores = {mode: score_rankings(rankings[mode], relevant_sets, ks) for mode in modes}
     gate = baseline = None
     calibration = index.calibration
     if unrelated and calibration is not None:
-        unrelated_features = []
-        for item in tqdm(unrelated, desc="unrelated", disable=not progress):
-            row = {"question": item} if isinstance(item, str) else item
-            kind = str(row.get("kind", "unrelated"))
-            unrelated_features.append((kind, index.retrieve(row["question"]).features))
+        rows = [{"question": item} if isinstance(item, str) else item for item in unrelated]
+        retrievals = index.retrieve_many([row["question"] for row in rows], use_tqdm=progress)
+        unrelated_features = [
+            (str(row.get("kind", "unrelated")), r.features) for row, r in zip(rows, retrievals, strict=True)
+        ]
         gate = _gate_scores(calibration, related_features, unrelated_features)
         stored = index.store.state(_BASELINE)
         if stored:

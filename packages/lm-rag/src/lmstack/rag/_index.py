@@ -449,6 +449,39 @@ class Index:
             self._gate = Calibration.from_dict(stored) if stored else None
             self._gate_generation = generation
 
+    def retrieve_many(
+        self,
+        queries: Sequence[str],
+        k: int = 5,
+        *,
+        batch_size: int = 64,
+        use_tqdm: bool | None = None,
+        **options: Any,
+    ) -> list[Retrieval]:
+        """:meth:`retrieve` for many queries, embedding them in batches (much faster than one by one).
+
+        Args:
+            queries: The queries.
+            k: How many hits each.
+            batch_size: Queries embedded together.
+            use_tqdm: Show a progress bar (None: more than 200 queries).
+            **options: ``mode``, ``filters``, ``rerank``, ``diversity`` and ``candidates``, as for
+                :meth:`retrieve`.
+        """
+        for query in queries:
+            _check_query(query)
+        progress = len(queries) > 200 if use_tqdm is None else use_tqdm
+        results: list[Retrieval] = []
+        with tqdm(total=len(queries), desc="search", disable=not progress) as bar:
+            for start in range(0, len(queries), batch_size):
+                batch = list(queries[start : start + batch_size])
+                vectors = self._embedder.embed(batch, is_query=True)
+                results += [
+                    self._retrieve(q, k, vector=v, **options) for q, v in zip(batch, vectors, strict=True)
+                ]
+                bar.update(len(batch))
+        return results
+
     def retrieve(
         self,
         query: str,
@@ -476,8 +509,23 @@ class Index:
         Returns:
             The hits and the gate's verdict.
         """
-        if not isinstance(query, str) or not query.strip():
-            raise RAGConfigError("the query is empty: give a question or search text", field="query")
+        return self._retrieve(
+            query, k, mode=mode, filters=filters, rerank=rerank, diversity=diversity, candidates=candidates
+        )
+
+    def _retrieve(
+        self,
+        query: str,
+        k: int,
+        *,
+        vector: np.ndarray | None = None,
+        mode: str = "hybrid",
+        filters: Mapping[str, Any] | None = None,
+        rerank: bool | None = None,
+        diversity: float | None = None,
+        candidates: int = 50,
+    ) -> Retrieval:
+        _check_query(query)
         if mode not in SEARCH_MODES:
             raise RAGConfigError(
                 f"unknown search mode {mode!r}: use one of {', '.join(SEARCH_MODES)}", field="mode"
@@ -497,7 +545,7 @@ class Index:
             self._refresh()
             assert self._bm25 is not None
             allowed = self._allowed_ids(checked) if checked else None
-            query_vector = self._embedder.embed([query], is_query=True)[0]
+            query_vector = self._embedder.embed([query], is_query=True)[0] if vector is None else vector
             dense: list[tuple[int, float]] = []
             if allowed is None or len(allowed):
                 scores, ids = self._store.vector_index.search(
@@ -600,8 +648,7 @@ class Index:
 
     def features(self, queries: Sequence[str], *, use_tqdm: bool | None = None) -> list[dict[str, float]]:
         """The gate's features of each query (what calibration fits on)."""
-        progress = len(queries) > 50 if use_tqdm is None else use_tqdm
-        return [self.retrieve(q).features for q in tqdm(queries, desc="gate features", disable=not progress)]
+        return [r.features for r in self.retrieve_many(queries, use_tqdm=use_tqdm)]
 
     def calibrate(
         self,
@@ -640,6 +687,11 @@ class Index:
                 tx.set_state(_GATE, calibration.to_dict())
                 tx.set_state(_GATE_BASELINE, baseline.to_dict())
         return calibration, baseline
+
+
+def _check_query(query: object) -> None:
+    if not isinstance(query, str) or not query.strip():
+        raise RAGConfigError("the query is empty: give a question or search text", field="query")
 
 
 def _token_counter(embedder: Embedder) -> TokenCounter:
