@@ -126,3 +126,27 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     save_pretrained(CausalLM(config), out, tokenizer=tokenizer)
     return out
+
+
+@pytest.fixture(scope="session")
+def calibrated_index(tmp_path_factory: pytest.TempPathFactory, embedder):
+    """``calibrated_index(folder, docs, related, unrelated)``: an index over ``{file name: text}`` written to
+    ``folder``, its gate calibrated on the two question lists; closed at the end of the session."""
+    from lmstack.rag import Index
+
+    made = []
+
+    def make(folder: str, docs: dict[str, str], related: list[str], unrelated: list[str]):
+        root = tmp_path_factory.mktemp(f"rag-{folder}")
+        (root / folder).mkdir()
+        for name, text in docs.items():
+            (root / folder / name).write_text(text)
+        index = Index.create(root / "index", embedder=embedder)
+        index.ingest([root / folder], use_tqdm=False)
+        index.calibrate(related, unrelated, use_tqdm=False)
+        made.append(index)
+        return index
+
+    yield make
+    for index in made:
+        index.close()

@@ -113,17 +113,8 @@ class ScriptedLLM:
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory: pytest.TempPathFactory, embedder: Any) -> Iterator[Index]:
-    root = tmp_path_factory.mktemp("rag-server")
-    docs = root / "docs"
-    docs.mkdir()
-    for name, text in DOCS.items():
-        (docs / name).write_text(text)
-    idx = Index.create(root / "index", embedder=embedder)
-    idx.ingest([docs], use_tqdm=False)
-    idx.calibrate(RELATED, UNRELATED, use_tqdm=False)
-    yield idx
-    idx.close()
+def index(calibrated_index: Any) -> Index:
+    return calibrated_index("docs", DOCS, RELATED, UNRELATED)
 
 
 @pytest.fixture(scope="module")

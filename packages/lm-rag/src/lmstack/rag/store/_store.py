@@ -25,6 +25,7 @@ import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -113,6 +114,23 @@ def _chunk_from_row(row: Sequence[Any]) -> Chunk:
     return Chunk(
         text=text, source=source, ordinal=ordinal, start=start, end=end, metadata=json.loads(metadata)
     )
+
+
+def _iter_chunks(conn: sqlite3.Connection, lock: AbstractContextManager[Any]) -> Iterator[tuple[int, Chunk]]:
+    """Every chunk with its id, in id order, read in pages (so memory stays small) under ``lock``."""
+    last = -1
+    while True:
+        with lock:
+            rows = conn.execute(
+                "SELECT id, source, ordinal, start_offset, end_offset, text, metadata FROM chunks "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (last, _PAGE),
+            ).fetchall()
+        for row in rows:
+            yield row[0], _chunk_from_row(row[1:])
+        if len(rows) < _PAGE:
+            return
+        last = rows[-1][0]
 
 
 def _fsync_tree(path: Path) -> None:
@@ -377,19 +395,7 @@ class Store(Closing):
 
     def iter_chunks(self) -> Iterator[tuple[int, Chunk]]:
         """Every chunk with its id, in id order (read in pages, so memory stays small)."""
-        last = -1
-        while True:
-            with self._lock:
-                rows = self._conn.execute(
-                    "SELECT id, source, ordinal, start_offset, end_offset, text, metadata FROM chunks "
-                    "WHERE id > ? ORDER BY id LIMIT ?",
-                    (last, _PAGE),
-                ).fetchall()
-            for row in rows:
-                yield row[0], _chunk_from_row(row[1:])
-            if len(rows) < _PAGE:
-                return
-            last = rows[-1][0]
+        return _iter_chunks(self._conn, self._lock)
 
     def num_chunks(self) -> int:
         """How many chunks the index holds."""
@@ -600,18 +606,7 @@ class WriteTransaction:
 
     def iter_chunks(self) -> Iterator[tuple[int, Chunk]]:
         """Every chunk with its id as this transaction leaves them (its own changes included), by id."""
-        last = -1
-        while True:
-            rows = self._conn.execute(
-                "SELECT id, source, ordinal, start_offset, end_offset, text, metadata FROM chunks "
-                "WHERE id > ? ORDER BY id LIMIT ?",
-                (last, _PAGE),
-            ).fetchall()
-            for row in rows:
-                yield row[0], _chunk_from_row(row[1:])
-            if len(rows) < _PAGE:
-                return
-            last = rows[-1][0]
+        return _iter_chunks(self._conn, contextlib.nullcontext())
 
     def set_state(self, key: str, value: Any) -> None:
         """Store a JSON value under ``key`` (read back with :meth:`Store.state`).
