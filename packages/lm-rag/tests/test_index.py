@@ -354,3 +354,34 @@ def test_a_reader_sees_a_writers_commit(tmp_path: Path, built, embedder) -> None
     index.ingest(folder, use_tqdm=False)
     assert reader.search("Xylophorn observatory", 1, mode="bm25")[0].source == "docs/late.md"
     reader.close()
+
+
+def test_searches_go_on_while_another_thread_ingests(tmp_path: Path, built) -> None:
+    import threading
+
+    index, _, folder, topics = built
+    query = f"When was {topics['doc030'][0]} first recorded?"
+    expected = [h.chunk_id for h in index.search(query, 3)]
+    for path in sorted(folder.glob("*.md"))[50:]:
+        path.write_text(
+            path.read_text(encoding="utf-8") + "\nIt is also known for its bells.\n", encoding="utf-8"
+        )
+    started, results, errors = threading.Event(), [], []
+
+    def ingest() -> None:
+        try:
+            started.set()
+            index.ingest(folder, use_tqdm=False)
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    writer = threading.Thread(target=ingest)
+    writer.start()
+    started.wait()
+    while writer.is_alive():
+        results.append([h.chunk_id for h in index.search(query, 3)])
+    writer.join()
+    assert not errors and results
+    # Every search saw a complete generation: the old one (same hits) or the new one (doc030 unchanged).
+    assert all(ids == expected for ids in results)
+    assert index.search(f"{topics['doc060'][0]} bells", 1)[0].source == "docs/doc060.md"

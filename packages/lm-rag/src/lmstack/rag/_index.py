@@ -182,6 +182,8 @@ class Index:
         self._store = store
         self._embedder = embedder
         self._reranker = reranker
+        # Guards the loaded BM25 index and gate; writers do not take it, so searches go on during an ingest
+        # (the store's file lock orders writers, and a commit swaps in the new generation at once).
         self._lock = threading.RLock()
         self._bm25: BM25Index | None = None
         self._bm25_generation = -1
@@ -362,7 +364,7 @@ class Index:
         scopes = _scopes(given, found)
         report = IngestReport()
         progress = len(found) > 20 if use_tqdm is None else use_tqdm
-        with self._lock, self._store.writer(timeout_s=lock_timeout_s) as tx:
+        with self._store.writer(timeout_s=lock_timeout_s) as tx:
             known = self._store.documents()
             pending: list[tuple[Document, list[Chunk]]] = []
 
@@ -422,7 +424,7 @@ class Index:
     def remove(self, sources: Iterable[str], *, lock_timeout_s: float = 10.0) -> int:
         """Delete documents by source; returns the number of chunks removed."""
         removed = 0
-        with self._lock, self._store.writer(timeout_s=lock_timeout_s) as tx:
+        with self._store.writer(timeout_s=lock_timeout_s) as tx:
             known = self._store.documents()
             for source in sources:
                 if source not in known:
@@ -683,7 +685,7 @@ class Index:
         )
         baseline = threshold_gate("dense_top1", related_features, unrelated_features)
         if save:
-            with self._lock, self._store.writer(timeout_s=lock_timeout_s) as tx:
+            with self._store.writer(timeout_s=lock_timeout_s) as tx:
                 tx.set_state(_GATE, calibration.to_dict())
                 tx.set_state(_GATE_BASELINE, baseline.to_dict())
         return calibration, baseline
