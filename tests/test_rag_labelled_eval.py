@@ -15,7 +15,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lmstack.rag import Index, evaluate_index  # noqa: E402
+from lmstack.rag import Index, evaluate_index
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "world"))
@@ -63,7 +63,9 @@ def test_project_docs_hybrid_beats_dense_and_bm25(tmp_path: Path, monkeypatch: p
     splits = labelled.project_questions(REPO)
     index = Index.create(tmp_path / "index")
     index.ingest([p.relative_to(REPO) for p in labelled.project_documents(REPO)], use_tqdm=False)
-    rows = [{**row, "relevant": row["sources"]} for row in splits["related_calibrate"] + splits["related_test"]]
+    rows = [
+        {**row, "relevant": row["sources"]} for row in splits["related_calibrate"] + splits["related_test"]
+    ]
     result = evaluate_index(index, rows, use_tqdm=False)
     index.close()
     mrr = {mode: scores.mrr for mode, scores in result.retrieval.items()}

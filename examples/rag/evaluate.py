@@ -26,7 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lmstack.rag import Index, evaluate_index  # noqa: E402
+from lmstack.rag import Index, evaluate_index
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples" / "world"))
@@ -76,9 +76,13 @@ def run(name: str, index_dir: Path, paths: list[Path], splits: dict[str, list[di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=REPO / "out" / "rag")
-    parser.add_argument("--entities", type=int, default=300, help="entities of the generated world (default 300)")
+    parser.add_argument(
+        "--entities", type=int, default=300, help="entities of the generated world (default 300)"
+    )
     parser.add_argument("--only", choices=("world", "project"), help="evaluate one collection")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -91,7 +95,13 @@ def main() -> None:
     if args.only != "world":
         os.chdir(REPO)  # project sources are repository-relative paths
         documents = [p.relative_to(REPO) for p in labelled.project_documents(REPO)]
-        run("project docs", out / "index-project", documents, labelled.project_questions(REPO), out / "project")
+        run(
+            "project docs",
+            out / "index-project",
+            documents,
+            labelled.project_questions(REPO),
+            out / "project",
+        )
 
 
 if __name__ == "__main__":
