@@ -385,3 +385,11 @@ def test_searches_go_on_while_another_thread_ingests(tmp_path: Path, built) -> N
     # Every search saw a complete generation: the old one (same hits) or the new one (doc030 unchanged).
     assert all(ids == expected for ids in results)
     assert index.search(f"{topics['doc060'][0]} bells", 1)[0].source == "docs/doc060.md"
+
+
+def test_gate_features_do_not_depend_on_how_the_hits_are_ranked(built) -> None:
+    index, _, _, topics = built
+    query = f"What colour is {topics['doc033'][0]}?"
+    reference = index.retrieve(query).features
+    for options in ({"mode": "bm25"}, {"mode": "dense", "candidates": 5}, {"diversity": 0.4}, {"k": 1}):
+        assert index.retrieve(query, **options).features == reference, options

@@ -58,6 +58,7 @@ _GATE = "gate"  # the state key of the stored calibration
 _GATE_BASELINE = "gate_baseline"
 _EMBED_BATCH = 256  # chunks embedded together across small documents
 _GATE_TEXTS = 3  # top hits whose texts the gate's overlap features read
+_GATE_DEPTH = 50  # scores of each ranking the gate reads (the default candidates)
 
 
 @dataclass
@@ -543,27 +544,37 @@ class Index:
             )
         rerank = self._reranker is not None if rerank is None else rerank
         pool = max(candidates, k)
+        # The gate always reads the same depth of both rankings and the top of their fusion, whatever the
+        # mode, candidates, reranking or MMR of this search: its features must mean what they meant when
+        # it was calibrated.
+        fetch = max(pool, _GATE_DEPTH)
         with self._lock:
             self._refresh()
             assert self._bm25 is not None
             allowed = self._allowed_ids(checked) if checked else None
             query_vector = self._embedder.embed([query], is_query=True)[0] if vector is None else vector
-            dense: list[tuple[int, float]] = []
+            dense_all: list[tuple[int, float]] = []
             if allowed is None or len(allowed):
                 scores, ids = self._store.vector_index.search(
-                    query_vector[None, :], pool, allowed_ids=allowed
+                    query_vector[None, :], fetch, allowed_ids=allowed
                 )
-                dense = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-            sparse = self._bm25.search(
-                query, pool, allowed_ids=None if allowed is None else set(allowed.tolist())
+                dense_all = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+            sparse_all = self._bm25.search(
+                query, fetch, allowed_ids=None if allowed is None else set(allowed.tolist())
             )
+            dense, sparse = dense_all[:pool], sparse_all[:pool]
+            gate_dense, gate_sparse = dense_all[:_GATE_DEPTH], sparse_all[:_GATE_DEPTH]
+            gate_fused = [
+                i
+                for i, _ in reciprocal_rank_fusion([[i for i, _ in gate_dense], [i for i, _ in gate_sparse]])
+            ]
             if mode == "hybrid":
                 ranked = reciprocal_rank_fusion([[i for i, _ in dense], [i for i, _ in sparse]])
             else:
                 ranked = dense if mode == "dense" else sparse
             order = [i for i, _ in ranked]
             fused_scores = dict(ranked)
-            chunks = self._store.chunks(order[: max(pool, k)])
+            chunks = self._store.chunks(list(dict.fromkeys(order[:pool] + gate_fused[:_GATE_TEXTS])))
             order = [i for i in order if i in chunks]  # a chunk deleted since the index was loaded
             extra: dict[int, dict[str, Any]] = {i: {} for i in order}
             for name, ranking in (("dense", dense), ("bm25", sparse)):
@@ -580,17 +591,17 @@ class Index:
                     fused_scores[chunk_id] = float(score)
                 order = sorted(head, key=lambda i: -fused_scores[i])
             if diversity is not None and len(order) > k:
-                head = order[: max(pool, k)]
+                head = order[:pool]
                 vectors = self._store.vectors(head)
                 matrix = np.stack([vectors[i] for i in head]).astype(np.float32)
                 order = [head[j] for j in mmr(query_vector, matrix, k, lambda_=diversity)]
             hits = [_hit(chunks[i], i, fused_scores[i], extra[i]) for i in order[:k]]
             features = gate_features(
                 query,
-                [s for _, s in dense],
-                [s for _, s in sparse],
+                [s for _, s in gate_dense],
+                [s for _, s in gate_sparse],
                 self._bm25.query_stats(query),
-                [h.text for h in hits[:_GATE_TEXTS]],
+                [chunks[i].text for i in gate_fused[:_GATE_TEXTS] if i in chunks],
             )
             gate = self._gate
         probability = gate.model.probability(features) if gate is not None else None
