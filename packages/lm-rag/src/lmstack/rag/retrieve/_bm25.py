@@ -19,6 +19,10 @@ from ._tokenize import TOKENIZER_VERSION, bm25_tokenize
 __all__ = ["BM25Index", "QueryStats"]
 
 logger = logging.getLogger(__name__)
+# bm25s pins its logger at DEBUG on import, which makes an application's WARNING-level logging print its
+# debug lines; hand the level back to the application's configuration.
+if logging.getLogger("bm25s").level == logging.DEBUG:
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
 
 _FORMAT = 1
 _META = "bm25.json"
