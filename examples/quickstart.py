@@ -385,6 +385,8 @@ def answer_from_documents(llm: LLM, name: str, world_dir: Path, out: Path) -> No
     question = facts[0]["question"]
     answer = assistant.ask(question)
     print(f"ask: {question!r}\n  -> {answer.text!r}")
+    cited = ", ".join(f"[{c.number}] {c.source}" for c in answer.citations)
+    print(f"  citations: {cited or 'none (the default model was not trained to cite)'}; passages shown:")
     for passage_number, hit in enumerate(answer.passages, start=1):
         print(f"  [{passage_number}] {hit.source} ({hit.score:.4f})")
     chatter = "Does anyone know a good pizza place near the office?"
