@@ -125,13 +125,9 @@ def _matches(source: str, relevant: str) -> bool:
     return source == relevant or source.endswith("/" + relevant.lstrip("/"))
 
 
-def _labels(ranked: Sequence[str], relevant: Collection[str]) -> tuple[list[str], set[str]]:
+def _labels(ranked: Sequence[str], relevant: Collection[str]) -> list[str]:
     """Rename each ranked source to the relevance label it matches, so the metrics compare plain strings."""
-    renamed = []
-    for source in ranked:
-        label = next((r for r in relevant if _matches(source, r)), source)
-        renamed.append(label)
-    return renamed, set(relevant)
+    return [next((r for r in relevant if _matches(source, r)), source) for source in ranked]
 
 
 def _gate_scores(
@@ -198,7 +194,7 @@ def evaluate_index(
     for mode in modes:
         retrievals = index.retrieve_many(texts, depth, mode=mode, use_tqdm=progress)
         for retrieval, relevant_set in zip(retrievals, relevant_sets, strict=True):
-            ranked, _ = _labels(dedupe_sources([h.source for h in retrieval.hits]), relevant_set)
+            ranked = _labels(dedupe_sources([h.source for h in retrieval.hits]), relevant_set)
             rankings[mode].append(ranked)
         if mode == "hybrid" or (mode == modes[0] and "hybrid" not in modes):
             related_features = [
