@@ -4,7 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["CompletionOutput", "RequestOutput"]
+__all__ = ["CompletionOutput", "RequestOutput", "ToolCall"]
+
+
+@dataclass
+class ToolCall:
+    """One function call a model asked for, in OpenAI's terms.
+
+    Attributes:
+        id: The call's id (``call_...``), which the ``tool`` message answering it quotes.
+        name: The function's name.
+        arguments: The arguments as JSON text (OpenAI's API sends them as a string, not an object).
+        type: Always ``"function"``.
+    """
+
+    id: str
+    name: str
+    arguments: str
+    type: str = "function"
+
+    def to_openai(self) -> dict[str, object]:
+        """The call as an entry of an OpenAI assistant message's ``tool_calls``."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass
@@ -21,6 +46,9 @@ class CompletionOutput:
         finish_reason: ``"stop"`` (eos, stop token or stop string), ``"length"`` (max_tokens or the
             context), ``"abort"``, ``"error"``, or None while still running.
         stop_reason: The stop string or stop token id that ended the sample, if any.
+        tool_calls: The function calls a chat reply made (``chat(..., tools=...)``), or None when no
+            tools were offered. When it is set, ``text`` holds only the reply's content outside the
+            calls (``""`` when there is none); ``token_ids`` are still every generated token.
     """
 
     index: int
@@ -30,6 +58,7 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @property
     def finished(self) -> bool:

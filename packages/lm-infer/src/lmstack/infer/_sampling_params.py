@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lmstack.infer._errors import InvalidRequestError
 
-__all__ = ["MAX_LOGPROBS", "MAX_N", "SamplingParams"]
+__all__ = ["GUIDED_FIELDS", "MAX_LOGPROBS", "MAX_N", "SamplingParams", "check_json_schema"]
+
+# The constraint fields, vLLM's names; at most one may be set.
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 # Most completions a single request may ask for (each one is a sequence in the batch).
 MAX_N = 128
@@ -84,6 +90,19 @@ class SamplingParams:
             together with the ``logprobs`` (0 to 20) most likely alternatives.
         skip_special_tokens: Leave special tokens out of the output text.
         include_stop_str_in_output: Keep the stop string that ended a completion in its text.
+        guided_json: Constrain the output to JSON valid under this JSON schema (a dict, or its JSON
+            text; ``{"type": "object"}`` for any object). Checked with ``jsonschema`` here; the
+            grammar itself is compiled by the engine.
+        guided_regex: Constrain the output to a full match of this regular expression.
+        guided_choice: Constrain the output to exactly one of these strings.
+        guided_grammar: Constrain the output to this grammar: GBNF (``root ::= ...``, llama.cpp's
+            syntax, recognised by its ``::=``) or Lark (llguidance's dialect, ``start: ...``).
+
+    With a constraint, the end-of-sequence token can be sampled only where the constraint can end,
+    and the completion stops as soon as nothing more can follow. A constrained completion may still
+    be cut short by ``max_tokens`` (``finish_reason == "length"``); for ``guided_json`` with
+    ``max_tokens`` set the engine tightens unbounded strings, arrays and numbers so that every output
+    the grammar allows fits in the budget (see the engine's guided-decoding notes).
     """
 
     n: int = 1
@@ -103,6 +122,10 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def __post_init__(self) -> None:
         self.n = _check_int("n", self.n, 1, MAX_N, f"an int in [1, {MAX_N}]")
@@ -141,6 +164,35 @@ class SamplingParams:
         self.include_stop_str_in_output = _check_bool(
             "include_stop_str_in_output", self.include_stop_str_in_output
         )
+        self._check_guided()
+
+    def _check_guided(self) -> None:
+        chosen = [name for name in GUIDED_FIELDS if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise InvalidRequestError(
+                f"set at most one of {', '.join(GUIDED_FIELDS)}; got {' and '.join(chosen)}", param=chosen[1]
+            )
+        if self.guided_json is not None:
+            self.guided_json = check_json_schema(self.guided_json)
+        for name in ("guided_regex", "guided_grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _invalid(name, "None or a non-empty string", value)
+        if self.guided_choice is not None:
+            choices = self.guided_choice
+            if isinstance(choices, str) or not isinstance(choices, (list, tuple)) or not choices:
+                raise _invalid("guided_choice", "None or a non-empty list of strings", choices)
+            for index, item in enumerate(choices):
+                if not isinstance(item, str) or not item:
+                    raise _invalid(f"guided_choice[{index}]", "a non-empty string", item)
+            self.guided_choice = list(choices)
+        if chosen and self.min_tokens:
+            # A grammar decides where the output may end; a floor on its length could contradict it.
+            raise InvalidRequestError(
+                f"min_tokens cannot be combined with {chosen[0]}: the constraint decides where the output "
+                "ends; drop min_tokens.",
+                param="min_tokens",
+            )
 
     @staticmethod
     def _normalise_stop(stop: Any) -> list[str]:
@@ -166,6 +218,14 @@ class SamplingParams:
         return [int(item) for item in ids]
 
     @property
+    def guided_kind(self) -> str | None:
+        """Which ``guided_*`` field is set (``"guided_json"`` ...), or None for free decoding."""
+        for name in GUIDED_FIELDS:
+            if getattr(self, name) is not None:
+                return name
+        return None
+
+    @property
     def greedy(self) -> bool:
         """Whether sampling is deterministic argmax (``temperature == 0`` or ``top_k == 1``)."""
         return self.temperature == 0 or self.top_k == 1
@@ -182,3 +242,57 @@ class SamplingParams:
         for index, token_id in enumerate(self.stop_token_ids or ()):
             if not 0 <= token_id < vocab_size:
                 raise _invalid(f"stop_token_ids[{index}]", f"a token id in [0, {vocab_size})", token_id)
+
+
+# Schemas that passed the meta-schema check (canonical JSON text): the check takes milliseconds
+# (jsonschema walks the 2020-12 meta-schema's dynamic refs) and clients send the same schemas and
+# tools with every request.
+_checked: OrderedDict[str, None] = OrderedDict()
+_checked_lock = threading.Lock()
+_CHECKED_SIZE = 512
+
+
+def check_json_schema(value: Any, what: str = "guided_json", param: str = "guided_json") -> dict[str, Any]:
+    """``value`` as a JSON schema dict, checked against its JSON Schema meta-schema (default 2020-12).
+
+    Args:
+        value: A schema dict, its JSON text, or ``true``/``false`` (any value / none).
+        what: How error messages name the value.
+        param: The request field an error blames.
+
+    Returns:
+        The schema (a dict; JSON text parsed; booleans as their dict forms).
+
+    Raises:
+        InvalidRequestError: ``value`` is not JSON, not an object, or not a valid schema.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise InvalidRequestError(f"{what} is not valid JSON: {exc}", param=param) from None
+    if isinstance(value, bool):  # `true` allows any JSON value, `false` none: both are schemas
+        value = {} if value else {"not": {}}
+    if not isinstance(value, dict):
+        raise _invalid(param, f"a JSON schema (an object, or its JSON text) for {what}", value)
+    key = json.dumps(value, sort_keys=True, default=repr)
+    with _checked_lock:
+        if key in _checked:
+            _checked.move_to_end(key)
+            return value
+    import jsonschema  # imported here: only constrained requests need it
+
+    try:
+        validator = jsonschema.validators.validator_for(value, default=jsonschema.Draft202012Validator)
+        validator.check_schema(value)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(part) for part in exc.path)
+        raise InvalidRequestError(
+            f"{what} is not a valid JSON schema: {exc.message}" + (f" (at {where})" if where else ""),
+            param=param,
+        ) from None
+    with _checked_lock:
+        _checked[key] = None
+        if len(_checked) > _CHECKED_SIZE:
+            _checked.popitem(last=False)
+    return value

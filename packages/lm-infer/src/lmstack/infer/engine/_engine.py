@@ -5,26 +5,33 @@ tokens and prefill chunks together, under a token budget), builds one flattened 
 positions and KV slots, runs the model once with a :class:`PagedAttention` backend, samples the
 sequences whose chunk reached their end, and feeds the new tokens back (detokenizing, matching stop
 strings, finishing sequences). Requests join and leave at every step.
+
+A request with a ``guided_*`` constraint waits outside the scheduler until its grammar is compiled (in
+a worker thread, see :mod:`~lmstack.infer.engine._guided`); it then runs in the same batches as the
+others, its logits masked by its grammar every step.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from lmstack.core import CausalLM, ConfigError, Tokenizer
 from lmstack.core.checkpoint import parse_size
-from lmstack.infer._errors import InvalidRequestError
+from lmstack.infer._errors import InferError, InvalidRequestError
 from lmstack.infer._inputs import check_token_ids
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
 from lmstack.infer._sampling_params import SamplingParams
 from lmstack.infer.engine._block_manager import BlockManager
 from lmstack.infer.engine._detokenizer import IncrementalDetokenizer
+from lmstack.infer.engine._guided import GrammarCache
 from lmstack.infer.engine._paged_attention import KVCache, PagedAttention, kv_bytes_per_block
 from lmstack.infer.engine._sampler import Sampler, SamplingTensors, make_generator
 from lmstack.infer.engine._scheduler import ScheduledSeq, Scheduler, SchedulerConfig
@@ -108,6 +115,7 @@ class _Request:
     error: str | None = None
     reported_finished: bool = False
     extra: dict[str, object] = field(default_factory=dict)
+    matchers: list[Any] = field(default_factory=list)  # one grammar matcher per sample when guided
 
     @property
     def finished(self) -> bool:
@@ -164,12 +172,15 @@ class LLMEngine:
         self.sampler = Sampler()
         self._windows = sorted({mc.window_of(i) for i in range(mc.num_hidden_layers)}, key=lambda w: w or 0)
         self._requests: dict[str, _Request] = {}
+        # Guided requests whose grammar is still compiling: not yet in the scheduler.
+        self._compiling: dict[str, concurrent.futures.Future[Any]] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         eos = mc.eos_token_id if mc.eos_token_id is not None else tokenizer.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
         # Checked once here, so the sampler can mask them every step without checking again.
         self.eos_token_ids = sorted({t for t in eos_ids if 0 <= t < self.vocab_size})
+        self.guided = GrammarCache(tokenizer, self.vocab_size, self.eos_token_ids)
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MB)",
             num_blocks,
@@ -198,7 +209,9 @@ class LLMEngine:
             InvalidRequestError: for an empty prompt, ids outside the vocabulary, a prompt that
                 leaves no room to generate, a request the whole KV cache cannot hold, unknown stop
                 token ids or a duplicate id; ``param`` names the field at fault. Nothing is queued
-                and the engine is unaffected. Nothing later re-checks the request.
+                and the engine is unaffected. Nothing later re-checks the request. A ``guided_*``
+                constraint already known not to compile is refused here too; one still compiling is
+                checked when it is done, and failing then finishes the request with ``error``.
         """
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
@@ -209,6 +222,11 @@ class LLMEngine:
             text, prompt = prompt, self.tokenizer.encode(prompt) if prompt else []
         prompt_ids = check_token_ids(prompt, self.vocab_size)
         max_total = self._max_total_tokens(len(prompt_ids), params)
+        compiled = None
+        if params.guided_kind is not None:
+            compiled = self.guided.submit(params, self._guided_budget(params, len(prompt_ids)))
+        if compiled is not None and compiled.done() and compiled.exception() is not None:
+            raise compiled.exception()  # type: ignore[misc]
         req = _Request(request_id, text, prompt_ids, params, [], [], [], [])
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), max_total)
@@ -227,9 +245,74 @@ class LLMEngine:
                 )
             )
         self._requests[request_id] = req
-        for seq in req.seqs:
-            self.scheduler.add(seq)
+        if compiled is not None and not compiled.done():
+            self._compiling[request_id] = compiled
+        else:
+            self._admit(req, compiled)
         return request_id
+
+    def _guided_budget(self, params: SamplingParams, num_prompt: int) -> int:
+        """The token budget a JSON constraint is bounded to: ``max_tokens``, else what the context leaves.
+
+        Without ``max_tokens`` the rest of the context is rounded down to a power of two, so that
+        requests whose prompts differ in length still share a compiled grammar.
+        """
+        if params.max_tokens is not None:
+            return params.max_tokens
+        left = max(self.max_model_len - num_prompt, 1)
+        return 1 << (left.bit_length() - 1)
+
+    def compile_guided(
+        self, params: SamplingParams, num_prompt_tokens: int | None = None, timeout: float | None = None
+    ) -> None:
+        """Compile the ``guided_*`` constraint of ``params`` now, or find it compiled (cached).
+
+        Callers that must refuse a bad constraint before queueing anything (the server, for a 400)
+        call this first, in their own thread; the request added afterwards finds the grammar ready.
+        Thread-safe; a no-op without a constraint.
+
+        Args:
+            params: The request's sampling parameters.
+            num_prompt_tokens: The prompt's length, when known: without ``max_tokens`` a JSON schema is
+                bounded to what the context leaves after the prompt, so the engine finds the same
+                compiled grammar when the request comes.
+            timeout: Most seconds to wait for the compilation (default: no limit).
+
+        Raises:
+            InvalidRequestError: The constraint cannot be compiled; ``param`` names its field and the
+                message quotes the grammar library's.
+        """
+        if params.guided_kind is None:
+            return
+        budget = self._guided_budget(params, num_prompt_tokens or 0)
+        self.guided.compile(params, budget, timeout)
+
+    def _admit(self, req: _Request, compiled: concurrent.futures.Future[Any] | None) -> None:
+        """Hand a request to the scheduler, with one matcher per sample when it is guided."""
+        if compiled is not None:
+            template = compiled.result()
+            req.matchers = [self.guided.new_matcher(template) for _ in req.seqs]
+        for seq in req.seqs:
+            # The scheduler serves sequences in arrival order, by id: a request that waited for its
+            # grammar arrives now, after those admitted meanwhile.
+            seq.seq_id = next(self._seq_ids)
+            self.scheduler.add(seq)
+
+    def _admit_compiled(self, touched: dict[str, _Request]) -> None:
+        """Admit the guided requests whose grammar is ready; fail those whose grammar failed."""
+        for request_id, future in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            req = self._requests.get(request_id)
+            if req is None:
+                continue
+            error = future.exception()
+            if error is None:
+                self._admit(req, future)
+            else:
+                self._fail(req, str(error))
+                touched[request_id] = req
 
     def _max_total_tokens(self, num_prompt: int, params: SamplingParams) -> int:
         """The request's longest sequence (prompt plus output); raises if it can never run.
@@ -272,6 +355,7 @@ class LLMEngine:
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
+        self._compiling.pop(request_id, None)
         self.scheduler.abort(request_id)
         for seq in req.seqs:
             if not seq.is_finished:
@@ -295,8 +379,10 @@ class LLMEngine:
         A request whose sampling or detokenization raises finishes alone with ``error`` set; the
         others in the batch carry on exactly as they would have without it.
         """
-        plan = self.scheduler.schedule()
         touched: dict[str, _Request] = {}
+        if self._compiling:
+            self._admit_compiled(touched)
+        plan = self.scheduler.schedule()
         for seq in plan.failed:
             req = self._requests.get(seq.request_id)
             if req is not None:
@@ -312,6 +398,10 @@ class LLMEngine:
                 req = self._requests.get(seq.request_id)
                 if req is not None:
                     touched[req.request_id] = req
+        elif self._compiling and not touched:
+            # Only grammars are being compiled: wait for one rather than spin the caller's loop.
+            concurrent.futures.wait(list(self._compiling.values()), timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)  # fmt: skip
         outputs = []
         for req in touched.values():
             outputs.append(self._output(req))
@@ -380,11 +470,12 @@ class LLMEngine:
         prompts = [seq.prompt_token_ids for seq in seqs]
         outputs = [seq.output_token_ids for seq in seqs]
         generators = [r.generators[i] for r, i in zip(reqs, index, strict=True)]
+        matchers = [r.matchers[i] if r.matchers else None for r, i in zip(reqs, index, strict=True)]
         # Seeded rows' generator states, to redraw exactly the same numbers if the batch fails
         # half-way; a few microseconds a seeded row, against a draw over the whole vocabulary.
         states = [g.get_state() if g is not None else None for g in generators]
         try:
-            return self._sample_rows(logits, params, prompts, outputs, generators)
+            return self._sample_rows(logits, params, prompts, outputs, generators, matchers)
         except Exception:
             logger.warning(
                 "sampling %d rows together failed; sampling them one by one", len(seqs), exc_info=True
@@ -396,7 +487,7 @@ class LLMEngine:
             try:
                 rows.extend(
                     self._sample_rows(logits[r : r + 1], params[r : r + 1], prompts[r : r + 1],
-                                      outputs[r : r + 1], generators[r : r + 1])
+                                      outputs[r : r + 1], generators[r : r + 1], matchers[r : r + 1])
                 )  # fmt: skip
             except Exception as exc:
                 rows.append(exc)
@@ -409,7 +500,15 @@ class LLMEngine:
         prompts: list[list[int]],
         outputs: list[list[int]],
         generators: list[torch.Generator | None],
+        matchers: list[Any],
     ) -> list[_Row]:
+        guided = [(row, m) for row, m in enumerate(matchers) if m is not None]
+        allowed = None
+        if guided:
+            mask = self.guided.allowed(guided, self.device)
+            if not bool(mask.any(dim=1).all()):
+                raise InferError("the constraint allows no token of the model's vocabulary here")
+            allowed = ([row for row, _ in guided], mask)
         tensors = SamplingTensors.build(
             params,
             prompts,
@@ -418,6 +517,7 @@ class LLMEngine:
             self.vocab_size,
             self.device,
             eos_token_ids=self.eos_token_ids,
+            allowed=allowed,
         )
         out = self.sampler(logits, tensors)
         tokens = out.token_ids.tolist()
@@ -430,6 +530,9 @@ class LLMEngine:
     def _append(self, seq: Sequence, req: _Request, i: int, row: _Row) -> bool:
         """Append a sampled token to sample ``i`` of ``req``; returns whether the sample finished."""
         token = row.token_id
+        matcher = req.matchers[i] if req.matchers else None
+        if matcher is not None and token not in self.eos_token_ids and not matcher.consume_token(token):
+            raise InferError(f"the constraint rejected sampled token {token}: {matcher.get_error()}")
         seq.output_token_ids.append(token)
         completion = req.outputs[i]
         completion.token_ids.append(token)
@@ -448,6 +551,9 @@ class LLMEngine:
         if detok.stopped:  # eos, a stop token id or a stop string
             seq.status = SequenceStatus.FINISHED_STOPPED
             completion.stop_reason = detok.stop_reason
+        elif matcher is not None and matcher.is_stopped():  # the grammar is complete: nothing may follow
+            seq.status = SequenceStatus.FINISHED_STOPPED
+            completion.text += detok.finish()
         elif seq.num_tokens >= seq.max_total_tokens:
             seq.status = SequenceStatus.FINISHED_LENGTH
             completion.text += detok.finish()

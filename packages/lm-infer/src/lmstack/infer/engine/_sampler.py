@@ -11,17 +11,19 @@ Processing order, per row:
 1. penalties on the logits: repetition (prompt and output tokens), then frequency and presence
    (output tokens only);
 2. ``min_tokens``: the end-of-sequence and ``stop_token_ids`` logits are set to ``-inf`` while the
-   output is shorter than ``min_tokens``;
+   output is shorter than ``min_tokens``; guided rows (``guided_*`` constraints): every token the
+   row's grammar does not allow next is set to ``-inf``;
 3. greedy rows (``temperature == 0`` or ``top_k == 1``) take ``argmax`` of these logits;
 4. the other rows: divide by the temperature, keep the ``top_k`` largest, then the top-p nucleus of
    what is left (renormalised), then drop tokens below ``min_p`` times the most likely one, and
    sample from the softmax of the remaining logits.
 
-Log-probs are those of the *processed* logits of steps 1-2: ``log_softmax`` after penalties and the
-``min_tokens`` mask, before temperature and truncation. They describe the model's (penalised)
-distribution rather than the truncated one the token was drawn from, so a token sampled at high
-temperature or from a narrow nucleus still gets a meaningful log-prob (never 0 just because top-k
-kept one token), and a greedy row's token is always the one with the highest reported log-prob.
+Log-probs are those of the *processed* logits of steps 1-2: ``log_softmax`` after penalties, the
+``min_tokens`` mask and the grammar mask, before temperature and truncation. They describe the
+model's (penalised) distribution rather than the truncated one the token was drawn from, so a token
+sampled at high temperature or from a narrow nucleus still gets a meaningful log-prob (never 0 just
+because top-k kept one token), and a greedy row's token is always the one with the highest reported
+log-prob.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class SamplingTensors:
         seen_mask: ``[N, V]`` bool, tokens in each row's prompt or output, or None when no row has a
             repetition penalty.
         suppress: ``(rows, ids)`` index tensors of the logits masked for ``min_tokens``, or None.
+        allowed: ``(rows, mask)``: the guided rows (``[G]`` int64) and the tokens each may take
+            (``[G, V]`` bool), or None when no row is constrained.
         generators: Per row, its own generator (seeded requests) or None (the shared default one).
         max_logprobs: The most top log-probs any row asked for (0 when none did).
         vocab_size: ``V``.
@@ -123,6 +127,7 @@ class SamplingTensors:
     do_top_k: bool
     do_top_p: bool
     do_min_p: bool
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -135,6 +140,7 @@ class SamplingTensors:
         device: torch.device | str,
         *,
         eos_token_ids: Sequence[int] = (),
+        allowed: tuple[Sequence[int], torch.Tensor] | None = None,
     ) -> SamplingTensors:
         """Builds the tensors for one step.
 
@@ -152,6 +158,8 @@ class SamplingTensors:
             device: Device of the logits.
             eos_token_ids: The model's end-of-sequence ids, masked out while a row (without
                 ``ignore_eos``) has fewer than ``min_tokens`` output tokens.
+            allowed: The guided rows and the ``[G, V]`` bool mask of the tokens each may take next
+                (from the engine's grammar matchers), or None when no row is constrained.
 
         The prompts, outputs, ``stop_token_ids`` and ``eos_token_ids`` must hold ids in
         ``[0, vocab_size)``.
@@ -237,6 +245,9 @@ class SamplingTensors:
             do_top_k=any(0 < p.top_k < vocab_size for p in sampled),
             do_top_p=any(p.top_p < 1.0 for p in sampled),
             do_min_p=any(p.min_p > 0.0 for p in sampled),
+            allowed=None
+            if allowed is None
+            else (torch.tensor(list(allowed[0]), dtype=torch.int64, device=device), allowed[1].to(device)),
         )
 
 
@@ -377,6 +388,9 @@ class Sampler:
         _apply_penalties(processed, t)
         if t.suppress is not None:
             processed[t.suppress] = float("-inf")
+        if t.allowed is not None:
+            rows, mask = t.allowed
+            processed[rows] = processed[rows].masked_fill(~mask, float("-inf"))
         return processed
 
     @staticmethod
