@@ -15,13 +15,14 @@
   5. a needle-in-a-haystack grid: a fact hidden at several depths of haystacks cut from the world's
      articles, lengths counted in the model's own tokens up to its context; a Markdown table and a
      heatmap (OUT/eval/needle.png, with matplotlib);
-  6. generate with lmstack-infer's engine: greedy completions, a chat reply, seeded samples;
+  6. generate with lmstack-infer's engine: greedy completions, a chat reply, seeded samples, JSON
+     under a schema (guided decoding) and a tool call generated under its tool's schema;
   7. answer from documents with lmstack-rag: index the world's articles (hybrid dense + BM25 search),
      calibrate the relevance gate on labelled questions and score it on held-out ones (retrieval hit@k,
      MRR, nDCG; rejection precision, recall, F1), then the held-out facts asked closed-book and with
      retrieved passages, both scored by lmstack-eval; one cited answer and one refused chat message;
   8. serve it with `lmstack serve` (OpenAI-compatible, when lmstack-infer[server] is installed) and
-     query it with the remote client.
+     query it with the remote client, once with OpenAI's response_format json_schema.
 
 Steps 1-2 take under 4 minutes on an idle 2-core CPU. Run it with `nox -s quickstart`, or
 `python examples/quickstart.py [--model PATH]` to skip training and point steps 3-8 at an existing
@@ -429,6 +430,37 @@ def generate_with_infer(llm: LLM) -> None:
     print("sampled (temperature 0.8, top_p 0.95, seed 0, n=2):")
     sampled = SamplingParams(n=2, temperature=0.8, top_p=0.95, seed=0, max_tokens=24)
     tokens += show(llm.generate(["Kadadell"], sampled, use_tqdm=False))
+    # Structured output: the grammar guarantees JSON valid under the schema, whatever the model knows.
+    print("JSON under a schema (guided_json; a grammar masks every token the schema does not allow):")
+    town = {
+        "type": "object",
+        "properties": {"town": {"type": "string"}, "river": {"type": "string"},
+                       "founded": {"type": "integer", "minimum": 0, "maximum": 3000}},
+        "required": ["town", "river", "founded"],
+    }  # fmt: skip
+    structured = SamplingParams(temperature=0, max_tokens=48, guided_json=town)
+    tokens += show(llm.generate(["Kadadell, as JSON:"], structured, use_tqdm=False))
+    # Tool calling: with tool_choice "required" the call is generated under its JSON schema.
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "river_level",
+            "description": "Current water level of a river, in metres.",
+            "parameters": {
+                "type": "object",
+                "properties": {"river": {"type": "string"}},
+                "required": ["river"],
+            },
+        },
+    }
+    asked = [{"role": "user", "content": "How high is the river at Kadadell today?"}]
+    reply = llm.chat(asked, SamplingParams(temperature=0, max_tokens=96), tools=[weather],
+                     tool_choice="required", use_tqdm=False)[0].outputs[0]  # fmt: skip
+    for call in reply.tool_calls or []:
+        print(f"tool call -> {call.name}({call.arguments}) [{call.id}]")
+    if not reply.tool_calls:
+        print(f"no tool call; the reply: {reply.text!r} ({reply.finish_reason})")
+    tokens += len(reply.token_ids)
     seconds = time.perf_counter() - start
     print(f"generated {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.0f} tokens/s)")
 
@@ -464,6 +496,13 @@ def serve_and_query(path: Path) -> None:
             reply = remote.chat(question, SamplingParams(temperature=0, max_tokens=24))[0]
             answer = reply.outputs[0]
             print(f"POST /v1/chat/completions -> {answer.text!r} ({answer.finish_reason})")
+            # OpenAI's structured outputs: response_format json_schema, guaranteed to parse.
+            schema = {"type": "object", "properties": {"river": {"type": "string"}}, "required": ["river"]}
+            response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema,
+                                                                     "strict": True}}  # fmt: skip
+            reply = remote.chat(question, SamplingParams(temperature=0, max_tokens=32),
+                                response_format=response_format)[0]  # fmt: skip
+            print(f"POST /v1/chat/completions (response_format json_schema) -> {reply.outputs[0].text}")
     finally:
         server.send_signal(signal.SIGTERM)  # drains in-flight requests, then exits 0
         status = server.wait(timeout=60)

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -41,6 +41,7 @@ from lmstack.infer._outputs import CompletionOutput, RequestOutput
 from lmstack.infer._sampling_params import SamplingParams
 from lmstack.infer._scoring import check_prompt, prompt_logprobs, score_pairs, split_pair
 from lmstack.infer.engine import EngineConfig, LLMEngine
+from lmstack.infer.tools import get_tool_parser, plan_chat
 
 __all__ = ["LLM"]
 
@@ -91,6 +92,9 @@ class LLM:
         tokenizer: The tokenizer (default: loaded from ``model`` when it is a path).
         dtype: Weight dtype when loading from a path (default: the checkpoint's).
         device: Device when loading from a path.
+        tool_call_parser: How :meth:`chat` finds the tool calls in a reply with ``tool_choice="auto"``
+            (a name of :data:`lmstack.infer.tools.TOOL_PARSERS`: ``"hermes"``, ``"internlm2"``,
+            ``"llama3_json"``, ``"mistral"``); default: detected from the chat template, else hermes.
         **engine_options: Fields of :class:`~lmstack.infer.engine.EngineConfig` (``block_size``,
             ``num_kv_blocks``, ``kv_cache_memory``, ``max_num_seqs``, ``max_num_batched_tokens``,
             ``max_model_len``, ``enable_prefix_caching``, ``enable_chunked_prefill``).
@@ -108,8 +112,12 @@ class LLM:
         *,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str = "cpu",
+        tool_call_parser: str | None = None,
         **engine_options: Any,
     ) -> None:
+        if tool_call_parser is not None:
+            get_tool_parser(tool_call_parser)  # an unknown name fails before the model loads
+        self.tool_call_parser = tool_call_parser
         if isinstance(model, CausalLM):
             if tokenizer is None:
                 raise InvalidRequestError("LLM(model) with a model object needs tokenizer=...")
@@ -180,6 +188,11 @@ class LLM:
         """
         batch = as_batch(prompts)
         params = as_params(sampling_params, len(batch))
+        # Compile constraints here, without the engine lock, so a bad one raises before anything is
+        # queued and a slow one never holds up the engine thread's steps.
+        for prompt, p in zip(batch, params, strict=True):
+            if p.guided_kind is not None:
+                self.check_guided(p, None if isinstance(prompt, str) else len(prompt))
         results: dict[str, RequestOutput] = {}
         ids: list[str] = []
         bar = tqdm(
@@ -215,23 +228,94 @@ class LLM:
             bar.close()
         return [results[rid] for rid in ids]
 
+    def check_guided(self, params: SamplingParams, num_prompt_tokens: int | None = None) -> None:
+        """Compile the constraint of ``params`` (if it has one) now, so a bad one fails before queueing.
+
+        The engine caches compiled constraints, so the request that follows does not compile again.
+        It blocks for as long as compiling takes (milliseconds for a typical JSON schema): a server
+        calls it off its event loop.
+
+        Args:
+            params: The request's sampling parameters.
+            num_prompt_tokens: The prompt's length, when known: without ``max_tokens`` a JSON schema
+                is bounded to what the context leaves after the prompt (see the engine).
+
+        Raises:
+            InvalidRequestError: the constraint cannot be compiled (``param`` names its ``guided_*``
+                field; the message is the grammar library's).
+        """
+        if params.guided_kind is not None:
+            self.engine.compile_guided(params, num_prompt_tokens)
+
     def chat(
         self,
         messages: Sequence[Message] | Sequence[Sequence[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         use_tqdm: bool | None = None,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, through the model's chat template."""
-        prompts = [
-            self.render_chat(conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                             **template_kwargs)
-            for conv in as_conversations(messages)
+        """Generate replies to one conversation or a list of them, through the model's chat template.
+
+        With ``tools``, the template renders them, and each reply's calls come back in its outputs'
+        ``tool_calls`` (a list, empty when it made none) while ``text`` keeps only the content
+        outside the calls. ``tool_choice="auto"`` lets the model choose and finds the calls with the
+        tool-call parser (``LLM(tool_call_parser=...)``, else the one the chat template's markers
+        name, else hermes); ``"required"`` and a named function generate the call under a grammar,
+        so even a weak model returns calls whose arguments validate against the tool's schema.
+        ``response_format`` ``json_object`` or ``json_schema`` constrains the reply to JSON. A reply
+        cut short by ``max_tokens`` is returned as text (``finish_reason == "length"``).
+
+        Args:
+            messages: One conversation (OpenAI chat messages, including assistant ``tool_calls``
+                and ``tool`` results), or a list of them.
+            sampling_params: One set for all conversations, or one per conversation.
+            tools: OpenAI function tools, ``{"type": "function", "function": {"name", "description",
+                "parameters"}}``.
+            tool_choice: ``"none"``, ``"auto"`` (the default with tools), ``"required"``, or
+                ``{"type": "function", "function": {"name": ...}}``.
+            response_format: ``{"type": "text" | "json_object" | "json_schema", "json_schema":
+                {"name", "schema", "strict"}}``.
+            parallel_tool_calls: Whether a reply may make more than one call.
+            chat_template: A template string or name instead of the tokenizer's own.
+            add_generation_prompt: End the prompt with the header that starts an assistant turn.
+            use_tqdm: Show a progress bar (default: only on an interactive terminal).
+            **template_kwargs: Further chat template variables.
+
+        Raises:
+            InvalidRequestError: a malformed message, tool, ``tool_choice`` or ``response_format``, a
+                constraint that does not compile, or invalid sampling parameters (nothing is queued).
+        """
+        conversations = as_conversations(messages)
+        params = as_params(sampling_params, len(conversations))
+        plans = [
+            plan_chat(
+                self.tokenizer, conv, p, tools=tools, tool_choice=tool_choice,
+                response_format=response_format, parallel_tool_calls=parallel_tool_calls,
+                tool_call_parser=self.tool_call_parser, chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt, **template_kwargs,
+            )
+            for conv, p in zip(conversations, params, strict=True)
         ]  # fmt: skip
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        for plan in plans:  # a constraint that does not compile fails here, before anything is queued
+            self.check_guided(plan.params, len(plan.prompt_ids))
+        outs = self.generate([plan.prompt_ids for plan in plans], [plan.params for plan in plans],
+                             use_tqdm=use_tqdm)  # fmt: skip
+        for plan, out in zip(plans, outs, strict=True):
+            for c in out.outputs:
+                if plan.offers_tools:
+                    parsed = plan.parse(c.text)
+                    c.tool_calls = parsed.tool_calls
+                    c.text = parsed.content or ""
+                elif tools:  # tool_choice "none": offered, so a list, but the text is left alone
+                    c.tool_calls = []
+        return outs
 
     def render_chat(
         self,

@@ -41,8 +41,29 @@ class LLMProtocol(Protocol):
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Reply to one conversation or each of a list of them, through the model's chat template."""
+        """Reply to one conversation or each of a list of them, through the model's chat template.
+
+        Messages are OpenAI chat messages: besides ``role`` and ``content``, an assistant message may
+        carry ``tool_calls`` and a ``tool`` message answers one with its ``tool_call_id``.
+
+        Args:
+            messages: One conversation, or a list of them.
+            sampling_params: One set for all conversations, or one per conversation.
+            tools: OpenAI function tools (``{"type": "function", "function": {"name", "parameters"}}``)
+                the model may call; the chat template renders them. With tools, every output's
+                ``tool_calls`` is a list (empty when the reply made no call) and its ``text`` holds
+                only the reply's content outside the calls.
+            tool_choice: ``"none"``, ``"auto"`` (the default with tools), ``"required"``, or
+                ``{"type": "function", "function": {"name": ...}}`` to force that function.
+            response_format: ``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type":
+                "json_schema", "json_schema": {"name", "schema", "strict"}}``: the reply is JSON
+                (valid under the schema) when it is not cut short by ``max_tokens``.
+        """
         ...
 
     def stream(

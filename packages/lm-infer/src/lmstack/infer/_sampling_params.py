@@ -97,12 +97,19 @@ class SamplingParams:
         guided_choice: Constrain the output to exactly one of these strings.
         guided_grammar: Constrain the output to this grammar: GBNF (``root ::= ...``, llama.cpp's
             syntax, recognised by its ``::=``) or Lark (llguidance's dialect, ``start: ...``).
+        guided_json_fit: Make ``guided_json`` output always complete within the token budget
+            (``max_tokens``, else what the context leaves): the schema is tightened (caps on string
+            lengths, array items, digits, the keys of free-form objects) so that every output the
+            grammar allows is at most that many tokens, counting one byte per token, the worst case.
+            Every output then parses and still validates against the schema as given, even from a
+            model that knows no JSON, but the caps are small for small budgets (about 6 characters
+            per string for a 7-field schema in 256 tokens). Off by default: an output cut by
+            ``max_tokens`` then ends with ``finish_reason == "length"``, as OpenAI's API does.
+            None (the default) means off, except for tool calls made under ``tool_choice``
+            ``"required"`` or a named function, where it means on. Ignored without ``guided_json``.
 
     With a constraint, the end-of-sequence token can be sampled only where the constraint can end,
-    and the completion stops as soon as nothing more can follow. A constrained completion may still
-    be cut short by ``max_tokens`` (``finish_reason == "length"``); for ``guided_json`` with
-    ``max_tokens`` set the engine tightens unbounded strings, arrays and numbers so that every output
-    the grammar allows fits in the budget (see the engine's guided-decoding notes).
+    and the completion stops as soon as nothing more can follow.
     """
 
     n: int = 1
@@ -126,6 +133,7 @@ class SamplingParams:
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_json_fit: bool | None = None
 
     def __post_init__(self) -> None:
         self.n = _check_int("n", self.n, 1, MAX_N, f"an int in [1, {MAX_N}]")
@@ -164,6 +172,8 @@ class SamplingParams:
         self.include_stop_str_in_output = _check_bool(
             "include_stop_str_in_output", self.include_stop_str_in_output
         )
+        if self.guided_json_fit is not None:
+            self.guided_json_fit = _check_bool("guided_json_fit", self.guided_json_fit)
         self._check_guided()
 
     def _check_guided(self) -> None:

@@ -18,11 +18,12 @@ rather than crashes.
   Unconstrained rows are untouched, and a batch without constrained rows does no work at all.
 * **Where the output may end.** The end-of-sequence token is allowed only where the grammar accepts,
   and a sequence finishes as soon as its grammar can take nothing more.
-* **JSON fits its budget.** JSON is compiled with fixed separators and no free whitespace. When the
-  request sets ``max_tokens``, :func:`~lmstack.infer.engine._json_budget.bound_schema` first tightens
-  unbounded strings, arrays, numbers and free-form objects so that every output the grammar allows is
-  at most ``max_tokens`` tokens: the output always completes and validates, even from a random-weight
-  model, and every output still validates against the schema as given.
+* **JSON.** Compiled with compact separators and no free whitespace (a model cannot pad its output
+  with endless blanks). With ``guided_json_fit``,
+  :func:`~lmstack.infer.engine._json_budget.bound_schema` first tightens unbounded strings, arrays,
+  numbers and free-form objects so that every output the grammar allows is at most the request's
+  token budget: the output always completes, even from a random-weight model, and still validates
+  against the schema as given.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import llguidance
-import llguidance.torch as llg_torch
 import torch
 
 from lmstack.core import Tokenizer
@@ -48,14 +48,24 @@ __all__ = ["GrammarCache", "constraint_key"]
 logger = logging.getLogger(__name__)
 
 _BITS = torch.arange(32, dtype=torch.int32)
+# JSON without guided_json_fit: compact separators and no free whitespace (a model cannot pad its
+# output with endless blanks), a user schema's own whitespace setting overridden, and oneOf taken as
+# anyOf (llguidance cannot prove many real unions' branches disjoint, e.g. numeric discriminators).
+_JSON_OPTIONS = {
+    "item_separator": ",",
+    "key_separator": ":",
+    "whitespace_flexible": False,
+    "whitespace_pattern": None,
+    "coerce_one_of": True,
+}
 
 
 def constraint_key(params: SamplingParams, budget: int | None = None) -> tuple[str, str, int | None] | None:
     """The cache key of a request's constraint, or None when it has none.
 
-    JSON schemas are keyed by their canonical JSON text and the token budget (the bounded schema
-    depends on it); the other kinds ignore the budget, so requests differing only in ``max_tokens``
-    share one compiled matcher.
+    JSON schemas are keyed by their compact JSON text, and with ``guided_json_fit`` by the token
+    budget too (the bounded schema depends on it); otherwise the budget is ignored, so requests
+    differing only in ``max_tokens`` share one compiled matcher.
 
     Args:
         params: The request's sampling parameters.
@@ -66,8 +76,10 @@ def constraint_key(params: SamplingParams, budget: int | None = None) -> tuple[s
         return None
     value = getattr(params, kind)
     if kind == "guided_json":
-        limit = params.max_tokens if budget is None else budget
-        return kind, json.dumps(value, sort_keys=True, separators=(",", ":")), limit
+        limit = (params.max_tokens if budget is None else budget) if params.guided_json_fit else None
+        # Key order is kept: the grammar emits properties in the schema's order, so two orders are
+        # two different constraints.
+        return kind, json.dumps(value, separators=(",", ":")), limit
     if kind == "guided_choice":
         return kind, json.dumps(value), None
     return kind, str(value), None
@@ -79,7 +91,10 @@ def _grammar(kind: str, spec: str, budget: int | None) -> str:
         from lmstack.infer.engine._json_budget import JSON_COMPILE_OPTIONS, bound_schema
 
         schema = json.loads(spec)
-        if budget is not None:
+        if budget is None:
+            options: Any = _JSON_OPTIONS
+        else:
+            options = JSON_COMPILE_OPTIONS
             bounded = bound_schema(schema, budget)
             if bounded is None:
                 logger.debug(
@@ -87,7 +102,7 @@ def _grammar(kind: str, spec: str, budget: int | None) -> str:
                 )
             else:
                 schema = bounded
-        return str(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_COMPILE_OPTIONS))
+        return str(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options))
     if kind == "guided_regex":
         return str(llguidance.LLMatcher.grammar_from_regex(spec))
     if kind == "guided_choice":
@@ -221,8 +236,9 @@ class GrammarCache:
             self._executor = llguidance.LLExecutor(num_threads=None)
         words = (self._llg_tokenizer().vocab_size + 31) // 32
         bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
-        llg_torch.fill_next_token_bitmask_par(
-            self._executor, [(m, k) for k, (_, m) in enumerate(matchers)], bitmask
+        # Straight to the executor: llguidance.torch's wrapper would import torch.compile's stack (seconds).
+        self._executor.unsafe_compute_mask_ptr(
+            [(m, k) for k, (_, m) in enumerate(matchers)], bitmask.data_ptr(), words * 4, len(matchers)
         )
         for _, matcher in matchers:
             if matcher.is_error():

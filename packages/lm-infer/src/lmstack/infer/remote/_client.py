@@ -359,6 +359,7 @@ class RemoteLLM:
         messages: Sequence[Message] | Sequence[Sequence[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         extra_body: Mapping[str, Any] | None,
+        **tool_fields: Any,
     ) -> list[tuple[SamplingParams, dict[str, Any]]]:
         conversations = as_conversations(messages)
         if not conversations or any(not is_conversation(c) for c in conversations):
@@ -367,11 +368,20 @@ class RemoteLLM:
                 "list of them."
             )
         params = as_params(sampling_params, len(conversations))
+        # OpenAI's tool fields, as plain JSON values; unset ones are left out for servers that lack them.
+        fields = {
+            name: dict(value) if isinstance(value, Mapping) else value
+            for name, value in tool_fields.items()
+            if value is not None
+        }
+        if "tools" in fields:
+            fields["tools"] = [dict(tool) for tool in fields["tools"]]
         return [
             (
                 p,
                 self._payload(
-                    {"messages": [dict(m) for m in conv], **sampling_fields(p, chat=True)}, extra_body
+                    {"messages": [dict(m) for m in conv], **sampling_fields(p, chat=True), **fields},
+                    extra_body,
                 ),
             )
             for conv, p in zip(conversations, params, strict=True)
@@ -380,7 +390,13 @@ class RemoteLLM:
     async def _chat_one(self, params: SamplingParams, payload: dict[str, Any]) -> RemoteRequestOutput:
         payload = {"model": await self._model_name(), **payload}
         body = await self._transport.request_json("POST", "chat/completions", payload)
-        out = parse_chat(body, params=params, resolver=self._resolver, server=self.base_url)
+        out = parse_chat(
+            body,
+            params=params,
+            resolver=self._resolver,
+            server=self.base_url,
+            tools=bool(payload.get("tools")),
+        )
         self._record(out.usage)
         return out
 
@@ -394,14 +410,25 @@ class RemoteLLM:
         messages: Sequence[Message] | Sequence[Sequence[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         use_tqdm: bool | None = None,
         extra_body: Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Replies to one conversation or each of a list with ``POST /v1/chat/completions``.
 
-        The server applies the model's chat template. Arguments and errors are as in :meth:`generate`.
+        The server applies the model's chat template. ``tools``, ``tool_choice``, ``response_format``
+        and ``parallel_tool_calls`` are sent as OpenAI's fields of those names when given (the
+        server checks them); the calls a reply made come back as its outputs' ``tool_calls`` (a
+        list when tools were sent, empty for a reply without calls) and ``text`` holds the reply's
+        content (``""`` when it is only calls). Other arguments and errors are as in :meth:`generate`.
         """
-        jobs = self._chat_jobs(messages, sampling_params, extra_body)
+        jobs = self._chat_jobs(
+            messages, sampling_params, extra_body, tools=tools, tool_choice=tool_choice,
+            response_format=response_format, parallel_tool_calls=parallel_tool_calls,
+        )  # fmt: skip
         return self._run(self._chat(jobs, use_tqdm))
 
     async def achat(
@@ -409,11 +436,18 @@ class RemoteLLM:
         messages: Sequence[Message] | Sequence[Sequence[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         use_tqdm: bool | None = None,
         extra_body: Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Async :meth:`chat`; cancelling it cancels the requests in flight."""
-        jobs = self._chat_jobs(messages, sampling_params, extra_body)
+        jobs = self._chat_jobs(
+            messages, sampling_params, extra_body, tools=tools, tool_choice=tool_choice,
+            response_format=response_format, parallel_tool_calls=parallel_tool_calls,
+        )  # fmt: skip
         return await self._arun(self._chat(jobs, use_tqdm))
 
     # -- protocol: stream --------------------------------------------------------------------------------
@@ -459,7 +493,7 @@ class RemoteLLM:
         )  # fmt: skip
         assembler = StreamAssembler(
             chat=chat, params=params, prompt=text, prompt_token_ids=known_ids, resolver=self._resolver,
-            server=self.base_url,
+            server=self.base_url, tools=bool(payload.get("tools")),
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()

@@ -15,7 +15,8 @@ def sampling_fields(params: SamplingParams, *, chat: bool) -> dict[str, Any]:
     OpenAI's own fields are always sent where they mean something; vLLM's extensions (``top_k``,
     ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``,
     ``skip_special_tokens``, ``include_stop_str_in_output``) only when they differ from the default,
-    so a plain OpenAI server, which rejects unknown fields, sees none of them.
+    so a plain OpenAI server, which rejects unknown fields, sees none of them. A ``guided_*``
+    constraint is sent as vLLM's field of the same name (lmstack serve, vLLM and SGLang take them).
     """
     body: dict[str, Any] = {"n": params.n, "temperature": params.temperature, "top_p": params.top_p}
     if params.max_tokens is not None or not chat:
@@ -52,4 +53,9 @@ def sampling_fields(params: SamplingParams, *, chat: bool) -> dict[str, Any]:
         body["skip_special_tokens"] = False
     if params.include_stop_str_in_output:
         body["include_stop_str_in_output"] = True
+    kind = params.guided_kind
+    if kind is not None:
+        body[kind] = getattr(params, kind)
+    if params.guided_json_fit is not None:
+        body["guided_json_fit"] = params.guided_json_fit
     return body

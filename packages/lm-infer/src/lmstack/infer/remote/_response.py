@@ -2,7 +2,8 @@
 
 Token ids come from the server when it sends them (vLLM's ``return_token_ids``, or tokens spelled
 ``token_id:N``), else from the log-probs' token texts or the text itself, through the local
-tokenizer.
+tokenizer. A chat message's ``tool_calls`` (or, streamed, its ``tool_calls`` deltas, joined by
+index) become the output's :class:`~lmstack.infer.ToolCall` list.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmstack.infer._errors import RemoteError
-from lmstack.infer._outputs import CompletionOutput, RequestOutput
+from lmstack.infer._outputs import CompletionOutput, RequestOutput, ToolCall
 from lmstack.infer._sampling_params import SamplingParams
 from lmstack.infer.remote._sse import ServerSentEvent
 from lmstack.infer.remote._tokens import TOKEN_ID_PREFIX, TokenResolver
@@ -189,13 +190,38 @@ class _Sample:
     steps: list[_Step] | None
     finish_reason: str | None
     stop_reason: str | int | None
+    tool_calls: list[Mapping[str, Any]] = field(default_factory=list)  # as sent: whole, or deltas
+
+
+def _arguments(value: Any) -> str:
+    """A call's arguments as JSON text (OpenAI sends text; a server sending an object is forgiven)."""
+    return value if isinstance(value, str) else json.dumps({} if value is None else value)
+
+
+def _tool_call(entry: Mapping[str, Any]) -> ToolCall:
+    function = entry.get("function")
+    function = function if isinstance(function, Mapping) else {}
+    return ToolCall(
+        id=str(entry.get("id") or ""), name=str(function.get("name") or ""),
+        arguments=_arguments(function.get("arguments")),
+    )  # fmt: skip
+
+
+def _delta_arguments(entry: Mapping[str, Any]) -> str:
+    """The arguments text a streamed ``tool_calls`` delta adds ("" when it adds none)."""
+    function = entry.get("function")
+    value = function.get("arguments") if isinstance(function, Mapping) else None
+    return "" if value is None else _arguments(value)
 
 
 def _sample(choice: Mapping[str, Any], *, chat: bool, delta: bool) -> _Sample:
+    calls: list[Mapping[str, Any]] = []
     if chat:
         message = choice.get("delta" if delta else "message") or {}
         text = message.get("content") if isinstance(message, Mapping) else None
         steps = _chat_steps(choice.get("logprobs"))
+        raw = message.get("tool_calls") if isinstance(message, Mapping) else None
+        calls = [entry for entry in raw if isinstance(entry, Mapping)] if isinstance(raw, list) else []
     else:
         text = choice.get("text")
         steps = _completion_steps(choice.get("logprobs"))
@@ -206,7 +232,7 @@ def _sample(choice: Mapping[str, Any], *, chat: bool, delta: bool) -> _Sample:
     if not isinstance(stop_reason, (str, int)) or isinstance(stop_reason, bool):
         stop_reason = None
     finish = choice.get("finish_reason")
-    return _Sample(text if isinstance(text, str) else "", ids, steps, finish or None, stop_reason)
+    return _Sample(text if isinstance(text, str) else "", ids, steps, finish or None, stop_reason, calls)
 
 
 def _completion_output(
@@ -265,20 +291,24 @@ def parse_completion(
     resolver: TokenResolver,
     server: str,
     chat: bool = False,
+    tools: bool = False,
 ) -> RemoteRequestOutput:
     """A finished :class:`RemoteRequestOutput` from a /v1/completions (or, with ``chat``, chat) response.
 
     Token ids come from the server when it sends them (vLLM's ``return_token_ids``, or tokens spelled
-    ``token_id:N``), else from the local tokenizer, else stay empty.
+    ``token_id:N``), else from the local tokenizer, else stay empty. A chat message's ``tool_calls``
+    become each output's ``tool_calls``; with ``tools`` (the request offered some) a reply without
+    calls has an empty list rather than None.
     """
     choices = _choices(body, server)
-    outputs = [
-        _completion_output(
-            int(c.get("index", i)), _sample(c, chat=chat, delta=False), resolver,
-            params.logprobs is not None, tokenize=True,
-        )
-        for i, c in enumerate(choices)
-    ]  # fmt: skip
+    outputs = []
+    for i, c in enumerate(choices):
+        sample = _sample(c, chat=chat, delta=False)
+        out = _completion_output(int(c.get("index", i)), sample, resolver, params.logprobs is not None,
+                                 tokenize=True)  # fmt: skip
+        if sample.tool_calls or tools:
+            out.tool_calls = [_tool_call(entry) for entry in sample.tool_calls]
+        outputs.append(out)
     usage = Usage.from_json(body.get("usage"))
     ids = _prompt_ids(body, choices) or prompt_token_ids
     return RemoteRequestOutput(
@@ -294,12 +324,13 @@ def parse_completion(
 
 
 def parse_chat(
-    body: Any, *, params: SamplingParams, resolver: TokenResolver, server: str
+    body: Any, *, params: SamplingParams, resolver: TokenResolver, server: str, tools: bool = False
 ) -> RemoteRequestOutput:
     """A finished :class:`RemoteRequestOutput` from a /v1/chat/completions response."""
     return parse_completion(
-        body, prompt=None, prompt_token_ids=None, params=params, resolver=resolver, server=server, chat=True
-    )
+        body, prompt=None, prompt_token_ids=None, params=params, resolver=resolver, server=server, chat=True,
+        tools=tools,
+    )  # fmt: skip
 
 
 def stream_error(obj: Any, event: ServerSentEvent, server: str) -> RemoteError | None:
@@ -324,6 +355,8 @@ class StreamAssembler:
     Each chunk with new text, tokens or a finish reason becomes one output holding only what is new.
     The one that finishes the last sample is held back until the stream ends, so the usage chunk that
     follows it (``stream_options.include_usage``) can be attached: the last output has ``finished``.
+    Chat ``tool_calls`` deltas are joined by index (the first names the call, the others add to its
+    arguments); each sample's output that finishes it carries the whole calls.
 
     Args:
         chat: Whether the chunks are chat completion chunks.
@@ -332,6 +365,7 @@ class StreamAssembler:
         prompt_token_ids: The prompt's ids, when known before the server says.
         resolver: Maps token strings to ids.
         server: The server's URL, for messages.
+        tools: Whether the request offered tools (a reply without calls then has ``tool_calls == []``).
     """
 
     chat: bool
@@ -340,6 +374,7 @@ class StreamAssembler:
     prompt_token_ids: list[int] | None
     resolver: TokenResolver
     server: str
+    tools: bool = False
     done: bool = False
     request_id: str = ""
     model: str | None = None
@@ -347,6 +382,27 @@ class StreamAssembler:
     _finished: set[int] = field(default_factory=set)
     _cumulative: dict[int, float] = field(default_factory=dict)
     _held: RemoteRequestOutput | None = None
+    _calls: dict[int, dict[int, ToolCall]] = field(default_factory=dict)  # by sample, then call index
+
+    def _add_calls(self, sample: int, deltas: list[Mapping[str, Any]]) -> None:
+        calls = self._calls.setdefault(sample, {})
+        for position, entry in enumerate(deltas):
+            index = entry.get("index", position)
+            index = index if isinstance(index, int) else position
+            part = _tool_call(entry)
+            call = calls.get(index)
+            if call is None:
+                calls[index] = ToolCall(part.id, part.name, _delta_arguments(entry))
+                continue
+            call.id = call.id or part.id
+            call.name = call.name or part.name
+            call.arguments += _delta_arguments(entry)
+
+    def _finished_calls(self, sample: int) -> list[ToolCall] | None:
+        calls = self._calls.get(sample, {})
+        if not calls and not self.tools:
+            return None
+        return [calls[index] for index in sorted(calls)]
 
     def feed(self, event: ServerSentEvent) -> list[RemoteRequestOutput]:
         """Consumes one event; returns the outputs to deliver now.
@@ -386,6 +442,8 @@ class StreamAssembler:
                 continue
             index = int(choice.get("index", 0))
             sample = _sample(choice, chat=self.chat, delta=True)
+            if sample.tool_calls:
+                self._add_calls(index, sample.tool_calls)
             if not (sample.text or sample.token_ids or sample.steps or sample.finish_reason):
                 continue  # a chat role announcement, or an empty keep-alive chunk
             out = _completion_output(
@@ -396,6 +454,7 @@ class StreamAssembler:
                 out.cumulative_logprob = self._cumulative[index]
             if out.finish_reason is not None:
                 self._finished.add(index)
+                out.tool_calls = self._finished_calls(index)
             outputs.append(out)
         if not outputs:
             return []
@@ -425,7 +484,12 @@ class StreamAssembler:
             )
         missing = sorted(set(range(self.params.n)) - self._finished)
         logger.warning("%s ended a stream without a finish_reason for samples %s", self.server, missing)
-        final = self._output([CompletionOutput(index=i, finish_reason="stop") for i in missing])
+        final = self._output(
+            [
+                CompletionOutput(index=i, finish_reason="stop", tool_calls=self._finished_calls(i))
+                for i in missing
+            ]
+        )
         final.finished = True
         final.usage = self.usage
         return [final]

@@ -5,7 +5,12 @@ Needs the ``server`` extra (``pip install 'lmstack-infer[server]'``: FastAPI and
 * :func:`create_app`: the ASGI application (``/v1/models``, ``/v1/completions``,
   ``/v1/chat/completions``, ``/health``, ``/metrics``) over an ``LLM``.
 * :func:`serve`: load a model and run the application with uvicorn (what ``lmstack serve`` does).
-* :class:`ServerConfig`: the served model's name, API keys and load limits.
+* :class:`ServerConfig`: the served model's name, API keys, load limits and tool-call parser.
+
+Both generation endpoints take structured-output constraints (``response_format`` JSON modes and
+vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``), and chat takes
+``tools``, ``tool_choice`` and ``parallel_tool_calls``, answering with OpenAI's ``tool_calls``
+(streamed as ``tool_calls`` deltas).
 
 ``ServerConfig`` imports without the extra; ``create_app`` and ``serve`` are loaded on first use.
 """

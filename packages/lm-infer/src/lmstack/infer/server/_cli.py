@@ -11,6 +11,8 @@ import importlib.util
 import os
 import sys
 
+from lmstack.infer.tools import TOOL_PARSERS
+
 __all__ = ["register_serve"]
 
 _API_KEY_ENV = "LMSTACK_API_KEY"
@@ -37,6 +39,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         api_keys=keys,
         max_queue=args.max_queue,
         shutdown_timeout=args.shutdown_timeout,
+        tool_call_parser=args.tool_call_parser,
     )
     engine: dict[str, object] = {
         "max_num_seqs": args.max_num_seqs,
@@ -82,6 +85,11 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="most requests in flight; more get 429 (default: 256)")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="seconds in-flight requests get to finish on SIGTERM (default: 30)")  # fmt: skip
+    p.add_argument(
+        "--tool-call-parser", choices=sorted(TOOL_PARSERS), metavar="NAME",
+        help="how replies to tool_choice 'auto' are searched for tool calls: "
+        f"{', '.join(sorted(TOOL_PARSERS))} (default: detected from the chat template, else hermes)",
+    )  # fmt: skip
     p.add_argument("--dtype", default=None, help="weight dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="device, e.g. cuda (default: cpu)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lmstack.core import ConfigError
+from lmstack.infer.tools import TOOL_PARSERS
 
 __all__ = ["ServerConfig"]
 
@@ -24,6 +25,10 @@ class ServerConfig:
         max_body_bytes: Largest request body accepted; a larger one is refused with 413.
         shutdown_timeout: Seconds that in-flight requests get to finish on shutdown before they are
             ended with an error.
+        tool_call_parser: How chat replies with ``tool_choice: "auto"`` are searched for tool calls:
+            a name of :data:`lmstack.infer.tools.TOOL_PARSERS` (``hermes``, ``internlm2``,
+            ``llama3_json``, ``mistral``). Default: the served ``LLM``'s own setting, else detected
+            from the chat template, else hermes.
     """
 
     model_name: str = "lmstack"
@@ -31,6 +36,7 @@ class ServerConfig:
     max_queue: int = 256
     max_body_bytes: int = 8 * 1024 * 1024
     shutdown_timeout: float = 30.0
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_name, str) or not self.model_name:
@@ -54,4 +60,10 @@ class ServerConfig:
         if timeout < 0:
             raise ConfigError(
                 f"ServerConfig.shutdown_timeout must be >= 0, got {timeout!r}.", field="shutdown_timeout"
+            )
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ConfigError(
+                f"ServerConfig.tool_call_parser must be one of {', '.join(sorted(TOOL_PARSERS))} (or None to "
+                f"detect it from the chat template), got {self.tool_call_parser!r}.",
+                field="tool_call_parser",
             )

@@ -2,11 +2,15 @@
 
 Requests are validated strictly, as OpenAI's API does: a field of the wrong type is an error (no
 ``"5"`` for ``5``, no ``1`` for ``true``), and so is a field the server does not know. Besides
-OpenAI's fields, the vLLM-style sampling extensions that :class:`~lmstack.infer.SamplingParams`
-supports are accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``, ``skip_special_tokens``, ``include_stop_str_in_output``). OpenAI fields the
-server cannot honour (tools, logit biases, ``suffix``, JSON response formats ...) are accepted only
-at their neutral value and refused with a clear message otherwise (see :func:`unsupported_fields`).
+OpenAI's fields (``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls`` and
+assistant ``tool_calls`` / ``tool`` messages included), the vLLM-style sampling extensions that
+:class:`~lmstack.infer.SamplingParams` supports are accepted (``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``skip_special_tokens``,
+``include_stop_str_in_output``) and vLLM's guided-decoding fields (``guided_json``, ``guided_regex``,
+``guided_choice``, ``guided_grammar``; ``guided_decoding_backend`` only as ``"llguidance"``), plus
+lmstack's ``guided_json_fit`` (JSON that always completes within the token budget). OpenAI
+fields the server cannot honour (logit biases, ``suffix``, the legacy ``functions`` ...) are accepted
+only at their neutral value and refused with a clear message otherwise (see :func:`unsupported_fields`).
 
 Ranges of sampling fields (``n``, ``temperature``, ``logprobs`` ...) are checked by
 ``SamplingParams`` itself, so each rule lives in one place.
@@ -59,10 +63,21 @@ class StreamOptions(_Strict):
 
 
 class ResponseFormat(_Strict):
-    """``response_format``: only ``text`` is honoured (decoding is not constrained to JSON)."""
+    """``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema``.
+
+    ``json_schema`` is ``{"name", "schema", "strict", "description"}``; its shape and the schema are
+    checked where the constraint is built (:func:`lmstack.infer.tools.plan_chat`).
+    """
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Any = None
+    json_schema: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The format as the JSON object the client sent."""
+        out: dict[str, Any] = {"type": self.type}
+        if self.json_schema is not None:
+            out["json_schema"] = self.json_schema
+        return out
 
 
 class _Sampling(_Strict):
@@ -90,6 +105,15 @@ class _Sampling(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's guided decoding (SamplingParams' guided_* fields check them).
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_json_fit: bool | None = None  # lmstack's: JSON that always completes within the token budget
+    guided_whitespace_pattern: str | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -133,15 +157,18 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(_Strict):
-    """One message of a conversation; ``content`` is text or a list of ``{"type": "text"}`` parts."""
+    """One message of a conversation; ``content`` is text or a list of ``{"type": "text"}`` parts.
+
+    An assistant message may carry the ``tool_calls`` it made, and a ``tool`` message answers one
+    (``tool_call_id``); their shapes are checked where the conversation is rendered.
+    """
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Any = None
     name: str | None = None
-    # What OpenAI's client echoes back in assistant messages; tool calls themselves are not supported.
-    tool_calls: Any = None
+    tool_calls: list[Any] | None = None
     tool_call_id: str | None = None
-    function_call: Any = None
+    function_call: Any = None  # the legacy function calling: refused (unsupported_fields)
     refusal: str | None = None
 
     @field_validator("content", mode="before")
@@ -170,6 +197,15 @@ class ChatMessage(_Strict):
             return self.content
         return "\n".join(part["text"] for part in self.content)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the chat template reads it (OpenAI's shape; normalised by ``plan_chat``)."""
+        turn: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for name in ("name", "tool_calls", "tool_call_id"):
+            value = getattr(self, name)
+            if value is not None:  # a participant's name, the calls made, the call answered
+                turn[name] = value
+        return turn
+
 
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``: a conversation rendered with the model's chat template."""
@@ -179,14 +215,14 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
-    response_format: ResponseFormat | None = None
+    # Function tools; their shapes are checked by lmstack.infer.tools (errors name "tools", "tool_choice").
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     # Accepted and ignored: they do not change what is generated.
     metadata: dict[str, str] | None = None
     store: bool | None = None
-    parallel_tool_calls: bool | None = None
     # Known OpenAI fields the server cannot honour: accepted only at their neutral value.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     modalities: list[str] | None = None
@@ -199,25 +235,28 @@ def unsupported_fields(request: CompletionRequest | ChatCompletionRequest) -> li
     out: list[tuple[str, str]] = []
     if request.logit_bias:
         out.append(("logit_bias", "logit biases are not supported"))
+    if request.guided_decoding_backend not in (None, "llguidance"):
+        out.append(("guided_decoding_backend", "only the 'llguidance' backend is available (leave it unset)"))
+    if request.guided_whitespace_pattern is not None:
+        out.append(("guided_whitespace_pattern", "guided_whitespace_pattern is not supported"))
     if isinstance(request, CompletionRequest):
         if request.suffix:
             out.append(("suffix", "suffix (insertion) is not supported"))
         if request.best_of is not None and request.best_of != request.n:
             out.append(("best_of", "best_of is not supported (only best_of == n); use n"))
         return out
-    if request.tools or request.functions:
-        out.append(("tools", "tool and function calling are not supported"))
-    if request.tool_choice not in (None, "none", "auto"):
-        out.append(("tool_choice", "tool calling is not supported"))
+    legacy = "the legacy function calling is not supported (use tools and tool_choice)"
+    if request.functions:
+        out.append(("functions", legacy))
     if request.function_call not in (None, "none", "auto"):
-        out.append(("function_call", "function calling is not supported"))
+        out.append(("function_call", legacy))
     if request.modalities not in (None, ["text"]) or request.audio is not None:
         out.append(("modalities", "only text output is supported"))
     if request.prediction is not None:
         out.append(("prediction", "predicted outputs are not supported"))
     for index, message in enumerate(request.messages):
-        if message.role in ("tool", "function") or message.tool_calls or message.function_call:
-            out.append((f"messages.{index}", "tool and function messages are not supported"))
+        if message.role == "function" or message.function_call:
+            out.append((f"messages.{index}", f"{legacy}: send tool_calls and tool messages"))
         elif message.content is None and message.role != "assistant":
             out.append((f"messages.{index}.content", f"a {message.role} message needs content"))
     return out

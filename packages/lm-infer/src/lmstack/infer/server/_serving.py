@@ -19,7 +19,7 @@ from typing import Any, cast
 from lmstack.infer._errors import InvalidRequestError
 from lmstack.infer._llm import LLM
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
-from lmstack.infer._sampling_params import SamplingParams
+from lmstack.infer._sampling_params import GUIDED_FIELDS, SamplingParams
 from lmstack.infer.server._errors import APIError, from_exception, request_failed
 from lmstack.infer.server._http import DONE, sse
 from lmstack.infer.server._protocol import ChatCompletionRequest, CompletionRequest, Usage, unsupported_fields
@@ -30,6 +30,7 @@ __all__ = [
     "EngineStreams",
     "Job",
     "check_context",
+    "check_guided",
     "event_stream",
     "first_unsupported",
     "head",
@@ -56,8 +57,19 @@ def sampling(
     max_tokens: int | None,
     logprobs: int | None,
     renames: Mapping[str, str] | None = None,
+    guided: Mapping[str, Any] | None = None,
 ) -> SamplingParams:
-    """The request's ``SamplingParams``, whose own checks of every range answer a 400."""
+    """The request's ``SamplingParams``, whose own checks of every range answer a 400.
+
+    Args:
+        state: The server.
+        request: The request.
+        max_tokens: The budget to generate (None: up to the end of the context).
+        logprobs: Top log-probs per token (None: none).
+        renames: The request's names of fields the engine calls otherwise.
+        guided: A constraint to set instead of the request's own ``guided_*`` fields (``{"guided_json":
+            schema}`` for a completions ``response_format``).
+    """
     options: dict[str, Any] = {
         "n": request.n,
         "max_tokens": max_tokens,
@@ -75,10 +87,39 @@ def sampling(
         value = getattr(request, name)
         if value is not None:  # null means the default, as in OpenAI's API
             options[name] = value
+    for name in GUIDED_FIELDS:
+        options[name] = getattr(request, name)
+    options["guided_json_fit"] = request.guided_json_fit
+    options.update(guided or {})
     try:
         return SamplingParams(**options)
     except InvalidRequestError as exc:
         raise from_exception(exc, closed=state.closed, renames=renames) from None
+
+
+async def check_guided(
+    state: ServerState, params: SamplingParams, param: str | None, num_prompt_tokens: int | None = None
+) -> None:
+    """Compile the constraint of ``params`` off the event loop: a 400 naming ``param`` if it cannot compile.
+
+    It runs before any engine request is queued, so a constraint that does not compile costs the
+    engine nothing and the requests already running never wait on it.
+
+    Args:
+        state: The server.
+        params: The request's sampling parameters (nothing to do without a ``guided_*`` field).
+        param: The request field the constraint came from (default: the ``guided_*`` field's name).
+        num_prompt_tokens: The prompt's length (the engine bounds JSON to what the context leaves).
+    """
+    if params.guided_kind is None:
+        return
+    try:
+        await asyncio.to_thread(state.llm.check_guided, params, num_prompt_tokens)
+    except InvalidRequestError as exc:
+        message = str(exc)
+        if param is not None and exc.param is not None and message.startswith(exc.param):
+            message = param + message[len(exc.param) :]  # the engine names guided_json; the client sent param
+        raise APIError.invalid(message, param=param or exc.param) from None
 
 
 def check_context(state: ServerState, num_prompt: int, max_tokens: int, param: str, what: str) -> None:

@@ -2,7 +2,9 @@
 
 Each prompt of a batch is its own engine request, ``n`` samples each; choice ``i * n + j`` is sample
 ``j`` of prompt ``i``. ``max_tokens: 0`` with ``echo`` and ``logprobs`` scores the prompt without
-generating (what ``RemoteLLM.loglikelihood`` and lm-evaluation-harness send).
+generating (what ``RemoteLLM.loglikelihood`` and lm-evaluation-harness send). A ``guided_*`` field or
+a JSON ``response_format`` constrains every sample; the constraint is compiled off the event loop
+before anything is queued (a 400 naming the field when it cannot be).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from typing import Any
 from fastapi.responses import Response
 
 from lmstack.infer._errors import InvalidRequestError
+from lmstack.infer._sampling_params import GUIDED_FIELDS
 from lmstack.infer.server import _serving as serving
-from lmstack.infer.server._errors import from_exception
+from lmstack.infer.server._errors import APIError, from_exception
 from lmstack.infer.server._http import json_response, sse
 from lmstack.infer.server._logprobs import TextOffsets, completion_logprobs
 from lmstack.infer.server._protocol import CompletionChoice, CompletionRequest
 from lmstack.infer.server._state import ServerState, Ticket
+from lmstack.infer.tools._choice import response_format_schema
 
 __all__ = ["CompletionJob", "complete", "complete_stream", "prepare_completion"]
 
@@ -59,8 +63,28 @@ async def _score_prompts(state: ServerState, prompts: list[list[int]], top_k: in
     return [await asyncio.to_thread(state.llm.prompt_logprobs, ids, top_k) for ids in prompts]
 
 
+def _response_format(request: CompletionRequest) -> dict[str, Any] | None:
+    """``{"guided_json": schema}`` for a JSON ``response_format`` (as vLLM takes it here), else None."""
+    if request.response_format is None:
+        return None
+    try:
+        schema = response_format_schema(request.response_format.as_dict())
+    except InvalidRequestError as exc:
+        raise APIError.invalid(str(exc), param="response_format") from None
+    if schema is None:
+        return None
+    given = [name for name in GUIDED_FIELDS if getattr(request, name) is not None]
+    if given:
+        raise APIError.invalid(
+            f"response_format {request.response_format.type!r} and {given[0]} both constrain the output; "
+            "send one of them.",
+            param="response_format",
+        )
+    return {"guided_json": schema}
+
+
 async def prepare_completion(state: ServerState, request: CompletionRequest) -> CompletionJob:
-    """Tokenize and check the request, score echoed prompts and queue the engine requests.
+    """Tokenize and check the request, compile its constraint, score echoed prompts, queue the engine work.
 
     Raises:
         APIError: the request cannot be served as asked (a 400 naming the field at fault).
@@ -73,7 +97,10 @@ async def prepare_completion(state: ServerState, request: CompletionRequest) -> 
         what = f"the prompt {index}" if len(prompts) > 1 else "the prompt"
         serving.check_context(state, len(ids), max_tokens, "prompt", what)
     # max_tokens 0 (scoring with echo) generates nothing, but the other fields are still checked.
-    params = serving.sampling(state, request, max_tokens or None, request.logprobs)
+    guided = _response_format(request)
+    params = serving.sampling(state, request, max_tokens or None, request.logprobs, guided=guided)
+    if max_tokens:  # nothing is generated (nor constrained) with max_tokens 0
+        await serving.check_guided(state, params, "response_format" if guided else None)
     echo_logprobs = request.echo and request.logprobs is not None
     try:
         # With max_tokens 0 nothing is queued in the engine: scoring the prompts is what passes them

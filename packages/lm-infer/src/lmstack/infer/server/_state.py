@@ -68,6 +68,8 @@ class ServerState:
         self.draining = False  # no new requests: the server is shutting down
         self.closed = False  # the LLM is closed: what is still running ends with an error
         self._keys = [key.encode() for key in config.api_keys]
+        # None: plan_chat detects the parser from the chat template (else hermes).
+        self.tool_call_parser = config.tool_call_parser or llm.tool_call_parser
 
     def admit(self, endpoint: str) -> Ticket:
         """Take a place for a new generation request, or refuse it (503 draining, 429 full)."""

@@ -150,8 +150,11 @@ def normalise_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _constrained(params: SamplingParams, schema: dict[str, Any]) -> SamplingParams:
+def _constrained(params: SamplingParams, schema: dict[str, Any], *, fit: bool = False) -> SamplingParams:
     """A copy of ``params`` that constrains the output to ``schema``.
+
+    With ``fit`` (tool calls), ``guided_json_fit`` is switched on unless the caller chose: a call
+    must come back whole even from a weak model, and a call cut by ``max_tokens`` is no call.
 
     The schema is built from parts already checked here, so the copy skips ``SamplingParams``'
     own meta-schema check (milliseconds per request); ``dataclasses.replace`` still runs where the
@@ -161,6 +164,8 @@ def _constrained(params: SamplingParams, schema: dict[str, Any]) -> SamplingPara
         return dataclasses.replace(params, guided_json=schema)  # raises, naming min_tokens
     out = copy.copy(params)
     out.guided_json = schema
+    if fit and out.guided_json_fit is None:
+        out.guided_json_fit = True
     return out
 
 
@@ -494,9 +499,9 @@ def plan_chat(
             plan.params.skip_special_tokens = False
     elif choice == "required":
         plan.mode = "required"
-        plan.params = _constrained(params, required_schema(checked, parallel_tool_calls))
+        plan.params = _constrained(params, required_schema(checked, parallel_tool_calls), fit=True)
     else:
         tool = next(tool for tool in checked if tool["function"]["name"] == tool_name)
         plan.mode, plan.tool_name = "named", tool_name
-        plan.params = _constrained(params, named_schema(tool))
+        plan.params = _constrained(params, named_schema(tool), fit=True)
     return plan
