@@ -252,14 +252,15 @@ class LLMEngine:
         return request_id
 
     def _guided_budget(self, params: SamplingParams, num_prompt: int) -> int:
-        """The token budget a JSON constraint is bounded to: ``max_tokens``, else what the context leaves.
+        """The token budget ``guided_json_fit`` bounds JSON to: ``max_tokens``, or what the context leaves.
 
-        Without ``max_tokens`` the rest of the context is rounded down to a power of two, so that
-        requests whose prompts differ in length still share a compiled grammar.
+        When the context leaves less than ``max_tokens`` (or ``max_tokens`` is unset), what it leaves
+        is rounded down to a power of two, so that requests whose prompts differ in length still
+        share a compiled grammar.
         """
-        if params.max_tokens is not None:
-            return params.max_tokens
         left = max(self.max_model_len - num_prompt, 1)
+        if params.max_tokens is not None and params.max_tokens <= left:
+            return params.max_tokens
         return 1 << (left.bit_length() - 1)
 
     def compile_guided(
