@@ -102,6 +102,16 @@ def test_only_greedy_decoding(reference: TransformersLLM) -> None:
         reference.generate("the", SamplingParams(temperature=0.7))
     with pytest.raises(InvalidRequestError, match="n=2"):
         reference.generate("the", SamplingParams(temperature=0, n=2))
+    # No grammar masks in the reference: a constraint is refused, never silently ignored.
+    with pytest.raises(InvalidRequestError, match="guided_regex"):
+        reference.generate("the", SamplingParams(temperature=0, guided_regex="[0-9]+"))
+    chat = [{"role": "user", "content": "hi"}]
+    with pytest.raises(InvalidRequestError) as info:
+        reference.chat(chat, SamplingParams(temperature=0), response_format={"type": "json_object"})
+    assert info.value.param == "response_format"
+    with pytest.raises(InvalidRequestError) as info:
+        reference.chat(chat, SamplingParams(temperature=0), tools=[{"type": "function"}])
+    assert info.value.param == "tools"
 
 
 def test_fingerprint_from_the_directory(reference: TransformersLLM, engine: LLM, model_dir: Path) -> None:

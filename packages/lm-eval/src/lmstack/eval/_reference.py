@@ -225,8 +225,27 @@ class TransformersLLM:
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Greedy replies to one conversation or a list of them, through the model's chat template."""
+        """Greedy replies to one conversation or a list of them, through the model's chat template.
+
+        Raises:
+            InvalidRequestError: ``tools``, ``tool_choice`` or a JSON ``response_format`` was given: the
+                reference answers in plain text only (use :class:`lmstack.infer.LLM` for those).
+        """
+        asked = {"tools": tools, "tool_choice": tool_choice}
+        if response_format is not None and response_format.get("type") != "text":
+            asked["response_format"] = response_format
+        for name, value in asked.items():
+            if value is not None:
+                raise InvalidRequestError(
+                    f"TransformersLLM answers in plain text only: {name} is not supported; use "
+                    "lmstack.infer.LLM for tools and JSON replies.",
+                    param=name,
+                )
         prompts: list[Sequence[int]] = []
         for conversation in as_conversations(messages):
             text = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
@@ -300,10 +319,16 @@ def _check_greedy(params: SamplingParams) -> None:
         "logprobs": params.logprobs is not None,
         "min_tokens": params.min_tokens != 0,
         "ignore_eos": params.ignore_eos,
+        # Constrained decoding needs lmstack's engine (its grammar masks); the reference has none.
+        "guided_json": params.guided_json is not None,
+        "guided_regex": params.guided_regex is not None,
+        "guided_choice": params.guided_choice is not None,
+        "guided_grammar": params.guided_grammar is not None,
     }
     bad = [name for name, is_set in unsupported.items() if is_set]
     if bad:
         raise InvalidRequestError(
             f"TransformersLLM decodes greedily only (temperature=0, n=1, no penalties, logprobs, "
-            f"min_tokens or ignore_eos); got {', '.join(f'{b}={getattr(params, b)!r}' for b in bad)}."
+            f"min_tokens, ignore_eos or guided_* constraints); got "
+            f"{', '.join(f'{b}={getattr(params, b)!r}' for b in bad)}."
         )
