@@ -145,7 +145,7 @@ def bench(session: nox.Session) -> None:
     # lm-evaluation-harness (`--model hf`, against lmstack-eval, which the libraries below install).
     extras = (
         "pytest>=8", "pytest-benchmark", "transformers", "trl", "accelerate", "datasets", "psutil",
-        "lm-eval[hf]>=0.4.9",
+        "lm-eval[hf]>=0.4.9", "xgrammar",
     )  # fmt: skip
     # The serving benchmark runs `transformers serve` (its serving extra: FastAPI, uvicorn, openai) against
     # `lmstack serve` (lmstack-infer's server extra).
