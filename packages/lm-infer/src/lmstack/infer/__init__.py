@@ -18,7 +18,7 @@ from lmstack.infer._errors import (
     TokenizerUnavailableError,
 )
 from lmstack.infer._llm import LLM
-from lmstack.infer._outputs import CompletionOutput, RequestOutput
+from lmstack.infer._outputs import CompletionOutput, RequestOutput, ToolCall
 from lmstack.infer._protocol import LLMProtocol
 from lmstack.infer._sampling_params import SamplingParams
 from lmstack.infer.engine import EngineConfig, LLMEngine
@@ -43,5 +43,6 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "TokenizerUnavailableError",
+    "ToolCall",
     "__version__",
 ]
