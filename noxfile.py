@@ -113,7 +113,7 @@ def layers(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Mypy over the libraries' sources that have landed (settings in pyproject.toml)."""
-    landed = ("core", "infer", "train", "eval", "rag")
+    landed = ("core", "infer", "train", "eval", "rag", "agent")
     _install(session, "mypy", "types-PyYAML", *(_local(layer) for layer in landed))
     sources = [f"packages/lm-{layer}/src" for layer in landed]
     session.run("mypy", *sources, *session.posargs)
