@@ -121,7 +121,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def quickstart(session: nox.Session) -> None:
-    """Run examples/quickstart.py (train, evaluate, answer from documents, serve) on a fresh install."""
+    """Run examples/quickstart.py (train, evaluate, answer from documents, serve, search) on a fresh venv."""
     # lmstack-eval evaluates it (matplotlib, its plots extra, draws the needle heatmap); lmstack-rag answers
     # from the world's articles; transformers only for the check that it loads the trained model with the
     # same logits.
@@ -132,6 +132,7 @@ def quickstart(session: nox.Session) -> None:
         _local("infer", "server"),
         _local("eval", "plots"),
         _local("rag"),
+        _local("agent"),
         "transformers",
     )
     session.run("python", "examples/quickstart.py", *session.posargs)

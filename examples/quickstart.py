@@ -22,7 +22,10 @@
      MRR, nDCG; rejection precision, recall, F1), then the held-out facts asked closed-book and with
      retrieved passages, both scored by lmstack-eval; one cited answer and one refused chat message;
   8. serve it with `lmstack serve` (OpenAI-compatible, when lmstack-infer[server] is installed) and
-     query it with the remote client, once with OpenAI's response_format json_schema.
+     query it with the remote client, once with OpenAI's response_format json_schema;
+  9. one graph search with lmstack-agent over the world's articles, served by a local search server
+     that answers in SearxNG's JSON: the planner's sub-questions (JSON generated under its schema),
+     each node's queries and the pages it read, and the answer with its references.
 
 Steps 1-2 take under 4 minutes on an idle 2-core CPU. Run it with `nox -s quickstart`, or
 `python examples/quickstart.py [--model PATH]` to skip training and point steps 3-8 at an existing
@@ -509,6 +512,55 @@ def serve_and_query(path: Path) -> None:
     print(f"server stopped (exit status {status})")
 
 
+# -- 9: a graph search agent ----------------------------------------------------------------------------
+AGENT_QUESTION = "On which river does Kadadell lie, and what is Kadadell known for?"
+
+
+def graph_search(path: Path, world_dir: Path) -> None:
+    step("9. a graph search with lmstack-agent over the world's articles (a local SearxNG-compatible server)")
+    if importlib.util.find_spec("lmstack.agent") is None:
+        print("(lmstack-agent is not installed: pip install lmstack-agent to run this step)")
+        return
+    from lmstack.agent import GraphSearchAgent
+    from lmstack.agent.tools import LocalSearchServer, SearxNGSearch
+
+    start = time.perf_counter()
+    # A small model knows no JSON: its plans are generated under the actions' schema, and
+    # guided_json_fit makes each one complete within max_tokens.
+    params = SamplingParams(temperature=0, max_tokens=128, guided_json_fit=True)
+    llm = LLM(path, dtype=torch.float32)
+    try:
+        with LocalSearchServer(world_dir / "articles.jsonl") as server:
+            print(
+                f"search server: {server.url}/search?q=...&format=json over {len(server.documents)} articles"
+            )
+            agent = GraphSearchAgent(llm, SearxNGSearch(server.url), max_nodes=3, max_plan_steps=2,
+                                     max_retries=1, params=params)  # fmt: skip
+            result = None
+            for event in agent.stream(AGENT_QUESTION):
+                data = event.data
+                if event.type == "plan":
+                    print(f"  planner: {data['raw'][:160]}")
+                elif event.type == "node_added":
+                    after = data["parents"] or "the question"
+                    print(f"  node {data['name']!r}: {data['question']!r} (after {after})")
+                elif event.type == "queries":
+                    print(f"  {data['node']!r} searches {data['queries']}")
+                elif event.type == "page_read":
+                    print(f"  {data['node']!r} read {data['title']!r} ({data['chars']} characters)")
+                elif event.type == "planner_error":
+                    print(f"  planner output rejected and fed back: {data['error'][:100]}")
+                elif event.type == "final_answer":
+                    result = data
+        if result is not None:
+            print(f"answer: {result['answer'][:300]!r}")
+            for ref in result["references"]:
+                print(f"  [{ref['n']}] {ref['title']} {ref['url']}")
+    finally:
+        llm.close()
+    print(f"step 9 took {time.perf_counter() - start:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -545,6 +597,8 @@ def main() -> None:
     finally:
         llm.close()
     serve_and_query(path)
+    if (args.out / "world" / "articles.jsonl").is_file():
+        graph_search(path, args.out / "world")
     print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s")
     # The default model must know the facts it read: held-out accuracy by answer statements at least
     # MIN_Z standard errors above guessing (about 48% against 25% chance on the world's 55 questions).
