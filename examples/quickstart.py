@@ -503,8 +503,9 @@ def serve_and_query(path: Path) -> None:
             schema = {"type": "object", "properties": {"river": {"type": "string"}}, "required": ["river"]}
             response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema,
                                                                      "strict": True}}  # fmt: skip
-            reply = remote.chat(question, SamplingParams(temperature=0, max_tokens=32),
-                                response_format=response_format)[0]  # fmt: skip
+            # guided_json_fit (lmstack's extension): the JSON always completes within max_tokens.
+            fitted = SamplingParams(temperature=0, max_tokens=48, guided_json_fit=True)
+            reply = remote.chat(question, fitted, response_format=response_format)[0]
             print(f"POST /v1/chat/completions (response_format json_schema) -> {reply.outputs[0].text}")
     finally:
         server.send_signal(signal.SIGTERM)  # drains in-flight requests, then exits 0
