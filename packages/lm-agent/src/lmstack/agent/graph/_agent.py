@@ -47,7 +47,6 @@ __all__ = ["GraphSearchAgent", "Reference", "SearchResult"]
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_PARAMS = SamplingParams(temperature=0.0, max_tokens=1024)
 
 
 @dataclass
@@ -179,7 +178,8 @@ class GraphSearchAgent:
         self.max_plan_steps = _check_int("max_plan_steps", max_plan_steps, 1)
         self.max_retries = _check_int("max_retries", max_retries, 0)
         self.concurrency = _check_int("concurrency", concurrency, 1)
-        self.params = params or DEFAULT_PARAMS
+        # A fresh default per agent: SamplingParams is mutable, and one agent's change must not leak.
+        self.params = params or SamplingParams(temperature=0.0, max_tokens=1024)
         self.planner_format = planner_format or "json"
         self.settings = SearchSettings(
             queries_per_node=_check_int("queries_per_node", queries_per_node, 1),
