@@ -96,7 +96,8 @@ def test_page_renders_the_graph_and_the_cited_answer(
             assert [q.strip() for q in detail.locator("li.query").all_inner_texts()] == ["Velm sea"]
             read = detail.locator("li.page a")
             hrefs = [read.nth(i).get_attribute("href") for i in range(read.count())]
-            assert hrefs[0] == f"{pages}/velm" and all(h.startswith(f"{pages}/") for h in hrefs)
+            # pages are read concurrently: listed in the order their reads finished
+            assert f"{pages}/velm" in hrefs and all(h.startswith(f"{pages}/") for h in hrefs)
             answer_cite = detail.locator(".node-answer a.cite")
             assert (
                 answer_cite.inner_text() == "[[1]]" and answer_cite.get_attribute("href") == f"{pages}/velm"

@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-
 @dataclass
 class Reference:
     """One entry of the final answer's reference list.
