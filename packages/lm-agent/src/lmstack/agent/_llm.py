@@ -9,6 +9,8 @@ exists and runs the second in a worker thread otherwise.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,6 +37,8 @@ async def achat(
     llm: LLMProtocol,
     messages: Sequence[Mapping[str, Any]],
     params: SamplingParams | None = None,
+    *,
+    executor: concurrent.futures.Executor | None = None,
     **options: Any,
 ) -> RequestOutput:
     """One reply to one conversation, awaited without blocking the loop.
@@ -43,6 +47,8 @@ async def achat(
         llm: Any LLM protocol implementation.
         messages: The conversation.
         params: Sampling parameters.
+        executor: Where a blocking ``chat`` runs (default: the loop's default thread pool, which
+            may hold fewer threads than a caller runs calls at once).
         **options: ``tools``, ``tool_choice``, ``response_format`` (only those given are passed).
 
     Returns:
@@ -53,5 +59,6 @@ async def achat(
     if method is not None and inspect.iscoroutinefunction(method):
         outs = await method(list(messages), params, **kwargs)
     else:
-        outs = await asyncio.to_thread(llm.chat, list(messages), params, **kwargs)
+        call = functools.partial(llm.chat, list(messages), params, **kwargs)
+        outs = await asyncio.get_running_loop().run_in_executor(executor, call)
     return outs[0]

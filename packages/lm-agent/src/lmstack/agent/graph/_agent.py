@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
-import inspect
 import logging
 import queue
 import threading
@@ -84,24 +82,6 @@ class SearchResult:
     edges: list[tuple[str, str]]
     events: list[AgentEvent] = field(default_factory=list)
     finished: bool = True
-
-
-class _Offloaded:
-    """A blocking ``chat`` seen as ``achat`` on a private thread pool sized for the run's concurrency.
-
-    The loop's default pool can be smaller than ``concurrency`` (it is ``cpu_count + 4`` threads), and
-    independent nodes must not queue behind each other for a thread while they wait on the model.
-    """
-
-    def __init__(self, llm: Any, executor: concurrent.futures.Executor) -> None:
-        self._llm = llm
-        self._executor = executor
-
-    async def achat(self, messages: Any, params: Any = None, **options: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, functools.partial(self._llm.chat, messages, params, **options)
-        )
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -281,7 +261,6 @@ class _Run:
         self.events: list[AgentEvent] = []
         self.graph = SearchGraph(agent.max_nodes)
         self.t0 = time.perf_counter()
-        self.llm: Any = agent.llm
         self._done: dict[str, asyncio.Event] = {}
 
     def emit(self, type: str, **data: Any) -> None:
@@ -291,19 +270,17 @@ class _Run:
             self.sink(event)
 
     async def chat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> str:
-        out = await achat(self.llm, messages, self.agent.params, **options)
+        out = await achat(self.agent.llm, messages, self.agent.params, executor=self.executor, **options)
         return out.outputs[0].text or ""
 
     async def execute(self) -> SearchResult:
         agent = self.agent
         self.emit("start", question=self.question)
-        executor = None
-        method = getattr(agent.llm, "achat", None)
-        if method is None or not inspect.iscoroutinefunction(method):
-            executor = concurrent.futures.ThreadPoolExecutor(
-                agent.concurrency + 2, thread_name_prefix="lmstack-agent"
-            )
-            self.llm = _Offloaded(agent.llm, executor)
+        # A blocking chat runs on a pool sized for the run's concurrency (threads start on demand):
+        # the loop's default pool (cpu_count + 4 threads) could make independent nodes queue for one.
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            agent.concurrency + 2, thread_name_prefix="lmstack-agent"
+        )
         fetch = agent.fetch if agent.fetch is not None else fetch_page
         self.searcher = NodeSearcher(self.chat, agent.search, fetch, agent.settings, self.emit)
         self.semaphore = asyncio.Semaphore(agent.concurrency)
@@ -316,8 +293,7 @@ class _Run:
                 finished = False
             answer, references = await self._final()
         finally:
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
+            self.executor.shutdown(wait=False, cancel_futures=True)
         self.emit("final_answer", answer=answer, references=[vars(r).copy() for r in references])
         self.emit("done", seconds=round(time.perf_counter() - self.t0, 6))
         return SearchResult(

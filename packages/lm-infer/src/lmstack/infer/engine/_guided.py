@@ -245,8 +245,3 @@ class GrammarCache:
                 raise InvalidRequestError(f"the constraint failed: {matcher.get_error()}")
         bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
         return bits.view(len(matchers), -1)[:, : self.vocab_size].to(device=device, dtype=torch.bool)
-
-    def close(self) -> None:
-        """Stop the compile worker (pending compilations finish first)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
