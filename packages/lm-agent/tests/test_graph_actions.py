@@ -104,7 +104,8 @@ def test_invalid_json_plans_are_plan_errors_saying_what_is_wrong(doc: str, messa
 
 
 def test_schemas_compile_for_guided_decoding() -> None:
-    for schema in (actions_schema(9), queries_schema(3), selection_schema(7, 3)):
+    for schema in (actions_schema(9), actions_schema(9, []), actions_schema(9, ['a', 'b']), queries_schema(3),
+                   selection_schema(7, 3)):  # fmt: skip
         jsonschema.Draft202012Validator.check_schema(schema)
         is_error, warnings = llguidance.LLMatcher.validate_grammar_with_warnings(
             llguidance.LLMatcher.grammar_from_json_schema(schema)
@@ -116,6 +117,18 @@ def test_actions_schema_limits_the_number_of_actions() -> None:
     plan = {"actions": [{"op": "finish"}] * 3}
     assert jsonschema.Draft202012Validator(actions_schema(3)).is_valid(plan)
     assert not jsonschema.Draft202012Validator(actions_schema(2)).is_valid(plan)
+
+
+def test_actions_schema_with_known_parents_allows_only_those() -> None:
+    def node(*parents: str) -> dict[str, object]:
+        return {"actions": [{"op": "add_node", "name": "n", "question": "q?", "parents": list(parents)}]}
+
+    first = jsonschema.Draft202012Validator(actions_schema(4, parents=[]))
+    assert first.is_valid(node()) and not first.is_valid(node("a"))
+    later = jsonschema.Draft202012Validator(actions_schema(4, parents=["b", "a"]))
+    assert later.is_valid(node("a")) and later.is_valid(node("b", "a"))
+    assert not later.is_valid(node("c")) and not later.is_valid(node("a", "b", "a"))
+    assert jsonschema.Draft202012Validator(actions_schema(4)).is_valid(node("c"))  # None: any name
 
 
 # -- the Python subset -----------------------------------------------------------------------------

@@ -21,8 +21,9 @@ from scripted import Call, ScriptedLLM, text_only
 
 from lmstack.agent._errors import FetchError
 from lmstack.agent.graph import EVENT_SCHEMA_VERSION, EVENT_TYPES, AgentEvent, GraphSearchAgent, SearchResult
+from lmstack.agent.graph._searcher import citation_regex
 from lmstack.agent.tools import Page
-from lmstack.infer import CompletionOutput, InvalidRequestError, RequestOutput
+from lmstack.infer import CompletionOutput, InvalidRequestError, RequestOutput, SamplingParams
 
 DOCS = {
     "https://wiki.test/alpha": ("Alpha", "Alpha was founded in 1901 by the river."),
@@ -486,11 +487,92 @@ def test_planner_asks_for_its_schema_where_the_backend_takes_response_format() -
     )
 
 
+def test_guided_plans_name_as_parents_only_nodes_of_earlier_steps() -> None:
+    llm = scripted([plan(("a", []), finish=False), plan(("b", ["a"]))])
+    result = agent_for(llm).run("Alpha then Beta?")
+    assert result.finished and result.edges == [("a", "b")]
+    first, second = calls_of(llm, "planner")
+    assert "added in your earlier replies" in first.messages[0]["content"]
+
+    def parents_of(call: Call) -> dict[str, Any]:
+        schema = call.options["response_format"]["json_schema"]["schema"]
+        return schema["properties"]["actions"]["items"]["anyOf"][0]["properties"]["parents"]
+
+    assert parents_of(first)["maxItems"] == 0  # nothing to build on yet
+    assert parents_of(second)["items"] == {"enum": ["a"]}
+
+
 def test_a_backend_without_response_format_still_plans_in_json() -> None:
     llm = scripted([plan(("a", []))])
     result = agent_for(text_only(llm)).run("When was Alpha founded?")
     assert all(c.options["response_format"] is None for c in llm.calls)
     assert result.finished and "Alpha was founded in 1901" in result.answer
+
+
+def test_answers_are_generated_under_the_citation_grammar_of_the_pages_read() -> None:
+    llm = scripted([plan(("b", []), ("a", []))])
+    result = agent_for(llm).run("Beta and Alpha?")
+    assert result.references
+    for call in calls_of(llm, "answer"):
+        assert call.params is not None and call.params.guided_regex is not None
+        read = re.findall(r"^\[\[(\d+)\]\] ", call.messages[-1]["content"], re.MULTILINE)
+        assert read  # the grammar allows exactly the numbers of the sources shown
+        assert re.fullmatch(call.params.guided_regex, call.reply)
+        for n in range(1, 6):
+            assert bool(re.fullmatch(call.params.guided_regex, f"A claim [[{n}]]")) == (str(n) in read)
+    (final,) = calls_of(llm, "final")
+    assert final.params is not None and final.params.guided_regex is not None
+    assert re.fullmatch(final.params.guided_regex, final.reply)
+    assert not re.fullmatch(final.params.guided_regex, "A claim [[4]]")  # 3 pages were cited
+    for call in calls_of(llm, "planner") + calls_of(llm, "queries"):
+        assert call.params is not None and call.params.guided_regex is None
+
+
+def test_a_backend_that_refuses_the_citation_grammar_is_asked_again_without_it() -> None:
+    class NoRegex(ScriptedLLM):
+        def chat(self, messages: Any, sampling_params: Any = None, **options: Any) -> list[RequestOutput]:
+            if sampling_params is not None and sampling_params.guided_regex is not None:
+                refused.append(sampling_params.guided_regex)
+                raise InvalidRequestError("guided_regex is not supported", param="guided_regex")
+            return super().chat(messages, sampling_params, **options)
+
+    refused: list[str] = []
+    base = scripted([plan(("b", []), ("a", []))])
+    llm = NoRegex(base.respond)
+    result = agent_for(llm, concurrency=1).run("Beta and Alpha?")
+    assert len(refused) == 1  # refused once, then never asked again in this search
+    assert "Beta is a planet with 7 moons. [1]" in result.answer
+    check_citations(result)
+
+
+def test_the_citation_grammar_is_off_without_guided_decoding_or_with_another_constraint() -> None:
+    llm = scripted([plan(("a", []))])
+    agent_for(text_only(llm)).run("When was Alpha founded?")
+    assert all(c.params is None or c.params.guided_regex is None for c in llm.calls)
+    llm = scripted([plan(("a", []))])
+    agent_for(llm, params=SamplingParams(max_tokens=64, guided_choice=["x", "y"])).run("Alpha?")
+    assert all(c.params is not None and c.params.guided_regex is None for c in llm.calls)
+
+
+@pytest.mark.parametrize("max_tokens", [40, 64, 1024, None])
+def test_the_citation_grammar_fits_its_first_citation_in_the_token_budget(max_tokens: int | None) -> None:
+    regex = citation_regex([3, 1, 12], max_tokens)
+    most = int(re.search(r"\{1,(\d+)\}", regex).group(1))  # type: ignore[union-attr]
+    # The longest first claim at 4 bytes a character, then "[[12]]": at most max_tokens bytes.
+    assert max_tokens is None or 4 * most + len("[[12]]") <= max_tokens
+    assert re.fullmatch(regex, "x" * most + "[[12]]")
+    assert not re.fullmatch(regex, "x" * (most + 1) + "[[12]]")
+    assert re.fullmatch(regex, "Claim [[1]] more [[3]][[12]] and text")
+    assert not re.fullmatch(regex, "Claim [[1]] a [[2]]")  # 2 is not citable
+    assert not re.fullmatch(regex, "Claim [1]")  # the first claim must cite, as [[n]]
+    assert not re.fullmatch(regex, "Claim [[1]] [note]")  # brackets only in citations
+
+
+def test_the_citation_grammar_needs_a_number_and_room() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        citation_regex([], 100)
+    with pytest.raises(ValueError, match="no room"):
+        citation_regex([1], 7)
 
 
 # -- events and the API ------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ Two spellings of the same two operations, ``add_node`` and ``finish``:
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import re
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,13 +79,24 @@ class Action:
         return {"op": self.op, "name": self.name, "question": self.question, "parents": list(self.parents)}
 
 
-def actions_schema(max_actions: int | None = None) -> dict[str, Any]:
+def actions_schema(max_actions: int | None = None, parents: Sequence[str] | None = None) -> dict[str, Any]:
     """The JSON schema of one planner reply (``{"actions": [...]}``).
 
     Args:
         max_actions: Most actions in one reply (None: no limit).
+        parents: The names a new node may give as parents (an ``enum``, so a reply generated under the
+            schema never names a node that does not exist; empty: no parents). None: any name, as
+            the prompt-only protocol allows (parents added in the same reply included).
     """
-    actions: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": [_ADD_NODE, _FINISH]}}
+    add_node = _ADD_NODE
+    if parents is not None:
+        add_node = copy.deepcopy(_ADD_NODE)
+        names = sorted(set(parents))
+        spec: dict[str, Any] = {"type": "array", "maxItems": 0}
+        if names:
+            spec = {"type": "array", "items": {"enum": names}, "maxItems": len(names)}
+        add_node["properties"]["parents"] = spec
+    actions: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": [add_node, _FINISH]}}
     if max_actions is not None:
         actions["maxItems"] = max_actions
     return {

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,11 +29,17 @@ from lmstack.agent._llm import achat, supports
 from lmstack.agent.graph._actions import actions_schema, parse_actions
 from lmstack.agent.graph._dag import Node, SearchGraph
 from lmstack.agent.graph._events import AgentEvent
-from lmstack.agent.graph._prompts import FINAL_SYSTEM, PLANNER_JSON_SYSTEM, PLANNER_PYTHON_SYSTEM
+from lmstack.agent.graph._prompts import (
+    FINAL_SYSTEM,
+    PLANNER_JSON_GUIDED_SYSTEM,
+    PLANNER_JSON_SYSTEM,
+    PLANNER_PYTHON_SYSTEM,
+)
 from lmstack.agent.graph._searcher import (
     CitationStream,
     NodeSearcher,
     SearchSettings,
+    citation_regex,
     normalize_url,
     rewrite_citations,
     strip_citations,
@@ -262,6 +269,8 @@ class _Run:
         self.graph = SearchGraph(agent.max_nodes)
         self.t0 = time.perf_counter()
         self._done: dict[str, asyncio.Event] = {}
+        # Citations are generated under a grammar where the backend can; off after its first refusal.
+        self.guided_citations = agent.settings.guided and agent.settings.guided_citations
 
     def emit(self, type: str, **data: Any) -> None:
         event = AgentEvent(type, data, time.perf_counter() - self.t0)
@@ -269,7 +278,41 @@ class _Run:
         if self.sink is not None:
             self.sink(event)
 
-    async def chat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> str:
+    def _cite_params(self, cite: Iterable[int] | None) -> SamplingParams | None:
+        """The sampling parameters of a reply that may cite only ``cite``, under the citation grammar.
+
+        None where the grammar is off: no citable page, a backend without guided decoding (or one that
+        rejected it earlier in this run), parameters that already carry a constraint, or a token
+        budget too small for a claim and its citation.
+        """
+        params = self.agent.params
+        if not cite or not self.guided_citations or params.guided_kind is not None:
+            return None
+        try:
+            return dataclasses.replace(params, guided_regex=citation_regex(cite, params.max_tokens))
+        except ValueError as exc:
+            logger.debug("no citation grammar: %s", exc)
+            return None
+
+    def _no_guided_citations(self, exc: Exception) -> None:
+        self.guided_citations = False
+        logger.warning(
+            "the model backend failed a reply under the citation grammar (%s: %s); asking again without "
+            "it, and not using it again in this search",
+            type(exc).__name__,
+            exc,
+        )
+
+    async def chat(
+        self, messages: Sequence[Mapping[str, Any]], *, cite: Iterable[int] | None = None, **options: Any
+    ) -> str:
+        guided = self._cite_params(cite)
+        if guided is not None:
+            try:
+                out = await achat(self.agent.llm, messages, guided, executor=self.executor, **options)
+                return out.outputs[0].text or ""
+            except Exception as exc:  # e.g. a plain OpenAI server, which refuses guided_regex
+                self._no_guided_citations(exc)
         out = await achat(self.agent.llm, messages, self.agent.params, executor=self.executor, **options)
         return out.outputs[0].text or ""
 
@@ -311,14 +354,11 @@ class _Run:
         """Plan and run nodes until the planner finishes (True) or a limit is hit (False)."""
         agent = self.agent
         python = agent.planner_format == "python"
-        system = (PLANNER_PYTHON_SYSTEM if python else PLANNER_JSON_SYSTEM).format(max_nodes=agent.max_nodes)
-        options: dict[str, Any] = {}
-        if not python and agent.settings.guided:
-            schema = actions_schema(agent.max_nodes + 1)
-            options["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "plan", "schema": schema, "strict": True},
-            }
+        guided = not python and agent.settings.guided
+        prompt = PLANNER_JSON_GUIDED_SYSTEM if guided else PLANNER_JSON_SYSTEM
+        if python:
+            prompt = PLANNER_PYTHON_SYSTEM
+        system = prompt.format(max_nodes=agent.max_nodes)
         history: list[dict[str, Any]] = [
             {"role": "system", "content": system},
             {"role": "user", "content": f"Question: {self.question}"},
@@ -326,6 +366,13 @@ class _Run:
         for step in range(agent.max_plan_steps):
             attempts: list[dict[str, Any]] = []
             failures = 0
+            options: dict[str, Any] = {}
+            if guided:  # parents from an enum of the nodes so far: never an unknown one
+                schema = actions_schema(agent.max_nodes + 1, parents=list(self.graph.nodes))
+                options["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "plan", "schema": schema, "strict": True},
+                }
             while True:
                 reply = None
                 try:
@@ -423,7 +470,7 @@ class _Run:
         citations = CitationStream(pages)
         parts: list[str] = []
         try:
-            async for piece in self._final_pieces(messages):
+            async for piece in self._final_pieces(messages, list(pages)):
                 text = citations.feed(piece)
                 if text:
                     parts.append(text)
@@ -442,13 +489,17 @@ class _Run:
         references = [Reference(m, *pages[g]) for g, m in citations.order.items()]
         return answer, references
 
-    async def _final_pieces(self, messages: list[dict[str, Any]]) -> AsyncIterator[str]:
-        """The final answer's text in pieces: streamed where the backend streams, else in one piece."""
+    async def _final_pieces(self, messages: list[dict[str, Any]], cite: list[int]) -> AsyncIterator[str]:
+        """The final answer's text in pieces: streamed where the backend streams, else in one piece.
+
+        ``cite`` lists the global numbers the answer may cite (under the citation grammar, where on).
+        """
         stream = getattr(self.agent.llm, "stream", None)
         started = False
         if stream is not None:
+            guided = self._cite_params(cite)
             try:
-                async with contextlib.aclosing(stream(messages, self.agent.params)) as pieces:
+                async with contextlib.aclosing(stream(messages, guided or self.agent.params)) as pieces:
                     async for out in pieces:
                         started = True
                         text = out.outputs[0].text if out.outputs else ""
@@ -458,5 +509,6 @@ class _Run:
             except Exception as exc:
                 if started:
                     raise
+                # Streaming may be what failed, not the grammar: chat tries the grammar once more.
                 logger.debug("streaming unavailable (%s); asking for the whole answer", exc)
-        yield await self.chat(messages)
+        yield await self.chat(messages, cite=cite)

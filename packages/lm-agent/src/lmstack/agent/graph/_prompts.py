@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ANSWER_SYSTEM",
     "FINAL_SYSTEM",
+    "PLANNER_JSON_GUIDED_SYSTEM",
     "PLANNER_JSON_SYSTEM",
     "PLANNER_PYTHON_SYSTEM",
     "QUERIES_SYSTEM",
@@ -28,6 +29,13 @@ Reply with one JSON object and nothing else:
 ..., {{"op": "finish"}}]}}
 "parents" lists names of nodes added earlier or in the same reply. Put {{"op": "finish"}} last, alone \
 or after nodes, when no more searching is needed."""
+)
+
+# Under guided decoding the schema lists the parents a node may name: those of earlier replies.
+PLANNER_JSON_GUIDED_SYSTEM = PLANNER_JSON_SYSTEM.replace(
+    '"parents" lists names of nodes added earlier or in the same reply.',
+    '"parents" lists names of nodes added in your earlier replies; a node that needs the answer of one '
+    "you add now goes in your next reply.",
 )
 
 PLANNER_PYTHON_SYSTEM = (

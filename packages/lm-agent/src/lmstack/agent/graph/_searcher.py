@@ -6,6 +6,11 @@ skipped and the best result not selected is read in its place; a node whose ever
 that could read no page, answers that it found nothing instead of letting the model answer from
 memory. Citations are ``[[n]]`` over the pages the node read, and a citation of anything else is
 dropped, so an answer can only cite what was read.
+
+Where the backend takes a ``guided_regex`` (lmstack's engine, ``lmstack serve``, vLLM), an answer is
+also generated under :func:`citation_regex`: its first claim must end in a citation of a page that was
+read, within a length that fits the token budget, and every later citation must be of a page that was
+read too. A backend that rejects the constraint is asked again without it, and not asked with it again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ __all__ = [
     "CitationStream",
     "NodeSearcher",
     "SearchSettings",
+    "citation_regex",
     "normalize_url",
     "parse_queries",
     "parse_selection",
@@ -39,7 +45,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Chat = Callable[..., Awaitable[str]]  # (messages, response_format=...) -> reply text
+# (messages, response_format=..., cite=...) -> reply text; ``cite`` lists the numbers the reply may cite.
+Chat = Callable[..., Awaitable[str]]
 Emit = Callable[..., None]  # (event type, **fields)
 
 _NUMS = r"\d+(?:\s*,\s*\d+)*"
@@ -63,6 +70,8 @@ class SearchSettings:
         page_chars: Most characters of each page shown to the model.
         search_timeout_s: Seconds each search may take (None: the backend's own limits).
         guided: Ask for JSON replies with ``response_format`` (the backend supports it).
+        guided_citations: Generate answers under :func:`citation_regex` (only where ``guided``; turned
+            off for the rest of a run when the backend rejects the constraint).
     """
 
     queries_per_node: int = 3
@@ -71,6 +80,7 @@ class SearchSettings:
     page_chars: int = 4000
     search_timeout_s: float | None = 30.0
     guided: bool = False
+    guided_citations: bool = True
 
 
 @dataclass
@@ -167,6 +177,43 @@ def parse_selection(text: str, n: int, k: int) -> list[int]:
         numbers = [int(v) for v in re.findall(r"\d+", text)]
     picked = dict.fromkeys(i - 1 for i in numbers if 1 <= i <= n)
     return list(picked)[:k]
+
+
+# Worst-case UTF-8 bytes of one character, and the bytes a citation like "[[12]]" costs beyond its digits.
+_MAX_CHAR_BYTES = 4
+_CITATION_OVERHEAD = 4  # "[[" and "]]"
+_FIRST_CLAIM_MAX_CHARS = 400
+
+
+def citation_regex(numbers: Iterable[int], max_tokens: int | None) -> str:
+    """The regular expression an answer citing only ``numbers`` is generated under.
+
+    The answer opens with a claim of 1 to ``m`` characters ending in a citation ``[[n]]``, then goes
+    on freely; square brackets appear only in citations, and every
+    citation is of one of ``numbers``. ``m`` is chosen so that the first claim and its citation fit
+    in ``max_tokens`` tokens even at 4 bytes a character and one byte a token, so a reply cut at the
+    token limit still holds a citation. Everything after the first citation is optional: the answer
+    may end at any point there.
+
+    Args:
+        numbers: The citable numbers (at least one).
+        max_tokens: The reply's token budget (None: unbounded).
+
+    Raises:
+        ValueError: ``numbers`` is empty, or the budget is too small for a claim and a citation.
+    """
+    allowed = sorted({int(n) for n in numbers})
+    if not allowed:
+        raise ValueError("citation_regex needs at least one citable number")
+    cite = r"\[\[(?:" + "|".join(str(n) for n in allowed) + r")\]\]"
+    digits = max(len(str(n)) for n in allowed)
+    most = _FIRST_CLAIM_MAX_CHARS
+    if max_tokens is not None:
+        most = min(most, (max_tokens - _CITATION_OVERHEAD - digits) // _MAX_CHAR_BYTES)
+    if most < 1:
+        raise ValueError(f"max_tokens={max_tokens} leaves no room for a claim and a citation")
+    text = r"[^\[\]]"
+    return f"{text}{{1,{most}}}{cite}(?:{text}|{cite})*"
 
 
 def _numbers(match: re.Match[str]) -> list[int]:
@@ -384,7 +431,7 @@ class NodeSearcher:
         )
         user = f"{context}Question: {node.question}\n\nSources:\n\n{sources}"
         messages = [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": user}]
-        reply = await self.chat(messages)
+        reply = await self.chat(messages, cite=range(1, len(pages) + 1))
         cited: list[int] = []
 
         def keep(n: int) -> int | None:
