@@ -146,7 +146,7 @@ def bench(session: nox.Session) -> None:
     # lm-evaluation-harness (`--model hf`, against lmstack-eval, which the libraries below install).
     extras = (
         "pytest>=8", "pytest-benchmark", "transformers", "trl", "accelerate", "datasets", "psutil",
-        "lm-eval[hf]>=0.4.9", "xgrammar",
+        "lm-eval[hf]>=0.4.9", "xgrammar", "llama-cpp-python", "gguf",
     )  # fmt: skip
     # The serving benchmark runs `transformers serve` (its serving extra: FastAPI, uvicorn, openai) against
     # `lmstack serve` (lmstack-infer's server extra).

@@ -326,20 +326,24 @@ def test_digest_is_deterministic_and_chained() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("region_blocks", [None, 5], ids=["first-free", "regions"])
 @pytest.mark.parametrize(
     "hash_fn", [None, _parentless_hash, _constant_hash], ids=["blake2b", "weak", "constant"]
 )
-def test_random_operations_keep_invariants(monkeypatch: pytest.MonkeyPatch, hash_fn: object) -> None:
+def test_random_operations_keep_invariants(
+    monkeypatch: pytest.MonkeyPatch, hash_fn: object, region_blocks: int | None
+) -> None:
     if hash_fn is not None:
         monkeypatch.setattr(_block_manager, "_hash_block", hash_fn)
     rng = random.Random(1234)
     bs = 4
-    bm = BlockManager(num_blocks=24, block_size=bs)
+    # With regions: 4 regions of 5 blocks (20 tokens, a sequence's most) and 4 blocks outside them.
+    bm = BlockManager(num_blocks=24, block_size=bs, region_blocks=region_blocks)
     # What each slot "holds": the token prefix whose last token's K/V was written there.
     kv: dict[tuple[int, int], tuple[int, ...]] = {}
     families = [[rng.randrange(6) for _ in range(12)] for _ in range(4)]
     live: list[Sequence] = []
-    seen = {"hits": 0, "failures": 0, "shared": 0}
+    seen = {"hits": 0, "failures": 0, "shared": 0, "in_place": 0}
 
     def check_reads(seq: Sequence, upto: int) -> None:
         tokens = seq.all_token_ids
@@ -395,6 +399,7 @@ def test_random_operations_keep_invariants(monkeypatch: pytest.MonkeyPatch, hash
             run(seq, rng.randint(1, seq.num_uncomputed_tokens))
         elif op < 0.99:
             seq = live.pop(rng.randrange(len(live)))
+            seen["in_place"] += len(seq.block_table) > 1 and _consecutive(seq.block_table)
             bm.free(seq)
         else:
             bm.reset_prefix_cache()
@@ -406,3 +411,129 @@ def test_random_operations_keep_invariants(monkeypatch: pytest.MonkeyPatch, hash
     assert bm.num_free_blocks == bm.num_blocks
     # The workload exercised what it is meant to.
     assert seen["failures"] > 50 and seen["hits"] > 50 and seen["shared"] > 10
+    if region_blocks is not None:
+        assert seen["in_place"] > 10  # the in-place path was exercised, not only the fallbacks
+
+
+# ---------------------------------------------------------------------------------------------
+# Contiguous regions: sequences growing side by side keep consecutive blocks.
+# ---------------------------------------------------------------------------------------------
+
+
+def _consecutive(table: list[int]) -> bool:
+    return table == list(range(table[0], table[0] + len(table)))
+
+
+def test_regions_keep_interleaved_growth_consecutive() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=False, region_blocks=4)
+    seqs = [make_seq(list(range(100 * i, 100 * i + 5)), max_total=16) for i in range(3)]
+    for s in seqs:
+        compute(bm, s)
+    for _ in range(11):  # decode one token each, in turn, up to 16 tokens = the whole region
+        for s in seqs:
+            s.output_token_ids.append(7)
+            compute(bm, s, 1)
+    assert [s.block_table for s in seqs] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    bm.check_invariants(seqs)
+    # Outgrowing the region: the next block comes from elsewhere, the sequence is no longer consecutive.
+    seqs[0].output_token_ids.append(7)
+    compute(bm, seqs[0], 1)
+    assert not _consecutive(seqs[0].block_table) and seqs[0].block_table[-1] >= 12
+    # A freed region is claimed again, lowest first.
+    bm.free(seqs[1])
+    late = make_seq([1, 2, 3])
+    compute(bm, late)
+    assert late.block_table == [4]
+    bm.check_invariants([seqs[0], seqs[2], late])
+    for s in (seqs[0], seqs[2], late):
+        bm.free(s)
+    assert bm.num_free_blocks == 16
+    bm.check_invariants([])
+
+
+def test_regions_without_room_fall_back_and_count_blocks_the_same() -> None:
+    # 2 regions of 3 blocks plus 1 block outside any region.
+    bm = BlockManager(num_blocks=7, block_size=2, enable_prefix_caching=False, region_blocks=3)
+    a, b, c = make_seq([1] * 5), make_seq([2] * 2), make_seq([3] * 3)
+    compute(bm, a)
+    compute(bm, b)
+    assert a.block_table == [0, 1, 2] and b.block_table == [3]
+    compute(bm, c)  # no region left: blocks from the recently-freed (high) end of the free list
+    assert c.block_table == [6, 5]
+    b.output_token_ids.append(2)
+    compute(bm, b, 1)  # c took 6 and 5, so b's region continues in place
+    assert b.block_table == [3, 4]
+    assert bm.num_free_blocks == 0
+    d = make_seq([4])
+    assert not bm.allocate(d, 1)  # regions are a preference: every block is counted the same
+    bm.check_invariants([a, b, c])
+
+
+def test_region_block_held_by_another_sequence_breaks_the_run() -> None:
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=False, region_blocks=4)
+    a = make_seq([1] * 2, max_total=20)
+    compute(bm, a)
+    big = make_seq([5] * 14)  # no free region: it takes 7 blocks from the rest, including region 0's
+    compute(bm, big)
+    assert set(big.block_table) == set(range(1, 8))
+    bm.free(big)
+    a.output_token_ids.append(1)
+    compute(bm, a, 1)
+    # Region 0 is still a's: block 1 was released, so the run continues in place.
+    assert a.block_table == [0, 1]
+    bm.check_invariants([a])
+
+
+def test_prefix_hits_and_evictable_blocks_with_regions() -> None:
+    bm = BlockManager(num_blocks=12, block_size=2, enable_prefix_caching=True, region_blocks=4)
+    a = make_seq([1, 2, 3, 4, 5])
+    compute(bm, a)
+    assert a.block_table == [0, 1, 2]
+    b = make_seq([1, 2, 3, 4, 9])  # hits a's first 2 blocks: shared, so no region of its own
+    compute(bm, b)
+    assert b.block_table[:2] == [0, 1] and len(b.block_table) == 3
+    bm.check_invariants([a, b])
+    bm.free(a)
+    bm.free(b)
+    # Region 0 now holds a's cached prefix: fresh sequences claim regions without cache entries first.
+    c, d = make_seq([7] * 6), make_seq([8] * 6)
+    compute(bm, c)
+    compute(bm, d)
+    assert c.block_table == [4, 5, 6] and d.block_table == [8, 9, 10]
+    assert bm.lookup_prefix([1, 2, 3, 4, 5]) == [0, 1]
+    # Only region 0 is left: it is claimed, and its cached blocks are evicted for the run.
+    e = make_seq([6] * 6)
+    compute(bm, e)
+    assert e.block_table == [0, 1, 2]
+    assert bm.lookup_prefix([1, 2, 3, 4, 5]) == []
+    bm.check_invariants([c, d, e])
+
+
+def test_invalid_region_blocks() -> None:
+    with pytest.raises(ValueError, match="region_blocks"):
+        BlockManager(8, 4, region_blocks=0)
+
+
+def test_regions_make_paged_attention_read_in_place() -> None:
+    """Sequences allocated side by side by the block manager are all read without gathering."""
+    import torch
+
+    from lmstack.core import ModelConfig
+    from lmstack.infer.engine._paged_attention import KVCache, PagedAttention
+
+    bs, region = 4, 8
+    bm = BlockManager(num_blocks=5 * region, block_size=bs, enable_prefix_caching=False, region_blocks=region)
+    seqs = [make_seq(list(range(n)), max_total=32) for n in (3, 9, 17, 6)]
+    for s in seqs:
+        compute(bm, s)
+    for _ in range(5):
+        for s in seqs:
+            s.output_token_ids.append(1)
+            compute(bm, s, 1)
+    config = ModelConfig(model_type="llama", vocab_size=8, hidden_size=32, intermediate_size=8,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    cache = KVCache(config, bm.num_blocks, bs, torch.float32, torch.device("cpu"))
+    ctx = [s.num_computed_tokens for s in seqs]
+    slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, ctx, strict=True)]
+    attn = PagedAttention(cache, torch.tensor(slots), [1] * 4, ctx, [s.block_table for s in seqs])
+    assert attn.num_zero_copy == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -364,7 +365,11 @@ def test_stream_deltas_and_cancellation_frees_blocks(model_dir: Path) -> None:
     text, tokens, chunks = asyncio.run(consume(None))
     assert (text, tokens) == (whole.text, whole.token_ids) and chunks > 1
     asyncio.run(consume(3))
-    # Closing the stream aborts its request before aclose() returns: nothing to wait for.
+    # Closing the stream queues its abort (never waited on); the engine thread applies it at its
+    # next turn, without any other request to step.
+    deadline = time.monotonic() + 30
+    while llm.engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.num_free_blocks == llm.engine.num_blocks
     llm.close()
@@ -403,3 +408,62 @@ def test_engine_options_must_be_positive(model_dir: Path, option: str) -> None:
     with pytest.raises(ConfigError, match=option) as info:
         LLM(model_dir, **{option: 0})
     assert info.value.field == option
+
+
+def _penalised_reference(model: Any, prompt: list[int], params: SamplingParams) -> list[int]:
+    """Greedy decoding with the penalties recomputed from the whole history at every token (no cache)."""
+    out: list[int] = []
+    for _ in range(params.max_tokens or 0):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + out])).logits[0, -1].double()
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[prompt + out] = True
+        counts = torch.zeros_like(logits)
+        for t in out:
+            counts[t] += 1
+        rep = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+        out.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize("setup", ["default", "preemption"])
+def test_penalties_from_running_counts_equal_a_full_recompute(
+    model_dir: Path, hf_greedy: Any, setup: str
+) -> None:
+    """Requests join and leave at different steps and reuse each other's rows (3 at a time); the
+    penalties kept as running counts give the tokens of a reference that recounts every step."""
+    options = {"max_num_seqs": 3, **ENGINE_SETUPS[setup]}
+    llm = LLM(model_dir, **options)
+    engine = llm.engine
+    vocab = engine.vocab_size
+    prompts = _prompts(7, vocab, seed=31)
+    kinds = [
+        {"repetition_penalty": 1.8},
+        {"frequency_penalty": 1.5, "presence_penalty": 0.5},
+        {"repetition_penalty": 0.7, "presence_penalty": -0.5},
+        {},
+    ]
+    params = [
+        SamplingParams(temperature=0, max_tokens=6 + 3 * (i % 4), ignore_eos=True, **kinds[i % len(kinds)])
+        for i in range(len(prompts))
+    ]
+    ids: list[str] = []
+    final: dict[str, Any] = {}
+    steps = 0
+    while len(ids) < len(prompts) or engine.has_unfinished_requests():
+        if len(ids) < len(prompts) and steps % 3 == 0:  # a new request every third step
+            ids.append(engine.add_request(prompts[len(ids)], params[len(ids)]))
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        steps += 1
+    assert engine.input_batch.num_rows == 0 and engine.input_batch.sampling.num_rows == 0
+    assert engine.num_free_blocks == engine.num_blocks
+    changed = 0
+    for rid, prompt, p in zip(ids, prompts, params, strict=True):
+        tokens = final[rid].outputs[0].token_ids
+        assert tokens == _penalised_reference(hf_greedy.model, prompt, p), (setup, p)
+        changed += tokens != hf_greedy(prompt, p.max_tokens)
+    assert changed >= 3  # the penalties really steer the tokens

@@ -149,3 +149,146 @@ def test_sliding_window_equals_transformers_mistral(tmp_path: Path, block_size: 
         with torch.no_grad():
             expected = hf(torch.tensor([seq])).logits[0]
         torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# PagedAttention alone against a dense reference: SDPA-free attention over the un-paged K/V.
+# ---------------------------------------------------------------------------------------------
+
+# fp32: the paged outputs and the float64 reference differ only by fp32 rounding in sums of at most
+# ~100 products of O(1) terms (~1e-6); 1e-5 leaves headroom and a wrong key or mask moves outputs by
+# O(0.1). bf16: queries, keys and values are bf16 in both, but the output is rounded to bf16 (8
+# mantissa bits: up to 0.4% of |out| <= ~3) and CPU kernels may round the probabilities too, so
+# 2e-2 absolute; a wrong key still moves outputs by O(0.1) or more.
+DENSE_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+BS = 4
+REGION = 8  # blocks per region in the layouts below
+
+
+def _dense(q: Tensor, keys: Tensor, values: Tensor, window: int | None, scale: float) -> Tensor:
+    """Reference: the step's queries (the last ``len(q)`` positions) over the whole un-paged K/V."""
+    q64, k64, v64 = q.double(), keys.double(), values.double()
+    groups = q.shape[1] // keys.shape[1]
+    k64, v64 = k64.repeat_interleave(groups, dim=1), v64.repeat_interleave(groups, dim=1)
+    ctx, n = keys.shape[0], q.shape[0]
+    q_pos = torch.arange(ctx - n, ctx)[:, None]
+    k_pos = torch.arange(ctx)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    scores = torch.einsum("qhd,khd->hqk", q64, k64) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v64)
+
+
+def _run_step(
+    tables: list[list[int]],
+    history: list[int],
+    query_lens: list[int],
+    *,
+    dtype: torch.dtype = torch.float32,
+    window: int | None = None,
+    shared: tuple[int, int, int] | None = None,
+    heads: tuple[int, int] = (4, 2),
+    num_blocks: int = 6 * REGION,
+) -> PagedAttention:
+    """Fill the cache with each sequence's history, run one step, compare with :func:`_dense`.
+
+    ``shared = (a, b, n)``: sequence ``b`` shares sequence ``a``'s first ``n`` blocks (same K/V).
+    """
+    from lmstack.core import ModelConfig
+
+    hq, hkv = heads
+    d = 16
+    config = ModelConfig(model_type="llama", vocab_size=8, hidden_size=hq * d, intermediate_size=8,
+                         num_hidden_layers=1, num_attention_heads=hq, num_key_value_heads=hkv)  # fmt: skip
+    cache = KVCache(config, num_blocks, BS, dtype, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(sum(history) + len(tables))
+    ctx = [h + n for h, n in zip(history, query_lens, strict=True)]
+    full_k = [torch.randn(c, hkv, d, generator=gen).to(dtype) for c in ctx]
+    full_v = [torch.randn(c, hkv, d, generator=gen).to(dtype) for c in ctx]
+    if shared is not None:
+        a, b, n = shared
+        assert tables[b][:n] == tables[a][:n]
+        full_k[b][: n * BS], full_v[b][: n * BS] = full_k[a][: n * BS], full_v[a][: n * BS]
+
+    def slot(i: int, p: int) -> int:
+        return tables[i][p // BS] * BS + p % BS
+
+    for i, h in enumerate(history):
+        for p in range(h):
+            cache.keys[0, slot(i, p)], cache.values[0, slot(i, p)] = full_k[i][p], full_v[i][p]
+    slots = [slot(i, p) for i, h in enumerate(history) for p in range(h, ctx[i])]
+    q = torch.randn(1, len(slots), hq, d, generator=gen).to(dtype)
+    new_k = torch.cat([full_k[i][h:] for i, h in enumerate(history)])[None]
+    new_v = torch.cat([full_v[i][h:] for i, h in enumerate(history)])[None]
+    attn = PagedAttention(cache, torch.tensor(slots), query_lens, ctx, tables, window_sizes=[window])
+    scale = d**-0.5
+    got = attn.attend(0, q, new_k, new_v, scale=scale, window=window)[0]
+    start = 0
+    for i, n in enumerate(query_lens):
+        expected = _dense(q[0, start : start + n], full_k[i], full_v[i], window, scale)
+        torch.testing.assert_close(got[start : start + n].double(), expected, atol=DENSE_TOL[dtype], rtol=0)
+        start += n
+    return attn
+
+
+def _region_table(region: int, tokens: int) -> list[int]:
+    return list(range(region * REGION, region * REGION + -(-tokens // BS)))
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 2), (8, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+def test_decode_reads_regions_in_place(dtype: torch.dtype, heads: tuple[int, int]) -> None:
+    # Regions 0, 1, 3 and 4: one idle row (region 2) inside the view; odd lengths end mid-block.
+    history = [0, 13, 30, 7]
+    tables = [_region_table(r, h + 1) for r, h in zip([0, 1, 3, 4], history, strict=True)]
+    attn = _run_step(tables, history, [1] * 4, dtype=dtype, heads=heads)
+    assert attn.num_zero_copy == 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fragmented_tables_are_gathered(dtype: torch.dtype) -> None:
+    history = [5, 22, 30]
+    rng = random.Random(0)
+    free = list(range(6 * REGION))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-(h + 1) // BS))] for h in history]
+    assert all(t != list(range(t[0], t[0] + len(t))) for t in tables if len(t) > 1)
+    attn = _run_step(tables, history, [1] * 3, dtype=dtype)
+    assert attn.num_zero_copy == 0
+
+
+def test_sparse_regions_fall_back_to_gathering() -> None:
+    # Rows 0, 1 and 7 of a strided view would be 8 rows for 3 sequences: gathered instead.
+    history = [9, 10, 11]
+    tables = [_region_table(r, h + 1) for r, h in zip([0, 1, 7], history, strict=True)]
+    assert _run_step(tables, history, [1] * 3, num_blocks=8 * REGION).num_zero_copy == 0
+    # Regions 0 and 7 alone: the view's row stride is 7 regions, so 2 rows, read in place.
+    assert _run_step(tables[::2], history[::2], [1] * 2, num_blocks=8 * REGION).num_zero_copy == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shared_prefix_with_mixed_decode_and_prefill(dtype: torch.dtype) -> None:
+    # Sequence 1 shares sequence 0's first 3 blocks (a prefix-cache hit), then owns block 40;
+    # sequence 2 prefills a chunk of 5 after 6 cached tokens, sequence 3 a first chunk of 7;
+    # sequence 4 decodes on consecutive blocks that start off a region boundary.
+    history = [17, 14, 6, 0, 9]
+    query_lens = [1, 1, 5, 7, 1]
+    tables = [_region_table(0, 18), [0, 1, 2, 40], _region_table(2, 11), _region_table(3, 7), [33, 34, 35]]
+    attn = _run_step(tables, history, query_lens, dtype=dtype, shared=(0, 1, 3))
+    assert attn.num_zero_copy == 2  # sequences 0 and 4; the shared table and the chunks are gathered
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_sliding_window_in_place_and_gathered(dtype: torch.dtype, window: int) -> None:
+    history = [3, 20, 29, 12, 10]
+    query_lens = [1, 1, 1, 1, 6]
+    tables = [_region_table(r, h + n) for r, h, n in zip([0, 1, 2, 4, 5], history, query_lens, strict=True)]
+    tables[3] = [47, 46, 45, 44]  # fragmented: gathered
+    attn = _run_step(tables, history, query_lens, dtype=dtype, window=window)
+    assert attn.num_zero_copy == 3

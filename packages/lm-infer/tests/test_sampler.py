@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmstack.infer._sampling_params import SamplingParams
-from lmstack.infer.engine._sampler import Sampler, SamplingTensors, make_generator
+from lmstack.infer.engine._sampler import Sampler, SamplingState, SamplingTensors, make_generator
 
 # ---------------------------------------------------------------------------------------------
 # references: one row at a time, Python floats (float64), dict counts and plain sorting
@@ -400,3 +400,89 @@ def test_build_rejects_bad_input() -> None:
 def test_empty_batch(sampler: Sampler) -> None:
     out = sampler(torch.zeros(0, 8), build([], vocab=8))
     assert out.token_ids.shape == (0,) and out.top_logprobs is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the persistent state: running counts against a rebuild from the histories
+# ---------------------------------------------------------------------------------------------
+
+STATE_PARAMS = [
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0, repetition_penalty=1.4),
+    SamplingParams(temperature=0.8, frequency_penalty=0.5, presence_penalty=0.25, top_k=5),
+    SamplingParams(temperature=1.0, top_p=0.8, repetition_penalty=0.8, presence_penalty=-0.5, logprobs=3),
+    SamplingParams(temperature=0.5, min_p=0.1, min_tokens=4, stop_token_ids=[7]),
+    SamplingParams(temperature=0, frequency_penalty=1.0, min_tokens=2),
+]
+
+
+def test_state_running_counts_equal_a_rebuild_through_joins_and_leaves() -> None:
+    """Many steps of rows joining, sampling and leaving: the gathered tensors equal a rebuild.
+
+    Rows freed by a leaving sequence are reused (with their penalty slots) by later ones, which must
+    start from their own prompt only; the processed logits must equal those of the rebuild exactly.
+    """
+    import random
+
+    vocab, eos = 24, [0]
+    pick = random.Random(5)
+    state = SamplingState(vocab, "cpu", eos_token_ids=eos, capacity=2)  # small: it must grow
+    live: dict[int, tuple[SamplingParams, list[int], list[int]]] = {}  # row -> params, prompt, output
+    rows_seen: set[int] = set()
+    joins = 0
+    for _ in range(120):
+        if len(live) < 7 and pick.random() < 0.5:
+            params = pick.choice(STATE_PARAMS)
+            prompt = [pick.randrange(vocab) for _ in range(pick.randint(1, 9))]
+            output: list[int] = [pick.randrange(vocab) for _ in range(pick.choice([0, 0, 3]))]
+            row = state.add(params, prompt, output, None)
+            assert row not in live
+            live[row] = (params, prompt, output)
+            rows_seen.add(row)
+            joins += 1
+        if live and pick.random() < 0.2:
+            row = pick.choice(sorted(live))
+            del live[row]
+            state.remove(row)
+        if not live:
+            continue
+        rows = pick.sample(sorted(live), pick.randint(1, len(live)))  # any subset samples, any order
+        params = [live[r][0] for r in rows]
+        got = state.tensors(rows)
+        want = SamplingTensors.build(
+            params, [live[r][1] for r in rows], [live[r][2] for r in rows], [None] * len(rows), vocab,
+            "cpu", eos_token_ids=eos,
+        )  # fmt: skip
+        logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(len(rows_seen)))
+        assert torch.equal(Sampler._processed(logits, got), Sampler._processed(logits, want))
+        for name in ("temperature", "top_p", "top_k", "min_p", "greedy"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        # Rows without a penalty read the shared zero row: only penalised rows' histories must match.
+        counted = [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty]
+        if counted:
+            assert got.output_counts is not None and want.output_counts is not None
+            assert torch.equal(got.output_counts[counted], want.output_counts[counted])
+        repeated = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if repeated:
+            assert got.seen_mask is not None and want.seen_mask is not None
+            assert torch.equal(got.seen_mask[repeated], want.seen_mask[repeated])
+        assert got.all_greedy == want.all_greedy
+        assert got.max_logprobs >= want.max_logprobs
+        tokens = [pick.randrange(vocab) for _ in rows]
+        for r, t in zip(rows, tokens, strict=True):
+            live[r][2].append(t)
+        state.record(rows, tokens)
+    assert joins > 20 and len(rows_seen) < joins  # rows were reused
+    assert state.num_rows == len(live)
+
+
+def test_state_refuses_a_bad_row_without_taking_it() -> None:
+    state = SamplingState(8, "cpu", capacity=1)
+    bad = SamplingParams(temperature=0.5)
+    bad.top_k = None  # type: ignore[assignment]  # set after the checks: breaks only here
+    with pytest.raises(TypeError):
+        state.add(bad, [1], [], None)
+    assert state.num_rows == 0
+    assert state.add(SamplingParams(repetition_penalty=1.2), [1], [], None) == 0
+    with pytest.raises(ValueError, match="not in use"):
+        state.remove(1)

@@ -22,6 +22,17 @@ and the registration id of its parent, and a lookup only accepts a block whose t
 query's and whose parent is the block matched just before it. By induction a hit's K/V were computed
 on exactly the query's prefix, so a collision (even a forced one) can only cost a cache miss, never
 wrong K/V.
+
+Contiguous regions (``region_blocks``). Attention reads a sequence's keys without copying them when
+its blocks are consecutive and start on a region boundary: the cache is then a strided view over the
+batch (see ``_paged_attention``). With ``region_blocks = R`` the cache is cut into
+``num_blocks // R`` regions of ``R`` blocks; a fresh sequence without prefix hits claims the lowest
+region none of whose blocks is in use, and its ``j``-th block is block ``region * R + j`` whenever
+that block is unreferenced (a cached block there is evicted for it). Blocks are still counted one by
+one, so a region is only a preference: when its next block is held by someone else, or the sequence
+outgrows it, the sequence takes any free block and is read by the gathering path from then on.
+Blocks for sequences without a region are taken from the most recently freed end of the free list,
+away from the claimed regions at the low end.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceABC
 
@@ -73,23 +84,34 @@ class BlockManager:
         num_blocks: Blocks in the KV cache.
         block_size: Token slots per block.
         enable_prefix_caching: Register full blocks and reuse them across sequences.
+        region_blocks: Blocks per contiguous region (see the module docstring), typically the blocks
+            of one ``max_model_len`` sequence; ``None`` allocates first-free-first.
 
     Raises:
-        ValueError: If ``num_blocks`` or ``block_size`` is not positive.
+        ValueError: If ``num_blocks``, ``block_size`` or ``region_blocks`` is not positive.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        region_blocks: int | None = None,
+    ) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if region_blocks is not None and region_blocks <= 0:
+            raise ValueError(f"region_blocks must be positive or None, got {region_blocks}")
         self._num_blocks = num_blocks
         self._block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
 
         self._ref_counts = [0] * num_blocks
-        # Free blocks holding nothing worth keeping, reused before any cached block is evicted.
-        self._free: deque[int] = deque(range(num_blocks))
+        # Free blocks holding nothing worth keeping, reused before any cached block is evicted. An
+        # ordered dict, not a deque: a region's next block is taken out of the middle.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         # Registered blocks with reference count 0, least recently released first.
         self._evictable: OrderedDict[int, None] = OrderedDict()
 
@@ -111,6 +133,15 @@ class BlockManager:
 
         self._prefix_queries = 0
         self._prefix_hits = 0
+
+        # Contiguous regions: blocks per region, the referenced and the registered blocks in each
+        # region, and which running sequence claims which region.
+        self._region_blocks = region_blocks
+        self._num_regions = num_blocks // region_blocks if region_blocks else 0
+        self._region_in_use = [0] * self._num_regions
+        self._region_registered = [0] * self._num_regions
+        self._region_owner: list[int | None] = [None] * self._num_regions
+        self._seq_region: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------------------
     # Sizes and statistics
@@ -286,9 +317,57 @@ class BlockManager:
                     len(hits),
                     self._block_entry[hits[-1]] if hits else None,
                 )
+        if fresh and not hits and self._num_regions:
+            self._claim_region(seq.seq_id)
+        region = self._seq_region.get(seq.seq_id)
         for _ in range(num_new_blocks):
-            seq.block_table.append(self._take_free_block())
+            taken = None if region is None else self._take_region_block(region, len(seq.block_table))
+            if region is not None and taken is None:
+                # The run is broken: this sequence is read by gathering from now on.
+                self._release_region(seq.seq_id)
+                region = None
+            seq.block_table.append(taken if taken is not None else self._take_free_block())
         return True
+
+    def _claim_region(self, seq_id: int) -> None:
+        # The lowest free region holding no prefix-cache entries, else the lowest free one (its
+        # cached blocks are evicted one by one as the sequence grows into them).
+        free = [
+            r
+            for r in range(self._num_regions)
+            if self._region_owner[r] is None and not self._region_in_use[r]
+        ]
+        if free:
+            region = next((r for r in free if not self._region_registered[r]), free[0])
+            self._region_owner[region] = seq_id
+            self._seq_region[seq_id] = region
+
+    def _region_of(self, block: int) -> int | None:
+        if not self._region_blocks:
+            return None
+        region = block // self._region_blocks
+        return region if region < self._num_regions else None
+
+    def _release_region(self, seq_id: int) -> None:
+        region = self._seq_region.pop(seq_id, None)
+        if region is not None:
+            self._region_owner[region] = None
+
+    def _take_region_block(self, region: int, index: int) -> int | None:
+        """Block ``index`` of ``region`` if it exists and nobody holds it, else None."""
+        assert self._region_blocks is not None
+        if index >= self._region_blocks:
+            return None
+        block = region * self._region_blocks + index
+        if self._ref_counts[block]:
+            return None
+        if block in self._free:
+            del self._free[block]
+        else:
+            del self._evictable[block]
+            self._unregister(block)
+        self._set_referenced(block)
+        return block
 
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self._block_size)
@@ -297,15 +376,32 @@ class BlockManager:
         if self._ref_counts[block] == 0:
             # Registered and unreferenced, so it sits in the evictable set.
             del self._evictable[block]
-        self._ref_counts[block] += 1
+            self._set_referenced(block)
+        else:
+            self._ref_counts[block] += 1
+
+    def _set_referenced(self, block: int) -> None:
+        """Count a block going from unreferenced to referenced once."""
+        self._ref_counts[block] = 1
+        region = self._region_of(block)
+        if region is not None:
+            self._region_in_use[region] += 1
+
+    def _set_unreferenced(self, block: int) -> None:
+        self._ref_counts[block] = 0
+        region = self._region_of(block)
+        if region is not None:
+            self._region_in_use[region] -= 1
 
     def _take_free_block(self) -> int:
         if self._free:
-            block = self._free.popleft()
+            # Without regions, first freed first used; with them, the most recently freed end,
+            # away from the regions claimed (lowest first) at the other.
+            block, _ = self._free.popitem(last=bool(self._num_regions))
         else:
             block, _ = self._evictable.popitem(last=False)
             self._unregister(block)
-        self._ref_counts[block] = 1
+        self._set_referenced(block)
         return block
 
     # ------------------------------------------------------------------------------------------
@@ -348,7 +444,7 @@ class BlockManager:
                 # A collision or a stale entry nobody uses: ours is worth more, take its place.
                 del self._evictable[existing]
                 self._unregister(existing)
-                self._free.append(existing)
+                self._free[existing] = None
             block = seq.block_table[num_done]
             entry = self._next_entry
             self._next_entry += 1
@@ -358,6 +454,9 @@ class BlockManager:
             self._block_entry[block] = entry
             self._block_parent_entry[block] = parent
             self._entry_to_block[entry] = block
+            region = self._region_of(block)
+            if region is not None:
+                self._region_registered[region] += 1
             parent = entry
             num_done += 1
         self._commit_state[seq.seq_id] = (num_done, parent)
@@ -376,14 +475,17 @@ class BlockManager:
             count = self._ref_counts[block]
             if count <= 0:
                 raise RuntimeError(f"block {block} of sequence {seq.seq_id} is not referenced")
-            self._ref_counts[block] = count - 1
             if count == 1:
+                self._set_unreferenced(block)
                 if self._block_entry[block] is not None:
                     self._evictable[block] = None
                 else:
-                    self._free.append(block)
+                    self._free[block] = None
+            else:
+                self._ref_counts[block] = count - 1
         seq.block_table.clear()
         self._commit_state.pop(seq.seq_id, None)
+        self._release_region(seq.seq_id)
 
     def reset_prefix_cache(self) -> None:
         """Forget every registered block; evictable ones return to the free list.
@@ -393,7 +495,7 @@ class BlockManager:
         """
         for block in list(self._entry_to_block.values()):
             self._unregister(block)
-        self._free.extend(self._evictable)
+        self._free.update(self._evictable)
         self._evictable.clear()
 
     def _unregister(self, block: int) -> None:
@@ -403,6 +505,9 @@ class BlockManager:
             del self._by_digest[digest]
         if entry is not None:
             del self._entry_to_block[entry]
+            region = self._region_of(block)
+            if region is not None:
+                self._region_registered[region] -= 1
         self._block_digest[block] = None
         self._block_tokens[block] = None
         self._block_entry[block] = None
@@ -442,3 +547,12 @@ class BlockManager:
                 for block in seq.block_table:
                     expected[block] += 1
             assert expected == self._ref_counts, "reference counts differ from the block tables"
+        for r in range(self._num_regions):
+            assert self._region_blocks is not None
+            blocks = range(r * self._region_blocks, (r + 1) * self._region_blocks)
+            in_use = sum(1 for b in blocks if self._ref_counts[b])
+            assert in_use == self._region_in_use[r], f"region {r}: {self._region_in_use[r]} != {in_use}"
+            registered = sum(1 for b in blocks if self._block_entry[b] is not None)
+            assert registered == self._region_registered[r], f"region {r}: registered count is off"
+            owner = self._region_owner[r]
+            assert owner is None or self._seq_region.get(owner) == r, f"region {r}: stale owner"

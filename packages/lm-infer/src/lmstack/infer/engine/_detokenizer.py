@@ -98,7 +98,12 @@ class IncrementalDetokenizer:
 
     @property
     def text(self) -> str:
-        """All output text emitted so far."""
+        """All output text emitted so far.
+
+        The emitted pieces are kept in a list and joined here, on demand (the engine reads it once
+        per output it hands back), never concatenated piece by piece; the join is kept until the
+        next piece.
+        """
         if len(self._chunks) > 1:
             self._chunks = ["".join(self._chunks)]
         return self._chunks[0] if self._chunks else ""

@@ -6,6 +6,13 @@ positions and KV slots, runs the model once with a :class:`PagedAttention` backe
 sequences whose chunk reached their end, and feeds the new tokens back (detokenizing, matching stop
 strings, finishing sequences). Requests join and leave at every step.
 
+The per-sequence step state lives in a persistent batch (:class:`~._input_batch.InputBatch`): a row
+per running sequence holding its block table, last sampled token, sampling parameters and penalty
+counts, written when it joins and freed when it leaves. A step copies only what changed (a new
+block, the sampled tokens) and builds ids, positions, slots and the sampling tensors with tensor
+operations over the scheduled rows; Python loops over requests only to hand their new tokens to
+the detokenizers and stop checks.
+
 A request with a ``guided_*`` constraint waits outside the scheduler until its grammar is compiled (in
 a worker thread, see :mod:`~lmstack.infer.engine._guided`); it then runs in the same batches as the
 others, its logits masked by its grammar every step.
@@ -23,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lmstack.core import CausalLM, ConfigError, Tokenizer
+from lmstack.core import CausalLM, ConfigError, ModelConfig, Tokenizer
 from lmstack.core.checkpoint import parse_size
 from lmstack.infer._errors import InferError, InvalidRequestError
 from lmstack.infer._inputs import check_token_ids
@@ -32,8 +39,9 @@ from lmstack.infer._sampling_params import SamplingParams
 from lmstack.infer.engine._block_manager import BlockManager
 from lmstack.infer.engine._detokenizer import IncrementalDetokenizer
 from lmstack.infer.engine._guided import GrammarCache
+from lmstack.infer.engine._input_batch import InputBatch
 from lmstack.infer.engine._paged_attention import KVCache, PagedAttention, kv_bytes_per_block
-from lmstack.infer.engine._sampler import Sampler, SamplingTensors, make_generator
+from lmstack.infer.engine._sampler import Sampler, SamplingState, make_generator
 from lmstack.infer.engine._scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from lmstack.infer.engine._sequence import Sequence, SequenceStatus
 
@@ -65,6 +73,8 @@ class EngineConfig:
         enable_prefix_caching: Share full KV blocks between requests with a common prefix.
         enable_chunked_prefill: Split long prompts across steps under the token budget.
         kv_cache_dtype: Storage dtype of the cache (default: the model's dtype).
+        fuse_weights: Fuse q/k/v and gate/up and lay weights out for this device at load, in place
+            (:meth:`~lmstack.core.CausalLM.prepare_for_inference`); checkpoints keep the HF layout.
     """
 
     block_size: int = 16
@@ -76,6 +86,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     kv_cache_dtype: torch.dtype | None = None
+    fuse_weights: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -138,10 +149,14 @@ class LLMEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
+        if config.fuse_weights:  # one GEMM for q/k/v and for gate/up, weights packed for this device
+            model.prepare_for_inference()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         mc = model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        _check_context(mc, self.max_model_len)
+        prefix_caching = config.enable_prefix_caching and not _kv_depends_on_length(mc, self.max_model_len)
         self.vocab_size = mc.vocab_size
         kv_dtype = config.kv_cache_dtype or self.dtype
         per_block = kv_bytes_per_block(mc, config.block_size, kv_dtype)
@@ -159,7 +174,12 @@ class LLMEngine:
                 field="kv_cache_memory",
             )
         self.cache = KVCache(mc, num_blocks, config.block_size, kv_dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # A region per full-context sequence: a decoding sequence whose blocks stay consecutive is read
+        # by attention in place, without copying its keys and values (see _paged_attention).
+        regions = -(-self.max_model_len // config.block_size)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, prefix_caching, region_blocks=regions
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -181,6 +201,13 @@ class LLMEngine:
         # Checked once here, so the sampler can mask them every step without checking again.
         self.eos_token_ids = sorted({t for t in eos_ids if 0 <= t < self.vocab_size})
         self.guided = GrammarCache(tokenizer, self.vocab_size, self.eos_token_ids)
+        # The persistent batch: one row per running sequence, written when it joins, freed when it
+        # leaves; a sequence never holds more blocks than its context or the whole cache.
+        max_blocks = min(-(-self.max_model_len // config.block_size), num_blocks)
+        sampling = SamplingState(self.vocab_size, self.device, eos_token_ids=self.eos_token_ids,
+                                 capacity=min(config.max_num_seqs, 64))  # fmt: skip
+        self.input_batch = InputBatch(max_blocks, config.block_size, self.device, sampling,
+                                      capacity=min(config.max_num_seqs, 64))  # fmt: skip
         logger.info(
             "KV cache: %d blocks x %d tokens (%.1f MB)",
             num_blocks,
@@ -229,7 +256,9 @@ class LLMEngine:
             raise compiled.exception()  # type: ignore[misc]
         req = _Request(request_id, text, prompt_ids, params, [], [], [], [])
         for index in range(params.n):
-            seq = Sequence(next(self._seq_ids), request_id, list(prompt_ids), max_total)
+            # Samples share the prompt list (never mutated) and the completion shares the sequence's
+            # output list: generated ids are kept once.
+            seq = Sequence(next(self._seq_ids), request_id, prompt_ids, max_total)
             req.seqs.append(seq)
             req.detoks.append(
                 IncrementalDetokenizer(self.tokenizer, prompt_ids, params, eos_token_ids=self.eos_token_ids)
@@ -240,6 +269,7 @@ class LLMEngine:
             req.outputs.append(
                 CompletionOutput(
                     index,
+                    token_ids=seq.output_token_ids,
                     logprobs=[] if params.logprobs is not None else None,
                     cumulative_logprob=0.0 if params.logprobs is not None else None,
                 )
@@ -359,6 +389,7 @@ class LLMEngine:
         self._compiling.pop(request_id, None)
         self.scheduler.abort(request_id)
         for seq in req.seqs:
+            self.input_batch.remove(seq)
             if not seq.is_finished:
                 seq.status = SequenceStatus.FINISHED_ABORTED
         return self._output(req)
@@ -396,6 +427,7 @@ class LLMEngine:
             finished_ids = self._run(scheduled, touched)
             done = self.scheduler.update(scheduled, finished_ids)
             for seq in done:
+                self.input_batch.remove(seq)
                 req = self._requests.get(seq.request_id)
                 if req is not None:
                     touched[req.request_id] = req
@@ -411,25 +443,22 @@ class LLMEngine:
         return outputs
 
     def _run(self, scheduled: list[ScheduledSeq], touched: dict[str, _Request]) -> set[int]:
-        bs = self.config.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_at: list[int] = []
-        sampled: list[ScheduledSeq] = []
-        for item in scheduled:
-            seq, n = item.seq, item.num_tokens
-            start = seq.num_computed_tokens
-            ids.extend(seq.token_ids_slice(start, start + n))
-            positions.extend(range(start, start + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if item.samples:
-                sample_at.append(len(ids) - 1)
-                sampled.append(item)
+        batch = self.input_batch
+        rows = [batch.row_of(item.seq) for item in scheduled]
+        if None in rows:  # sequences scheduled for the first time join the persistent batch
+            for item, row in zip(scheduled, rows, strict=True):
+                if row is None and not item.seq.is_finished:
+                    self._join(item.seq, touched)
+            # A request whose parameters failed holds no blocks now: leave it out of the forward.
+            scheduled = [item for item in scheduled if not item.seq.is_finished]
+            if not scheduled:
+                return set()
+            rows = [batch.row_of(item.seq) for item in scheduled]
+        inputs = batch.prepare(scheduled, rows)  # type: ignore[arg-type]  # every row is set now
+        sampled = inputs.sampled
         attn = PagedAttention(
             self.cache,
-            torch.tensor(slots, dtype=torch.long),
+            inputs.slot_mapping,
             [s.num_tokens for s in scheduled],
             [s.seq.num_computed_tokens + s.num_tokens for s in scheduled],
             [s.seq.block_table for s in scheduled],
@@ -437,72 +466,81 @@ class LLMEngine:
         )
         device = self.device
         logits = self.model(
-            torch.tensor([ids], device=device),
-            torch.tensor([positions], device=device),
+            inputs.token_ids[None],
+            inputs.positions[None],
             attn,
-            logits_indices=torch.tensor(sample_at, device=device) if sample_at else None,
+            rope_seq_lens=_rope_seq_lens(scheduled, self.model.config, device),
+            logits_indices=inputs.sample_at,
         )
         if not sampled:
             return set()
         seqs = [s.seq for s in sampled]
         reqs = [self._requests[seq.request_id] for seq in seqs]
-        index = [r.seqs.index(seq) for r, seq in zip(reqs, seqs, strict=True)]
-        rows = self._sample(logits, seqs, reqs, index)
+        index = [r.seqs.index(seq) if len(r.seqs) > 1 else 0 for r, seq in zip(reqs, seqs, strict=True)]
+        draws = self._sample(logits, inputs.sampled_rows, reqs, index)
         finished: set[int] = set()
-        for seq, req, i, row in zip(seqs, reqs, index, rows, strict=True):
+        kept_rows: list[int] = []
+        kept_tokens: list[int] = []
+        for seq, req, i, row, draw in zip(seqs, reqs, index, inputs.sampled_rows, draws, strict=True):
             if req.error is not None:  # a sibling sample failed this step: the request is over
                 continue
             touched[req.request_id] = req
-            if isinstance(row, Exception):
-                self._fail(req, f"sampling failed: {type(row).__name__}: {row}", row)
+            if isinstance(draw, Exception):
+                self._fail(req, f"sampling failed: {type(draw).__name__}: {draw}", draw)
                 continue
             try:
-                if self._append(seq, req, i, row):
-                    finished.add(seq.seq_id)
+                done = self._append(seq, req, i, draw)
             except Exception as exc:  # this request's failure (its detokenizer, say), not the batch's
                 self._fail(req, f"processing a sampled token failed: {type(exc).__name__}: {exc}", exc)
+                continue
+            if done:
+                finished.add(seq.seq_id)
+            else:  # a finishing row leaves the batch now: only the others' history matters
+                kept_rows.append(row)
+                kept_tokens.append(draw.token_id)
+        batch.record(kept_rows, kept_tokens)
         return finished
 
+    def _join(self, seq: Sequence, touched: dict[str, _Request]) -> None:
+        """Give a sequence scheduled for the first time its row; fail its request if it cannot join.
+
+        Its parameters are read only here, once for its whole life: one that cannot be turned into
+        tensors (a field set to a wrong type after the checks) fails its request alone.
+        """
+        req = self._requests[seq.request_id]
+        i = req.seqs.index(seq)
+        try:
+            self.input_batch.add(seq, req.params, req.generators[i])
+        except Exception as exc:
+            self._fail(req, f"sampling failed: {type(exc).__name__}: {exc}", exc)
+            touched[req.request_id] = req
+
     def _sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], reqs: list[_Request], index: list[int]
+        self, logits: torch.Tensor, rows: list[int], reqs: list[_Request], index: list[int]
     ) -> Seq[_Row | Exception]:
-        """One token per row; a row that cannot be sampled gets its exception instead."""
-        params = [r.params for r in reqs]
-        prompts = [seq.prompt_token_ids for seq in seqs]
-        outputs = [seq.output_token_ids for seq in seqs]
+        """One token per sampled row; a row that cannot be sampled gets its exception instead."""
         generators = [r.generators[i] for r, i in zip(reqs, index, strict=True)]
         matchers = [r.matchers[i] if r.matchers else None for r, i in zip(reqs, index, strict=True)]
         # Seeded rows' generator states, to redraw exactly the same numbers if the batch fails
         # half-way; a few microseconds a seeded row, against a draw over the whole vocabulary.
         states = [g.get_state() if g is not None else None for g in generators]
         try:
-            return self._sample_rows(logits, params, prompts, outputs, generators, matchers)
+            return self._sample_rows(logits, rows, matchers)
         except Exception:
             logger.warning(
-                "sampling %d rows together failed; sampling them one by one", len(seqs), exc_info=True
+                "sampling %d rows together failed; sampling them one by one", len(rows), exc_info=True
             )
-        rows: list[_Row | Exception] = []
+        draws: list[_Row | Exception] = []
         for r, (g, state) in enumerate(zip(generators, states, strict=True)):
             if g is not None and state is not None:
                 g.set_state(state)
             try:
-                rows.extend(
-                    self._sample_rows(logits[r : r + 1], params[r : r + 1], prompts[r : r + 1],
-                                      outputs[r : r + 1], generators[r : r + 1], matchers[r : r + 1])
-                )  # fmt: skip
+                draws.extend(self._sample_rows(logits[r : r + 1], rows[r : r + 1], matchers[r : r + 1]))
             except Exception as exc:
-                rows.append(exc)
-        return rows
+                draws.append(exc)
+        return draws
 
-    def _sample_rows(
-        self,
-        logits: torch.Tensor,
-        params: list[SamplingParams],
-        prompts: list[list[int]],
-        outputs: list[list[int]],
-        generators: list[torch.Generator | None],
-        matchers: list[Any],
-    ) -> list[_Row]:
+    def _sample_rows(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> list[_Row]:
         guided = [(row, m) for row, m in enumerate(matchers) if m is not None]
         allowed = None
         if guided:
@@ -510,16 +548,7 @@ class LLMEngine:
             if not bool(mask.any(dim=1).all()):
                 raise InferError("the constraint allows no token of the model's vocabulary here")
             allowed = ([row for row, _ in guided], mask)
-        tensors = SamplingTensors.build(
-            params,
-            prompts,
-            outputs,
-            generators,
-            self.vocab_size,
-            self.device,
-            eos_token_ids=self.eos_token_ids,
-            allowed=allowed,
-        )
+        tensors = self.input_batch.sampling.tensors(rows, allowed=allowed)
         out = self.sampler(logits, tensors)
         tokens = out.token_ids.tolist()
         chosen = out.logprobs.tolist()
@@ -534,9 +563,8 @@ class LLMEngine:
         matcher = req.matchers[i] if req.matchers else None
         if matcher is not None and token not in self.eos_token_ids and not matcher.consume_token(token):
             raise InferError(f"the constraint rejected sampled token {token}: {matcher.get_error()}")
-        seq.output_token_ids.append(token)
+        seq.output_token_ids.append(token)  # the completion's token_ids too: the same list
         completion = req.outputs[i]
-        completion.token_ids.append(token)
         if req.params.logprobs is not None:
             entry = {token: row.logprob}
             if row.top_values is not None and row.top_ids is not None:
@@ -547,17 +575,18 @@ class LLMEngine:
             assert completion.logprobs is not None and completion.cumulative_logprob is not None
             completion.logprobs.append(entry)
             completion.cumulative_logprob += row.logprob
+        # The detokenizer keeps the text as pieces; _output joins them once per output.
         detok = req.detoks[i]
-        completion.text += detok.push(token)
+        detok.push(token)
         if detok.stopped:  # eos, a stop token id or a stop string
             seq.status = SequenceStatus.FINISHED_STOPPED
             completion.stop_reason = detok.stop_reason
         elif matcher is not None and matcher.is_stopped():  # the grammar is complete: nothing may follow
             seq.status = SequenceStatus.FINISHED_STOPPED
-            completion.text += detok.finish()
+            detok.finish()
         elif seq.num_tokens >= seq.max_total_tokens:
             seq.status = SequenceStatus.FINISHED_LENGTH
-            completion.text += detok.finish()
+            detok.finish()
         if not seq.is_finished:
             return False
         completion.finish_reason = _FINISH_REASONS[seq.status]
@@ -571,14 +600,17 @@ class LLMEngine:
         for seq in self.scheduler.abort(req.request_id):
             seq.status = SequenceStatus.FINISHED_ERROR
             seq.error = error
+        for seq in req.seqs:  # those the scheduler no longer held (failed by it) too
+            self.input_batch.remove(seq)
 
     def _output(self, req: _Request) -> RequestOutput:
         if req.error is not None:
             for completion in req.outputs:
                 completion.finish_reason = completion.finish_reason or "error"
-        for seq, completion in zip(req.seqs, req.outputs, strict=True):
+        for seq, completion, detok in zip(req.seqs, req.outputs, req.detoks, strict=True):
             if seq.is_finished and completion.finish_reason is None:
                 completion.finish_reason = _FINISH_REASONS[seq.status]
+            completion.text = detok.text
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
@@ -599,3 +631,95 @@ class LLMEngine:
     def num_blocks(self) -> int:
         """KV blocks in the cache."""
         return self.block_manager.num_blocks
+
+
+# -- per-request long context --------------------------------------------------------------------------
+def _rope_context_limit(config: ModelConfig) -> int | None:
+    """The longest sequence the model's RoPE is defined for; None when it has no fixed end."""
+    max_pos = config.max_position_embeddings
+    rs = config.rope_scaling
+    if rs is None:
+        return max_pos
+    if rs.rope_type == "dynamic":
+        # NTK-aware scaling recomputes the base from each sequence's own length, so it has no end of its
+        # own (InternLM2.5 runs 1M tokens this way); how far quality holds is the model's business.
+        return None
+    if rs.rope_type in ("linear", "yarn"):
+        # Both stretch the original context by `factor` (all frequencies, or the low ones): past
+        # original x factor the angles leave the trained range again.
+        original = rs.original_max_position_embeddings or max_pos
+        return max(max_pos, int(original * rs.factor))
+    # llama3 (and anything else): checkpoints already give the extended context as
+    # max_position_embeddings (Llama 3.1: 131072 = 16 x its 8192 original, factor 8).
+    return max_pos
+
+
+def _check_context(config: ModelConfig, max_model_len: int) -> None:
+    """Refuse a ``max_model_len`` the model's RoPE does not cover."""
+    limit = _rope_context_limit(config)
+    if limit is None or max_model_len <= limit:
+        return
+    rs = config.rope_scaling
+    max_pos = config.max_position_embeddings
+    if rs is None:
+        how = (
+            f"the model has no RoPE scaling, so its context ends at max_position_embeddings ({max_pos}); "
+            "lower max_model_len, or give the model a rope_scaling that extends it (dynamic, linear, yarn)"
+        )
+    else:
+        how = (
+            f"{rs.rope_type} RoPE scaling (factor {rs.factor:g}) with max_position_embeddings {max_pos} "
+            f"covers {limit} tokens; lower max_model_len to at most {limit}"
+        )
+    raise ConfigError(f"max_model_len {max_model_len} is beyond what the model supports: {how}.",
+                      field="max_model_len")  # fmt: skip
+
+
+def _kv_depends_on_length(config: ModelConfig, max_model_len: int) -> bool:
+    """Whether cached K/V of a prefix depend on the rest of the sequence (so cannot be shared).
+
+    Dynamic NTK past the trained context rotates a prompt's keys with a base set by the prompt's
+    whole length, so two prompts sharing a prefix hold different K/V for it.
+    """
+    rs = config.rope_scaling
+    dynamic = rs is not None and rs.rope_type == "dynamic"
+    if dynamic and max_model_len > config.max_position_embeddings:
+        logger.warning(
+            "prefix caching is off: with dynamic NTK RoPE and max_model_len %d > max_position_embeddings "
+            "%d, a prefix's cached keys depend on the length of the prompt that computed them",
+            max_model_len,
+            config.max_position_embeddings,
+        )
+        return True
+    return False
+
+
+def _rope_seq_lens(
+    scheduled: Seq[ScheduledSeq], config: ModelConfig, device: torch.device
+) -> torch.Tensor | None:
+    """Dynamic NTK only: the sequence length that sets each step token's RoPE base (``[1, N]``).
+
+    The lengths reproduce transformers' ``generate`` on the request alone: its dynamic RoPE takes the
+    base from each forward call's longest position, and ``generate`` runs the whole prompt in one call
+    and then one call per new token. So token ``p`` of a sequence with a ``P``-token prompt uses
+    ``max(P, p + 1)``, whichever chunk, prefix-cache hit or recompute after preemption brings it here.
+    None (plain RoPE for every token, no per-token work) when no token reaches past the trained context.
+    """
+    rs = config.rope_scaling
+    if rs is None or rs.rope_type != "dynamic":
+        return None
+    spans = []
+    longest = 0
+    for item in scheduled:
+        start = item.seq.num_computed_tokens
+        end, prompt = start + item.num_tokens, len(item.seq.prompt_token_ids)
+        spans.append((start, end, prompt))
+        longest = max(longest, end, prompt)
+    if longest <= config.max_position_embeddings:
+        return None
+    lens: list[int] = []
+    for start, end, prompt in spans:
+        split = min(max(prompt, start), end)  # tokens before it are prompt tokens, after it generated ones
+        lens.extend(itertools.repeat(prompt, split - start))
+        lens.extend(range(split + 1, end + 1))
+    return torch.tensor([lens], device=device)

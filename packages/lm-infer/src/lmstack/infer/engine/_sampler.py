@@ -1,10 +1,13 @@
 """Batched token sampling: penalties, greedy, temperature, top-k, top-p, min-p and log-probs.
 
-One :class:`SamplingTensors` is built per engine step from the running sequences' parameters and
-token histories; :class:`Sampler` then turns a ``[N, V]`` logits tensor into one token per row with
-whole-batch tensor operations. The only Python loop on the hot path is over *seeded* rows, which
-draw their random numbers from their own generator so that a seeded request's tokens do not depend
-on what else is in the batch.
+The engine keeps a :class:`SamplingState`: each running sequence's parameters in preallocated per-row
+tensors (written once, when it joins) and, for rows with a penalty, running counts of its output
+tokens (updated with each step's sampled tokens). Each step gathers the sampled rows into a
+:class:`SamplingTensors` (:meth:`SamplingState.tensors`); :meth:`SamplingTensors.build` makes the
+same from parameters and whole histories (tests, one-off use). :class:`Sampler` then turns a
+``[N, V]`` logits tensor into one token per row with whole-batch tensor operations. The only
+Python loop on the hot path is over *seeded* rows, which draw their random numbers from their own
+generator so that a seeded request's tokens do not depend on what else is in the batch.
 
 Processing order, per row:
 
@@ -36,7 +39,7 @@ import torch
 
 from lmstack.infer._sampling_params import SamplingParams
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingTensors", "make_generator"]
+__all__ = ["Sampler", "SamplerOutput", "SamplingState", "SamplingTensors", "make_generator"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -249,6 +252,291 @@ class SamplingTensors:
             if allowed is None
             else (torch.tensor(list(allowed[0]), dtype=torch.int64, device=device), allowed[1].to(device)),
         )
+
+
+class SamplingState:
+    """The running sequences' sampling parameters and penalty histories, kept across steps.
+
+    The engine gives every running sequence a row when it joins and frees the row when it leaves;
+    the row's parameters are written once, into preallocated per-row tensors, and each step's
+    :class:`SamplingTensors` gathers the sampled rows from them (:meth:`tensors`) instead of being
+    rebuilt from every request's parameters. Rows with a penalty also get a slot in a ``[P, V]``
+    table of output-token counts and a ``[P, V]`` mask of seen tokens (prompt and output), updated
+    with each step's sampled tokens (:meth:`record`), so no step re-flattens the token histories.
+    Slot 0 of those tables stays all zero: rows without a penalty point at it.
+
+    Tables grow by doubling when rows or penalty slots run out; nothing shrinks.
+
+    Args:
+        vocab_size: Width ``V`` of the logits.
+        device: Device of the logits (the tensors live there).
+        eos_token_ids: The model's end-of-sequence ids (masked while a row is under ``min_tokens``).
+        capacity: Rows allocated up front.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        device: torch.device | str,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        capacity: int = 8,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self._eos = tuple(eos_token_ids)
+        self._capacity = 0
+        # temperature, top_p, min_p, repetition, presence, frequency: one gather serves all six.
+        self._floats = torch.empty(6, 0, dtype=torch.float32, device=self.device)
+        self._top_k = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._greedy = torch.empty(0, dtype=torch.bool, device=self.device)
+        self._slot = torch.empty(0, dtype=torch.int64, device=self.device)  # penalty slot, 0 = none
+        self._params: list[SamplingParams | None] = []
+        self._generators: list[torch.Generator | None] = []
+        self._outputs: list[Sequence[int] | None] = []  # each row's output list (the sequence's own)
+        self._free_rows: list[int] = []
+        # Penalty tables; slot 0 is the shared all-zero row.
+        self._counts = torch.zeros(1, vocab_size, dtype=torch.float32, device=self.device)
+        self._seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=self.device)
+        self._free_slots: list[int] = []
+        self._slots_used = 1
+        # How many live rows need each stage, so the flags cost nothing per step.
+        # Live rows that are non-greedy, use top-k, top-p, min-p, a repetition penalty, a
+        # presence/frequency penalty.
+        self._num_stages = [0] * 6
+        self._logprobs: dict[int, int] = {}  # row -> logprobs asked, for rows that asked
+        self._min_tokens: dict[int, tuple[int, list[int]]] = {}  # row -> (min_tokens, ids to mask)
+        self._grow(capacity)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in use."""
+        return self._capacity - len(self._free_rows)
+
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - self._capacity
+        if extra <= 0:
+            return
+        dev = self.device
+        self._floats = torch.cat([self._floats, torch.ones(6, extra, dtype=torch.float32, device=dev)], 1)
+        self._top_k = torch.cat([self._top_k, torch.full((extra,), self.vocab_size, device=dev)])
+        self._greedy = torch.cat([self._greedy, torch.ones(extra, dtype=torch.bool, device=dev)])
+        self._slot = torch.cat([self._slot, torch.zeros(extra, dtype=torch.int64, device=dev)])
+        self._params.extend([None] * extra)
+        self._generators.extend([None] * extra)
+        self._outputs.extend([None] * extra)
+        # Popped from the end: lowest rows first, so a small batch stays in the first rows.
+        self._free_rows = list(range(capacity - 1, self._capacity - 1, -1)) + self._free_rows
+        self._capacity = capacity
+
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop()
+        if self._slots_used == self._counts.shape[0]:
+            size = self._counts.shape[0]
+            self._counts = torch.cat([self._counts, torch.zeros_like(self._counts)])
+            self._seen = torch.cat([self._seen, torch.zeros_like(self._seen)])
+            assert self._counts.shape[0] == 2 * size
+        self._slots_used += 1
+        return self._slots_used - 1
+
+    def add(
+        self,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        generator: torch.Generator | None,
+    ) -> int:
+        """Gives a joining sequence a row and writes its parameters (once, for its whole life).
+
+        Args:
+            params: Its sampling parameters.
+            prompt_ids: Its prompt (seen tokens of the repetition penalty).
+            output_ids: Its output list; kept by reference (``min_tokens`` reads its length), and any
+                tokens already in it are counted now.
+            generator: Its own generator (seeded requests) or None.
+
+        Returns:
+            The row.
+        """
+        # Everything that reads the parameters comes first: a bad one raises before any change.
+        greedy = params.greedy
+        vocab = self.vocab_size
+        floats = torch.tensor(
+            [
+                1.0 if greedy else params.temperature,
+                params.top_p,
+                params.min_p,
+                params.repetition_penalty,
+                params.presence_penalty,
+                params.frequency_penalty,
+            ],
+            dtype=torch.float32,
+        )
+        top_k = params.top_k if 0 < params.top_k < vocab else vocab
+        flags = self._flags(params)
+        repetition = params.repetition_penalty != 1.0
+        penalised = repetition or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        out = torch.tensor(list(output_ids), dtype=torch.int64) if penalised and output_ids else None
+        prompt = torch.tensor(list(prompt_ids), dtype=torch.int64) if repetition and prompt_ids else None
+
+        if not self._free_rows:
+            self._grow(2 * self._capacity)
+        row = self._free_rows.pop()
+        self._floats[:, row] = floats.to(self.device)
+        self._top_k[row] = top_k
+        self._greedy[row] = greedy
+        self._params[row] = params
+        self._generators[row] = generator
+        self._outputs[row] = output_ids
+        self._apply_flags(row, flags, +1)
+        if penalised:
+            slot = self._take_slot()
+            self._slot[row] = slot
+            if out is not None:
+                out = out.to(self.device)
+                ones = torch.ones_like(out, dtype=torch.float32)
+                self._counts[slot].index_put_((out,), ones, accumulate=True)
+                self._seen[slot, out] = True
+            if prompt is not None:
+                self._seen[slot, prompt.to(self.device)] = True
+        return row
+
+    def remove(self, row: int) -> None:
+        """Frees the row of a sequence that left (finished, aborted or failed)."""
+        params = self._params[row] if 0 <= row < self._capacity else None
+        if params is None:
+            raise ValueError(f"sampling row {row} is not in use")
+        self._apply_flags(row, self._flags(params), -1)
+        slot = int(self._slot[row])
+        if slot:
+            self._counts[slot].zero_()
+            self._seen[slot].zero_()
+            self._free_slots.append(slot)
+            self._slot[row] = 0
+        self._params[row] = self._generators[row] = self._outputs[row] = None
+        self._free_rows.append(row)
+
+    def _flags(self, p: SamplingParams) -> tuple[tuple[bool, ...], int, tuple[int, list[int]] | None]:
+        """Which stages a row needs, its top log-probs asked and its ``min_tokens`` mask."""
+        sampling = not p.greedy
+        stages = (
+            sampling,
+            sampling and 0 < p.top_k < self.vocab_size,
+            sampling and p.top_p < 1.0,
+            sampling and p.min_p > 0.0,
+            p.repetition_penalty != 1.0,
+            p.presence_penalty != 0.0 or p.frequency_penalty != 0.0,
+        )
+        masked = None
+        if p.min_tokens > 0:
+            ids = {*(p.stop_token_ids or ()), *(() if p.ignore_eos else self._eos)}
+            if ids:
+                masked = (p.min_tokens, sorted(ids))
+        return stages, p.logprobs or 0, masked
+
+    def _apply_flags(
+        self, row: int, flags: tuple[tuple[bool, ...], int, tuple[int, list[int]] | None], sign: int
+    ) -> None:
+        stages, logprobs, masked = flags
+        self._num_stages = [n + sign * flag for n, flag in zip(self._num_stages, stages, strict=True)]
+        if sign > 0:
+            if logprobs:
+                self._logprobs[row] = logprobs
+            if masked is not None:
+                self._min_tokens[row] = masked
+        else:
+            self._logprobs.pop(row, None)
+            self._min_tokens.pop(row, None)
+
+    def tensors(
+        self, rows: Sequence[int], *, allowed: tuple[Sequence[int], torch.Tensor] | None = None
+    ) -> SamplingTensors:
+        """This step's :class:`SamplingTensors` for the sampled ``rows``, gathered from the tables.
+
+        Equal to :meth:`SamplingTensors.build` over the same rows' parameters and histories, except
+        that the ``do_*`` flags and ``max_logprobs`` describe every live row (a stage that runs for
+        a row not needing it leaves that row unchanged), and the penalty tensors are present while
+        any live row has a penalty.
+
+        Args:
+            rows: The sampled rows, in the order of the logits' rows.
+            allowed: As for :meth:`SamplingTensors.build`, with indices into ``rows``.
+
+        Returns:
+            The step's sampling tensors.
+        """
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        floats = self._floats.index_select(1, index)
+        temperature, top_p, min_p, repetition, presence, frequency = floats.unbind(0)
+        output_counts = seen_mask = None
+        if self._num_stages[4] or self._num_stages[5]:
+            slots = self._slot.index_select(0, index)
+            if self._num_stages[5]:
+                output_counts = self._counts.index_select(0, slots)
+            if self._num_stages[4]:
+                seen_mask = self._seen.index_select(0, slots)
+        suppress = None
+        if self._min_tokens:
+            suppress_rows: list[int] = []
+            suppress_ids: list[int] = []
+            for i, row in enumerate(rows):
+                entry = self._min_tokens.get(row)
+                out = self._outputs[row]
+                if entry is not None and out is not None and len(out) < entry[0]:
+                    suppress_rows.extend([i] * len(entry[1]))
+                    suppress_ids.extend(entry[1])
+            if suppress_rows:
+                suppress = (
+                    torch.tensor(suppress_rows, dtype=torch.int64, device=self.device),
+                    torch.tensor(suppress_ids, dtype=torch.int64, device=self.device),
+                )
+        greedy = self._greedy.index_select(0, index)
+        # Exact over the sampled rows: an all-greedy step must not draw noise (from the default
+        # generator) because a sampling row elsewhere in the batch is still prefilling.
+        all_greedy = self._num_stages[0] == 0 or bool(greedy.all())
+        return SamplingTensors(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=self._top_k.index_select(0, index),
+            min_p=min_p,
+            repetition_penalty=repetition,
+            presence_penalty=presence,
+            frequency_penalty=frequency,
+            greedy=greedy,
+            output_counts=output_counts,
+            seen_mask=seen_mask,
+            suppress=suppress,
+            generators=tuple(self._generators[row] for row in rows),
+            max_logprobs=min(max(self._logprobs.values(), default=0), self.vocab_size),
+            vocab_size=self.vocab_size,
+            all_greedy=all_greedy,
+            do_top_k=self._num_stages[1] > 0,
+            do_top_p=self._num_stages[2] > 0,
+            do_min_p=self._num_stages[3] > 0,
+            allowed=None
+            if allowed is None
+            else (
+                torch.tensor(list(allowed[0]), dtype=torch.int64, device=self.device),
+                allowed[1].to(self.device),
+            ),
+        )
+
+    def record(self, rows: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Adds a step's sampled tokens to their rows' penalty counts (one scatter for the batch).
+
+        Args:
+            rows: Rows that took a token this step.
+            token_ids: The token each took, in the same order.
+        """
+        if not (self._num_stages[4] or self._num_stages[5]) or not rows:
+            return
+        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        tokens = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        slots = self._slot.index_select(0, index)
+        live = slots > 0  # slot 0 (no penalty) must stay zero
+        self._counts.index_put_((slots, tokens), live.to(torch.float32), accumulate=True)
+        self._seen[slots, tokens] = self._seen[slots, tokens] | live
 
 
 @dataclass

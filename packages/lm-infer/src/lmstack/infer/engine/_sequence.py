@@ -44,10 +44,12 @@ class Sequence:
     Attributes:
         seq_id: Engine-unique id, increasing with arrival order (the scheduler's FIFO key).
         request_id: The id of the request this sequence belongs to (several sequences may share one).
-        prompt_token_ids: The prompt's token ids.
+        prompt_token_ids: The prompt's token ids (shared by a request's samples; never mutated).
         max_total_tokens: Prompt plus ``max_tokens``, capped at the model's context length. The
             scheduler rejects a sequence whose ``max_total_tokens`` could never fit the KV cache.
-        output_token_ids: Tokens generated so far; the engine appends to it after sampling.
+        output_token_ids: Tokens generated so far; the engine appends to it after sampling. The
+            engine's :class:`~lmstack.infer.CompletionOutput` holds this same list as its
+            ``token_ids`` (generated ids are kept once), so it is only ever appended to.
         num_computed_tokens: How many leading tokens of :attr:`all_token_ids` have their K/V in the
             cache (reset to 0 when the sequence is preempted).
         num_cached_prompt_tokens: How many of those came from the prefix cache at the latest

@@ -33,6 +33,7 @@ __all__ = [
     "json_response",
     "parse",
     "read_json",
+    "read_model",
     "sse",
     "unless_disconnected",
 ]
@@ -98,9 +99,28 @@ def _invalid_json(message: str) -> APIError:
     return APIError.invalid(message, code="invalid_json")
 
 
+# A body larger than this is decoded and validated in a worker thread: each of those C calls holds
+# the GIL for milliseconds on megabytes, and on the event loop they would add up.
+_OFF_LOOP_BYTES = 256 * 1024
+
+
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """The request body as a JSON object, or a 400/413 saying what is wrong with it."""
     raw = await _read_body(request, limit)
+    if len(raw) > _OFF_LOOP_BYTES:
+        return await asyncio.to_thread(_load_json, raw)
+    return _load_json(raw)
+
+
+async def read_model(request: Request, model: type[_M], limit: int) -> _M:
+    """The request body validated against ``model`` (see :func:`read_json` and :func:`parse`)."""
+    raw = await _read_body(request, limit)
+    if len(raw) > _OFF_LOOP_BYTES:
+        return await asyncio.to_thread(lambda: parse(model, _load_json(raw)))
+    return parse(model, _load_json(raw))
+
+
+def _load_json(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise _invalid_json("the request body is empty; send a JSON object.")
     try:

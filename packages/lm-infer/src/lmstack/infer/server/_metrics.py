@@ -35,6 +35,8 @@ GAUGES = {
     "lmstack_seqs_running": "Sequences running (holding KV blocks).",
     "lmstack_kv_blocks_total": "KV-cache blocks.",
     "lmstack_kv_blocks_used": "KV-cache blocks held by sequences.",
+    "lmstack_engine_steps": "Engine steps run since the server started.",
+    "lmstack_engine_step_seconds_max": "The longest engine step since the server started.",
 }
 """The live gauges of ``/metrics``, by name, with their help texts."""
 
@@ -69,7 +71,12 @@ class Metrics:
         )  # fmt: skip
         # "livesum": each live process reports its own engine; the sum is the deployment's.
         self.gauges = {
-            name: Gauge(name, help_, registry=registry, multiprocess_mode="livesum")
+            name: Gauge(
+                name,
+                help_,
+                registry=registry,
+                multiprocess_mode="livemax" if name.endswith("_max") else "livesum",
+            )
             for name, help_ in GAUGES.items()
         }
         if multi:

@@ -14,10 +14,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from lmstack.infer._errors import InvalidRequestError
-from lmstack.infer._llm import LLM
+from lmstack.infer._llm import LLM, RequestStream
 from lmstack.infer._outputs import CompletionOutput, RequestOutput
 from lmstack.infer._sampling_params import GUIDED_FIELDS, SamplingParams
 from lmstack.infer.server._errors import APIError, from_exception, request_failed
@@ -122,7 +122,9 @@ async def check_guided(
         raise APIError.invalid(message, param=param or exc.param) from None
 
 
-def check_context(state: ServerState, num_prompt: int, max_tokens: int, param: str, what: str) -> None:
+def check_context(
+    state: ServerState, num_prompt: int, max_tokens: int, param: str, what: str, *, at_least: bool = False
+) -> None:
     """A 400 ``context_length_exceeded`` when the prompt plus ``max_tokens`` exceeds the context.
 
     The engine would generate up to the end of the context and stop there; OpenAI's API refuses such
@@ -134,11 +136,13 @@ def check_context(state: ServerState, num_prompt: int, max_tokens: int, param: s
         max_tokens: What the client asked for.
         param: The request field to blame.
         what: How the message names the prompt ("the prompt", "the prompt 2", "the conversation").
+        at_least: ``num_prompt`` is a lower bound (the prompt was not tokenized: it is far too long).
     """
     limit = state.llm.max_model_len
     if num_prompt + max_tokens > limit:
         raise APIError.invalid(
-            f"this model's maximum context length is {limit} tokens, but {what} has {num_prompt} tokens "
+            f"this model's maximum context length is {limit} tokens, but {what} has "
+            f"{'at least ' if at_least else ''}{num_prompt} tokens "
             f"and max_tokens asks for {max_tokens} more ({num_prompt + max_tokens} in all); "
             "shorten the prompt or lower max_tokens.",
             param=param,
@@ -189,54 +193,59 @@ async def event_stream(
 class EngineStreams:
     """The engine requests of one HTTP request, one per prompt, read as one stream tagged by prompt index.
 
-    :meth:`open` queues them all before any answer starts, so a prompt the engine refuses is a 400
-    also for a streamed response. Closing aborts whatever still runs and frees its KV blocks.
+    :meth:`open` queues them all and waits (without blocking the event loop) until the engine has
+    taken or refused each, before any answer starts, so a prompt the engine refuses is a 400 also
+    for a streamed response. Closing queues the abort of whatever still runs (freeing its KV blocks
+    before the engine's next step); it never waits for the engine.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, requests: list[RequestStream]) -> None:
+        self._requests = requests
         self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._opened = False
-        self._refusals: list[tuple[int, Exception]] = []
+        self._tasks = [asyncio.create_task(self._pump(i, r)) for i, r in enumerate(requests)]
 
     @classmethod
     async def open(cls, llm: LLM, prompts: Sequence[Sequence[int]], params: SamplingParams) -> EngineStreams:
-        """Queue one engine request per prompt.
+        """Queue one engine request per prompt and wait until the engine has answered each.
 
         Raises:
             InvalidRequestError: the engine refused a prompt (none of them is left running then); for
                 a batch the message says which prompt.
         """
-        streams = cls()
-        streams._tasks = [
-            asyncio.create_task(streams._pump(i, llm, p, params)) for i, p in enumerate(prompts)
-        ]
-        # LLM.stream queues its request before it first waits, and the pumps run in the order they
-        # were created, before this task resumes: after one turn each request is queued or refused.
-        await asyncio.sleep(0)
-        streams._opened = True
-        if streams._refusals:
-            await streams.aclose()
-            index, exc = min(streams._refusals, key=lambda refusal: refusal[0])
-            if len(prompts) > 1 and type(exc) is InvalidRequestError:
-                raise InvalidRequestError(f"prompt {index}: {exc}", param=exc.param) from None
-            raise exc
-        return streams
-
-    async def _pump(self, index: int, llm: LLM, prompt: Sequence[int], params: SamplingParams) -> None:
-        # LLM.stream is an async generator (typed as the protocol's AsyncIterator): it has aclose().
-        stream = cast(AsyncGenerator[RequestOutput, None], llm.stream(prompt, params))
+        requests: list[RequestStream] = []
         try:
-            async with contextlib.aclosing(stream):
-                async for out in stream:
-                    self._queue.put_nowait((index, out))
+            for index, prompt in enumerate(prompts):
+                try:
+                    requests.append(llm.submit(prompt, params))
+                except InvalidRequestError as exc:  # too long for the context: refused before queueing
+                    if len(prompts) > 1 and type(exc) is InvalidRequestError:
+                        raise InvalidRequestError(f"prompt {index}: {exc}", param=exc.param) from None
+                    raise
+            answers = await asyncio.gather(*(r.started() for r in requests), return_exceptions=True)
+        except BaseException:  # refused at the door, or cancelled while waiting: queue the aborts
+            for request in requests:
+                request.abort()
+            raise
+        refusals = [(i, a) for i, a in enumerate(answers) if isinstance(a, BaseException)]
+        if refusals:
+            for request in requests:
+                request.abort()
+            index, refusal = refusals[0]
+            if len(prompts) > 1 and type(refusal) is InvalidRequestError:
+                raise InvalidRequestError(f"prompt {index}: {refusal}", param=refusal.param) from None
+            raise refusal
+        return cls(requests)
+
+    async def _pump(self, index: int, request: RequestStream) -> None:
+        try:
+            async for out in request:
+                self._queue.put_nowait((index, out))
         except Exception as exc:
-            if self._opened:
-                self._queue.put_nowait((index, exc))
-            else:
-                self._refusals.append((index, exc))
+            self._queue.put_nowait((index, exc))
         else:
             self._queue.put_nowait((index, None))
+        finally:
+            request.abort()  # a no-op once it finished
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every prompt's outputs as they come, as ``(prompt index, output)``, until all have finished.
@@ -255,12 +264,14 @@ class EngineStreams:
                 yield index, item
 
     def cancel(self) -> None:
-        """Abort every request still running (each closes its engine stream as it is cancelled)."""
+        """Queue the abort of every request still running (never waits for the engine)."""
+        for request in self._requests:
+            request.abort()
         for task in self._tasks:
             task.cancel()
 
     async def aclose(self) -> None:
-        """Abort every request still running and wait until each is gone."""
+        """Abort every request still running and wait until the readers are gone."""
         self.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 

@@ -73,14 +73,16 @@ async def prepare_chat(state: ServerState, request: ChatCompletionRequest) -> Ch
     response_format = None if request.response_format is None else request.response_format.as_dict()
     try:
         # Off the event loop: a long conversation or a large tool list takes a while to render.
+        # The server's tokenizer refuses a rendered conversation far too long before encoding it.
         plan = await asyncio.to_thread(
-            plan_chat, state.llm.tokenizer, [message.as_dict() for message in request.messages], params,
+            plan_chat, state.tokens.for_chat(), [message.as_dict() for message in request.messages], params,
             tools=request.tools, tool_choice=request.tool_choice, response_format=response_format,
             parallel_tool_calls=request.parallel_tool_calls is not False,
             tool_call_parser=state.tool_call_parser,
         )  # fmt: skip
     except InvalidRequestError as exc:
-        raise from_exception(exc, closed=state.closed, renames=renames) from None
+        codes = {"prompt": serving.CONTEXT_LENGTH_EXCEEDED}  # plan_chat blames no other field "prompt"
+        raise from_exception(exc, closed=state.closed, renames=renames, codes=codes) from None
     except LMStackError as exc:
         raise APIError.invalid(f"cannot render the conversation with the model's chat template: {exc}",
                                param="messages") from None  # fmt: skip

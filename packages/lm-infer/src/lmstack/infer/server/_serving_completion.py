@@ -28,6 +28,9 @@ from lmstack.infer.tools._choice import response_format_schema
 
 __all__ = ["CompletionJob", "complete", "complete_stream", "prepare_completion"]
 
+# Most log-prob entries of a response built on the event loop; more are built in a worker thread.
+_INLINE_LOGPROBS = 256
+
 
 @dataclass
 class CompletionJob(serving.Job):
@@ -91,11 +94,21 @@ async def prepare_completion(state: ServerState, request: CompletionRequest) -> 
     """
     batch = _batch(request)
     tokenizer = state.llm.tokenizer
-    prompts = [tokenizer.encode(item) if isinstance(item, str) else item for item in batch]
     max_tokens = 16 if request.max_tokens is None else request.max_tokens
+
+    def what(index: int) -> str:
+        return f"the prompt {index}" if len(batch) > 1 else "the prompt"
+
+    # A text whose size alone proves it too long is refused before it is tokenized.
+    for index, item in enumerate(batch):
+        if isinstance(item, str):
+            least = state.tokens.at_least(item)
+            if least:
+                serving.check_context(state, least, max_tokens, "prompt", what(index), at_least=True)
+    # Off the event loop (and without the GIL): a long text takes the tokenizer a while.
+    prompts = [await state.tokens.encode_async(item) if isinstance(item, str) else item for item in batch]
     for index, ids in enumerate(prompts):
-        what = f"the prompt {index}" if len(prompts) > 1 else "the prompt"
-        serving.check_context(state, len(ids), max_tokens, "prompt", what)
+        serving.check_context(state, len(ids), max_tokens, "prompt", what(index))
     # max_tokens 0 (scoring with echo) generates nothing, but the other fields are still checked.
     guided = _response_format(request)
     params = serving.sampling(state, request, max_tokens or None, request.logprobs, guided=guided)
@@ -165,10 +178,18 @@ async def complete(
     finally:
         await job.aclose()
     if request.logprobs is not None:
-        for index, choice in choices.items():
-            choice["logprobs"] = completion_logprobs(
-                state.texts, tokens[index], entries[index], TextOffsets()
-            )
+
+        def fill() -> None:
+            for index, choice in choices.items():
+                choice["logprobs"] = completion_logprobs(
+                    state.texts, tokens[index], entries[index], TextOffsets()
+                )
+
+        # Echoed prompts make this thousands of entries: built off the event loop.
+        if sum(len(t) for t in tokens.values()) > _INLINE_LOGPROBS:
+            await asyncio.to_thread(fill)
+        else:
+            fill()
     choice_list = [choices[i] for i in sorted(choices)]
     return json_response(
         {**serving.head(state, rid, created, "text_completion"), "choices": choice_list,
@@ -191,10 +212,11 @@ async def complete_stream(
                 index = prompt * job.n + sample
                 choice = _choice(job, prompt, index, echo=request.echo)
                 offsets[index] = TextOffsets()
-                if job.prompt_logprobs is not None:
-                    choice["logprobs"] = completion_logprobs(
-                        state.texts, job.prompts[prompt], job.prompt_logprobs[prompt], offsets[index]
-                    )
+                if job.prompt_logprobs is not None:  # a whole prompt's: built off the event loop
+                    choice["logprobs"] = await asyncio.to_thread(
+                        completion_logprobs,
+                        state.texts, job.prompts[prompt], job.prompt_logprobs[prompt], offsets[index],
+                    )  # fmt: skip
                 yield sse({**chunk, "choices": [choice], **extra})
     if job.streams is not None:
         async for prompt, c in serving.outputs(state, job, ticket):

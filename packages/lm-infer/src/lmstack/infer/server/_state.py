@@ -18,6 +18,7 @@ from lmstack.infer.server._config import ServerConfig
 from lmstack.infer.server._errors import APIError
 from lmstack.infer.server._logprobs import TokenTexts
 from lmstack.infer.server._metrics import Metrics
+from lmstack.infer.server._tokens import PromptTokens
 
 __all__ = ["ServerState", "Ticket"]
 
@@ -63,6 +64,8 @@ class ServerState:
         self.close_llm = close_llm
         self.metrics = Metrics()
         self.texts = TokenTexts(llm.tokenizer)
+        # Prompts are tokenized off the event loop, and hopeless ones refused without tokenizing.
+        self.tokens = PromptTokens(llm.tokenizer, llm.max_model_len)
         self.created = int(time.time())
         self.in_flight = 0
         self.draining = False  # no new requests: the server is shutting down
@@ -145,6 +148,7 @@ class ServerState:
         engine = self.llm.engine
         total = engine.num_blocks
         scheduler = engine.scheduler
+        steps = self.llm.step_stats()
         return {
             "lmstack_requests_in_flight": self.in_flight,
             "lmstack_max_queue": self.config.max_queue,
@@ -152,4 +156,6 @@ class ServerState:
             "lmstack_seqs_running": scheduler.num_running,
             "lmstack_kv_blocks_total": total,
             "lmstack_kv_blocks_used": total - engine.num_free_blocks,
+            "lmstack_engine_steps": steps.steps,
+            "lmstack_engine_step_seconds_max": steps.max_step_s,
         }
