@@ -470,7 +470,7 @@ def generate_with_infer(llm: LLM) -> None:
 
 # -- 8: serving -------------------------------------------------------------------------------------------
 def serve_and_query(path: Path) -> None:
-    step("8. serve it with `lmstack serve` and query it with the remote client")
+    step("8. serve it with `lmstack serve`; query it with the remote client and `lmstack chat`")
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         print("(lmstack-infer[server] is not installed: pip install 'lmstack-infer[server]' to serve)")
         return
@@ -507,6 +507,12 @@ def serve_and_query(path: Path) -> None:
             fitted = SamplingParams(temperature=0, max_tokens=48, guided_json_fit=True)
             reply = remote.chat(question, fitted, response_format=response_format)[0]
             print(f"POST /v1/chat/completions (response_format json_schema) -> {reply.outputs[0].text}")
+        # The terminal chat against the same server, two turns piped in (the second sees the first).
+        chat = [sys.executable, "-m", "lmstack.core", "chat", url, "--temperature", "0", "--max-tokens", "24"]
+        turns = "Which river does Kadadell lie on?\nAnd what is it known for?\n/exit\n"
+        done = subprocess.run(chat, input=turns, capture_output=True, text=True, timeout=300, check=False)
+        print(f"$ lmstack chat {url} --temperature 0 --max-tokens 24  (two turns piped in)")
+        print(done.stdout.rstrip() or done.stderr.rstrip())
     finally:
         server.send_signal(signal.SIGTERM)  # drains in-flight requests, then exits 0
         status = server.wait(timeout=60)
