@@ -273,11 +273,11 @@ def test_stats_count_tokens() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _constant_hash(parent: bytes | None, tokens: SequenceABC[int]) -> bytes:
+def _constant_hash(parent: bytes | None, tokens: SequenceABC[int], salt: int | None = None) -> bytes:
     return b"\x00" * 16
 
 
-def _parentless_hash(parent: bytes | None, tokens: SequenceABC[int]) -> bytes:
+def _parentless_hash(parent: bytes | None, tokens: SequenceABC[int], salt: int | None = None) -> bytes:
     # Ignores the chain: equal blocks at different places collide.
     return hashlib.blake2b(repr(list(tokens)).encode(), digest_size=16).digest()
 
@@ -299,6 +299,32 @@ def test_collision_compares_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     # ...and the old tokens now miss instead of getting B's K/V.
     assert bm.lookup_prefix([1, 2, 3, 4, 5]) == []
     bm.check_invariants([b])
+
+
+def test_a_salted_sequence_shares_blocks_only_with_the_same_salt() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    a.cache_salt = 9
+    compute(bm, a)
+    assert bm.lookup_prefix([1, 2, 3, 4, 5, 6, 7, 8, 9]) == []  # unsalted: another chain
+    assert bm.lookup_prefix([1, 2, 3, 4, 5, 6, 7, 8, 9], salt=8) == []
+    assert bm.lookup_prefix([1, 2, 3, 4, 5, 6, 7, 8, 9], salt=9) == a.block_table[:2]
+    b = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 0])
+    b.cache_salt = 9
+    assert bm.match_prefix(b) == a.block_table[:2]
+    bm.check_invariants([a])
+
+
+def test_collision_compares_salt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_block_manager, "_hash_block", _constant_hash)
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = make_seq([1, 2, 3, 4, 5])
+    a.cache_salt = 5
+    compute(bm, a)
+    # The same tokens under the same digest, but another salt: a miss, never the other's K/V.
+    assert bm.lookup_prefix([1, 2, 3, 4, 5], salt=6) == []
+    assert bm.lookup_prefix([1, 2, 3, 4, 5]) == []
+    assert bm.lookup_prefix([1, 2, 3, 4, 5], salt=5) == a.block_table[:1]
 
 
 def test_collision_compares_parent(monkeypatch: pytest.MonkeyPatch) -> None:

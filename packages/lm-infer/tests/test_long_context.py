@@ -131,6 +131,12 @@ def test_chunked_prefill_of_a_prompt_near_the_context_limit(ntk_model_dir: Path)
     assert outputs["short"] == _hf_alone(ntk_model_dir, short, 10)
     again = llm.generate([sibling], _greedy(10))[0]
     assert again.outputs[0].token_ids == _hf_alone(ntk_model_dir, sibling, 10)
+    assert again.num_cached_tokens == 0  # salted by its own length: nothing of the first is reused
+    # The same 900-token prompt again: the same length, so its cached blocks are reused, and rightly.
+    assert engine.block_manager.enable_prefix_caching
+    repeat = llm.generate([long], _greedy(20))[0]
+    assert repeat.num_cached_tokens >= 640
+    assert repeat.outputs[0].token_ids == outputs["long"]
     assert llm.engine.num_free_blocks == llm.engine.num_blocks
 
 

@@ -52,12 +52,13 @@ __all__ = ["BlockManager"]
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def _hash_block(parent_digest: bytes | None, token_ids: SequenceABC[int]) -> bytes:
+def _hash_block(parent_digest: bytes | None, token_ids: SequenceABC[int], salt: int | None = None) -> bytes:
     """The prefix-cache digest of one full block.
 
     Args:
         parent_digest: The digest of the previous block of the sequence, ``None`` for the first block.
         token_ids: The block's token ids.
+        salt: The sequence's cache salt (first block only; see :attr:`Sequence.cache_salt`).
 
     Returns:
         A 16-byte blake2b digest of the parent digest and the token ids.
@@ -67,7 +68,10 @@ def _hash_block(parent_digest: bytes | None, token_ids: SequenceABC[int]) -> byt
         tokens.byteswap()
     digest = hashlib.blake2b(digest_size=16)
     # The root gets a marker no digest can equal, so a root block and a child never share an input.
-    digest.update(parent_digest if parent_digest is not None else b"root")
+    if parent_digest is not None:
+        digest.update(parent_digest)
+    else:
+        digest.update(b"root" if salt is None else b"root:%d" % salt)
     digest.update(tokens.tobytes())
     return digest.digest()
 
@@ -121,6 +125,8 @@ class BlockManager:
         self._by_digest: dict[bytes, int] = {}
         self._block_digest: list[bytes | None] = [None] * num_blocks
         self._block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        # The cache salt of the sequence that registered each block (part of its identity, like tokens).
+        self._block_salt: list[int | None] = [None] * num_blocks
         self._block_entry: list[int | None] = [None] * num_blocks
         self._block_parent_entry: list[int | None] = [None] * num_blocks
         self._entry_to_block: dict[int, int] = {}
@@ -194,7 +200,7 @@ class BlockManager:
     # Prefix lookup
     # ------------------------------------------------------------------------------------------
 
-    def lookup_prefix(self, token_ids: list[int]) -> list[int]:
+    def lookup_prefix(self, token_ids: list[int], salt: int | None = None) -> list[int]:
         """The longest run of cached full blocks holding the K/V of a prefix of ``token_ids``.
 
         The block holding the last token is never returned: the engine must compute at least one
@@ -202,6 +208,7 @@ class BlockManager:
 
         Args:
             token_ids: A sequence's tokens.
+            salt: The sequence's cache salt (see :attr:`Sequence.cache_salt`).
 
         Returns:
             Block ids, in order; block ``i`` holds tokens ``[i * block_size, (i + 1) * block_size)``.
@@ -213,10 +220,10 @@ class BlockManager:
         def digests() -> Iterator[bytes]:
             parent: bytes | None = None
             for i in range(self._max_hit_blocks(len(token_ids))):
-                parent = _hash_block(parent, token_ids[i * bs : (i + 1) * bs])
+                parent = _hash_block(parent, token_ids[i * bs : (i + 1) * bs], salt)
                 yield parent
 
-        return self._match(digests(), lambda i: token_ids[i * bs : (i + 1) * bs])
+        return self._match(digests(), lambda i: token_ids[i * bs : (i + 1) * bs], salt)
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """:meth:`lookup_prefix` for a sequence, reusing the digests cached on it.
@@ -231,13 +238,15 @@ class BlockManager:
             return []
         bs = self._block_size
         digests = (self._seq_digest(seq, i) for i in range(self._max_hit_blocks(seq.num_tokens)))
-        return self._match(digests, lambda i: seq.token_ids_slice(i * bs, (i + 1) * bs))
+        return self._match(digests, lambda i: seq.token_ids_slice(i * bs, (i + 1) * bs), seq.cache_salt)
 
     def _max_hit_blocks(self, num_tokens: int) -> int:
         # Full blocks strictly before the one holding the last token.
         return max(num_tokens - 1, 0) // self._block_size
 
-    def _match(self, digests: Iterator[bytes], block_tokens: Callable[[int], SequenceABC[int]]) -> list[int]:
+    def _match(
+        self, digests: Iterator[bytes], block_tokens: Callable[[int], SequenceABC[int]], salt: int | None
+    ) -> list[int]:
         hits: list[int] = []
         parent_entry: int | None = None
         for i, digest in enumerate(digests):
@@ -246,6 +255,7 @@ class BlockManager:
             if (
                 block is None
                 or self._block_parent_entry[block] != parent_entry
+                or self._block_salt[block] != salt
                 or self._block_tokens[block] != tuple(block_tokens(i))
             ):
                 break
@@ -259,7 +269,7 @@ class BlockManager:
         while len(hashes) <= index:
             n = len(hashes)
             tokens = seq.token_ids_slice(n * bs, (n + 1) * bs)
-            hashes.append(_hash_block(hashes[-1] if hashes else None, tokens))
+            hashes.append(_hash_block(hashes[-1] if hashes else None, tokens, seq.cache_salt))
         return hashes[index]
 
     # ------------------------------------------------------------------------------------------
@@ -433,7 +443,11 @@ class BlockManager:
             tokens = tuple(seq.token_ids_slice(num_done * bs, (num_done + 1) * bs))
             existing = self._by_digest.get(digest)
             if existing is not None:
-                if self._block_parent_entry[existing] == parent and self._block_tokens[existing] == tokens:
+                if (
+                    self._block_parent_entry[existing] == parent
+                    and self._block_salt[existing] == seq.cache_salt
+                    and self._block_tokens[existing] == tokens
+                ):
                     parent = self._block_entry[existing]
                     num_done += 1
                     continue
@@ -451,6 +465,7 @@ class BlockManager:
             self._by_digest[digest] = block
             self._block_digest[block] = digest
             self._block_tokens[block] = tokens
+            self._block_salt[block] = seq.cache_salt
             self._block_entry[block] = entry
             self._block_parent_entry[block] = parent
             self._entry_to_block[entry] = block
@@ -510,6 +525,7 @@ class BlockManager:
                 self._region_registered[region] -= 1
         self._block_digest[block] = None
         self._block_tokens[block] = None
+        self._block_salt[block] = None
         self._block_entry[block] = None
         self._block_parent_entry[block] = None
 

@@ -156,7 +156,6 @@ class LLMEngine:
         mc = model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         _check_context(mc, self.max_model_len)
-        prefix_caching = config.enable_prefix_caching and not _kv_depends_on_length(mc, self.max_model_len)
         self.vocab_size = mc.vocab_size
         kv_dtype = config.kv_cache_dtype or self.dtype
         per_block = kv_bytes_per_block(mc, config.block_size, kv_dtype)
@@ -178,7 +177,7 @@ class LLMEngine:
         # by attention in place, without copying its keys and values (see _paged_attention).
         regions = -(-self.max_model_len // config.block_size)
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, prefix_caching, region_blocks=regions
+            num_blocks, config.block_size, config.enable_prefix_caching, region_blocks=regions
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -259,6 +258,7 @@ class LLMEngine:
             # Samples share the prompt list (never mutated) and the completion shares the sequence's
             # output list: generated ids are kept once.
             seq = Sequence(next(self._seq_ids), request_id, prompt_ids, max_total)
+            seq.cache_salt = _cache_salt(self.model.config, len(prompt_ids))
             req.seqs.append(seq)
             req.detoks.append(
                 IncrementalDetokenizer(self.tokenizer, prompt_ids, params, eos_token_ids=self.eos_token_ids)
@@ -675,23 +675,17 @@ def _check_context(config: ModelConfig, max_model_len: int) -> None:
                       field="max_model_len")  # fmt: skip
 
 
-def _kv_depends_on_length(config: ModelConfig, max_model_len: int) -> bool:
-    """Whether cached K/V of a prefix depend on the rest of the sequence (so cannot be shared).
+def _cache_salt(config: ModelConfig, num_prompt: int) -> int | None:
+    """The prefix-cache salt of a sequence with a ``num_prompt``-token prompt (None: no salt).
 
-    Dynamic NTK past the trained context rotates a prompt's keys with a base set by the prompt's
-    whole length, so two prompts sharing a prefix hold different K/V for it.
+    Dynamic NTK past the trained context rotates every prompt token with a base set by the whole
+    prompt's length (see :func:`_rope_seq_lens`), so a prefix's K/V are shared only between prompts of
+    the same length. Within the trained context the base never changes, and the tokens alone decide.
     """
     rs = config.rope_scaling
-    dynamic = rs is not None and rs.rope_type == "dynamic"
-    if dynamic and max_model_len > config.max_position_embeddings:
-        logger.warning(
-            "prefix caching is off: with dynamic NTK RoPE and max_model_len %d > max_position_embeddings "
-            "%d, a prefix's cached keys depend on the length of the prompt that computed them",
-            max_model_len,
-            config.max_position_embeddings,
-        )
-        return True
-    return False
+    if rs is not None and rs.rope_type == "dynamic" and num_prompt > config.max_position_embeddings:
+        return num_prompt
+    return None
 
 
 def _rope_seq_lens(

@@ -61,6 +61,9 @@ class Sequence:
         error: Why it failed, when ``status`` is :attr:`SequenceStatus.FINISHED_ERROR`.
         block_hashes: Prefix-cache digests of its full blocks, filled lazily by the block manager.
             Full blocks never change (tokens are only appended), so they survive preemption.
+        cache_salt: Set where this sequence's K/V depend on more than its tokens (dynamic-NTK RoPE
+            past the trained context rotates a prompt by its whole length, so the salt is that
+            length): its blocks are shared only with sequences of the same salt.
     """
 
     seq_id: int
@@ -75,6 +78,7 @@ class Sequence:
     num_preemptions: int = 0
     error: str | None = None
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    cache_salt: int | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
