@@ -1,9 +1,14 @@
-"""Fixtures for lmstack-infer tests: a tiny random model with a real trained tokenizer, on disk."""
+"""Fixtures for lmstack-infer tests: a tiny random model with a real trained tokenizer, on disk.
+
+pytest's importlib mode puts no test folder on sys.path; helper modules beside the tests
+(``live_server``) are importable by name because this folder is added here.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,9 @@ import torch
 from lmstack.core import CausalLM, ModelConfig, save_pretrained, train_bpe_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 WORDS = [

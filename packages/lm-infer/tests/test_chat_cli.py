@@ -13,13 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from live_server import serve_app
 
 from lmstack.infer import LLM, SamplingParams
 from lmstack.infer._chat_cli import ChatSession
@@ -175,24 +175,12 @@ def test_ctrl_c_during_a_reply_aborts_it_and_drops_the_turn(
 @pytest.fixture(scope="module")
 def server_url(llm: LLM) -> Iterator[str]:
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from lmstack.infer.server import ServerConfig, create_app
 
     app = create_app(llm, ServerConfig(model_name="tiny", api_keys=[KEY]))
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, ws="none", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    with serve_app(app) as url:
+        yield url
 
 
 def test_remote_history_reset_and_system(server_url: str, expected: dict[str, str]) -> None:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
+
+from live_server import serve_app  # noqa: E402
 
 from lmstack.infer import (  # noqa: E402
     LLM,
@@ -52,20 +51,10 @@ def url(long_model_dir: Path) -> Iterator[str]:
     """``lmstack serve``'s app on the model with a 2048-token context, served by uvicorn."""
     llm = LLM(long_model_dir)
     app = create_app(llm, ServerConfig(model_name=MODEL))
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, ws="none", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with serve_app(app) as base:
+            yield base
     finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
         llm.close()
 
 

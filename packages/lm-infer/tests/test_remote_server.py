@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
+
+from live_server import serve_app  # noqa: E402
 
 from lmstack.infer import LLM, LLMProtocol, RemoteInvalidRequestError, RemoteLLM, SamplingParams  # noqa: E402
 from lmstack.infer.server import ServerConfig, create_app  # noqa: E402
@@ -54,20 +54,8 @@ class Served:
 def served(model_dir: Path) -> Iterator[Served]:
     llm = LLM(model_dir)
     app = create_app(llm, ServerConfig(model_name=MODEL, api_keys=[KEY]))
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, ws="none", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", llm)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    with serve_app(app) as base:
+        yield Served(base, llm)
 
 
 @pytest.fixture(scope="module")
