@@ -1,0 +1,1 @@
+"""Weight quantization: round-to-nearest, AWQ, weight-only linears and quantized checkpoints."""
