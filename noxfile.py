@@ -18,7 +18,7 @@ CONSTRAINTS = ROOT / "ci" / "constraints.txt"
 LAYERS = ("core", "train", "infer", "eval", "agent", "rag")
 
 nox.needs_version = ">=2024.4.15"  # nox.project.load_toml, reuse_venv
-nox.options.sessions = ["lint", "layers", "typecheck", *LAYERS, "tests", "quickstart"]
+nox.options.sessions = ["lint", "layers", "typecheck", *LAYERS, "gguf", "tests", "quickstart"]
 nox.options.reuse_venv = "no"
 # uv cannot see the local CPU torch wheel: keep nox on virtualenv + pip.
 nox.options.default_venv_backend = "virtualenv"
@@ -79,6 +79,14 @@ def _make_library_session(layer: str) -> None:
 
 for _layer in LAYERS:
     _make_library_session(_layer)
+
+
+@nox.session
+def gguf(session: nox.Session) -> None:
+    """GGUF export checked against llama.cpp itself (llama-cpp-python builds llama.cpp from source)."""
+    _install(session, _local("core", "test"), "llama-cpp-python")
+    _check_installed(session, ["core"])
+    session.run("pytest", "packages/lm-core/tests/test_gguf.py", "-m", "llamacpp", *session.posargs)
 
 
 @nox.session

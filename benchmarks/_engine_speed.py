@@ -49,90 +49,16 @@ def prompts(n: int, length: int, seed: int = SEED) -> list[list[int]]:
 
 
 # -- GGUF ------------------------------------------------------------------------------------------------
-def _rope_rows_to_interleaved(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder a Q or K projection's output rows from HF's rotate-half RoPE to llama.cpp's pairwise one.
-
-    HF's llama rotates dimension ``i`` of a head with ``i + head_dim/2``; llama.cpp's ``LLM_ARCH_LLAMA``
-    rotates ``2i`` with ``2i + 1``. Within each head, row ``j`` of the first half goes to row ``2j``
-    and row ``j`` of the second half to ``2j + 1``, which makes both compute the same attention scores.
-    """
-    rows, cols = weight.shape
-    head_dim = rows // n_heads
-    halves = weight.reshape(n_heads, 2, head_dim // 2, cols)  # [head, half, j, in]
-    return np.ascontiguousarray(halves.transpose(0, 2, 1, 3).reshape(rows, cols))  # [head, j, half, in]
-
-
 def write_gguf(model_dir: Path, out: Path) -> Path:
     """Write the HF-layout checkpoint in ``model_dir`` as an f32 GGUF llama.cpp loads as ``llama``.
 
-    The vocabulary is a placeholder SentencePiece one (special tokens, the 256 byte tokens, then
-    ``<tok_i>``): prompts are token ids, so only its size matters.
+    lmstack-core's :func:`~lmstack.core.export_gguf` does the work; the vocabulary is its placeholder
+    SentencePiece one (special tokens, the 256 byte tokens, then ``<tok_i>``): prompts are token ids,
+    so only its size matters.
     """
-    import gguf
-    from safetensors.numpy import load_file
+    from lmstack.core import export_gguf
 
-    cfg = config()
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
-    tensors: dict[str, np.ndarray] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    w = gguf.GGUFWriter(str(out), "llama")
-    w.add_name("lmstack-bench-56m")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    specials = ["<unk>", "<s>", "</s>"]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    fillers = [f"<tok_{i}>" for i in range(cfg.vocab_size - len(specials) - len(byte_tokens))]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(specials + byte_tokens + fillers)
-    w.add_token_scores([0.0] * cfg.vocab_size)
-    kinds = gguf.TokenType
-    w.add_token_types(
-        [kinds.UNKNOWN, kinds.CONTROL, kinds.CONTROL]
-        + [kinds.BYTE] * len(byte_tokens)
-        + [kinds.NORMAL] * len(fillers)
-    )
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-
-    def put(name: str, value: np.ndarray) -> None:
-        # GGUF lists dimensions innermost first: numpy's (out, in) row-major array is ggml's [in, out].
-        w.add_tensor(name, np.ascontiguousarray(value, dtype=np.float32))
-
-    put("token_embd.weight", tensors["model.embed_tokens.weight"])
-    put("output_norm.weight", tensors["model.norm.weight"])
-    put("output.weight", tensors["lm_head.weight"])
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        put(f"blk.{i}.attn_norm.weight", tensors[p + "input_layernorm.weight"])
-        put(
-            f"blk.{i}.attn_q.weight",
-            _rope_rows_to_interleaved(tensors[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
-        )
-        put(f"blk.{i}.attn_k.weight", _rope_rows_to_interleaved(tensors[p + "self_attn.k_proj.weight"], n_kv))
-        put(f"blk.{i}.attn_v.weight", tensors[p + "self_attn.v_proj.weight"])
-        put(f"blk.{i}.attn_output.weight", tensors[p + "self_attn.o_proj.weight"])
-        put(f"blk.{i}.ffn_norm.weight", tensors[p + "post_attention_layernorm.weight"])
-        put(f"blk.{i}.ffn_gate.weight", tensors[p + "mlp.gate_proj.weight"])
-        put(f"blk.{i}.ffn_up.weight", tensors[p + "mlp.up_proj.weight"])
-        put(f"blk.{i}.ffn_down.weight", tensors[p + "mlp.down_proj.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
+    return export_gguf(model_dir, out, type="f32", placeholder_vocab=True, name="lmstack-bench-56m")
 
 
 # -- the three systems ------------------------------------------------------------------------------------

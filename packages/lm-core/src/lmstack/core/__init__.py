@@ -8,7 +8,8 @@ The bottom of the lmstack stack. Everything a higher layer needs from a model li
   :class:`AttentionBackend` chosen per call (:class:`DenseAttention`, :class:`PackedAttention`, or a
   paged KV cache implemented by lmstack-infer).
 * :func:`load_pretrained` / :func:`save_pretrained`: streaming, atomic Hugging Face checkpoints;
-  :func:`atomic_directory`, the one way any layer replaces a directory on disk.
+  :func:`atomic_directory`, the one way any layer replaces a directory on disk; :func:`export_gguf`
+  writes a model and its tokenizer as one GGUF file for llama.cpp.
 * :class:`Tokenizer` / :func:`train_bpe_tokenizer`: ``tokenizer.json`` or sentencepiece, the model's own
   chat template (InternLM2 ChatML built in), byte-level BPE training.
 """
@@ -16,7 +17,7 @@ The bottom of the lmstack stack. Everything a higher layer needs from a model li
 from lmstack.core._atomic import atomic_directory, atomic_write_file
 from lmstack.core._config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, load_config
 from lmstack.core._errors import CheckpointError, ConfigError, LMStackError, TokenizerError
-from lmstack.core.checkpoint import load_pretrained, save_pretrained
+from lmstack.core.checkpoint import export_gguf, load_pretrained, save_pretrained
 from lmstack.core.model import AttentionBackend, CausalLM, DenseAttention, PackedAttention
 from lmstack.core.tokenizer import Tokenizer, train_bpe_tokenizer
 
@@ -38,6 +39,7 @@ __all__ = [
     "__version__",
     "atomic_directory",
     "atomic_write_file",
+    "export_gguf",
     "load_config",
     "load_pretrained",
     "save_pretrained",

@@ -1,4 +1,4 @@
-"""lmstack-core's own command-line verbs: ``lmstack inspect`` and ``lmstack convert``.
+"""lmstack-core's own command-line verbs: ``lmstack inspect`` and ``lmstack convert`` (HF or GGUF).
 
 They are registered through the ``lmstack.commands`` entry-point group like any other layer's verbs.
 The checkpoint and model code is imported inside the commands, when one runs.
@@ -124,6 +124,16 @@ def _run_convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if dst.resolve() == src.resolve():
         raise CheckpointError(f"convert writes a new checkpoint; DST must differ from SRC ({src}).")
+    if args.to == "gguf":
+        return _run_convert_gguf(args, src, dst)
+    for flag, value in (
+        ("--type", args.type),
+        ("--dynamic-rope-as-plain", args.dynamic_rope_as_plain or None),
+    ):
+        if value is not None:
+            raise CheckpointError(
+                f"{flag} applies to GGUF output only; add --to gguf (and a DST ending .gguf)."
+            )
 
     import torch
 
@@ -143,6 +153,27 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_convert_gguf(args: argparse.Namespace, src: Path, dst: Path) -> int:
+    for flag, value in (("--dtype", args.dtype), ("--max-shard-size", args.max_shard_size)):
+        if value is not None:
+            raise CheckpointError(
+                f"{flag} applies to --to hf only; GGUF output takes --type f32|f16|q8_0 instead."
+            )
+    if dst.suffix.lower() != ".gguf":
+        raise CheckpointError(
+            f"with --to gguf, DST is the GGUF file to write and must end in .gguf, got {dst}."
+        )
+
+    from lmstack.core.checkpoint import export_gguf
+
+    gguf_type = args.type or "f32"
+    export_gguf(
+        src, dst, type=gguf_type, dynamic_rope_as_plain=args.dynamic_rope_as_plain, show_progress=True
+    )
+    print(f"wrote {dst} (GGUF, {gguf_type})")
+    return 0
+
+
 class _SideFiles:
     """Copies the source's tokenizer and generation files into the checkpoint save_pretrained stages."""
 
@@ -159,16 +190,34 @@ class _SideFiles:
 
 
 def register_convert(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``lmstack convert SRC DST [--dtype ...]``: rewrite a checkpoint through lmstack."""
+    """Add ``lmstack convert SRC DST [--dtype ...] [--to gguf --type ...]``: rewrite a checkpoint."""
     parser = subparsers.add_parser(
         "convert",
-        help="load a checkpoint and write it again (cast dtype, reshard), tokenizer files included",
+        help="write a checkpoint again (cast dtype, reshard), or as one GGUF file for llama.cpp",
         description="Load a Hugging Face checkpoint with lmstack and save it to DST in the Hugging Face "
-        "layout (sharded safetensors with index), optionally cast to another dtype. Tokenizer and "
-        "generation files are copied along.",
+        "layout (sharded safetensors with index), optionally cast to another dtype; tokenizer and "
+        "generation files are copied along. With --to gguf, write DST as a GGUF file (weights, "
+        "hyperparameters, tokenizer and chat template) that llama.cpp loads.",
     )
     parser.add_argument("src", help="source checkpoint directory")
-    parser.add_argument("dst", help="destination directory (created)")
+    parser.add_argument("dst", help="destination directory (created), or the .gguf file with --to gguf")
+    parser.add_argument(
+        "--to",
+        choices=("hf", "gguf"),
+        default="hf",
+        help="output format: a Hugging Face checkpoint directory (default) or a GGUF file",
+    )
+    parser.add_argument(
+        "--type",
+        choices=("f32", "f16", "q8_0"),
+        help="GGUF tensor type (with --to gguf; default f32, lossless for any checkpoint dtype)",
+    )
+    parser.add_argument(
+        "--dynamic-rope-as-plain",
+        action="store_true",
+        help="with --to gguf: write a dynamic-NTK RoPE model as plain RoPE (exact up to its "
+        "max_position_embeddings) instead of refusing it",
+    )
     parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
