@@ -477,6 +477,34 @@ def test_regions_keep_interleaved_growth_consecutive() -> None:
     bm.check_invariants([])
 
 
+def test_prefix_hits_at_a_region_start_continue_in_that_region() -> None:
+    # A chat's next turn (or the same prompt again) hits the blocks its earlier sequence left at the
+    # start of a region: it takes that region over and stays consecutive, so attention reads it in place.
+    bm = BlockManager(num_blocks=16, block_size=4, region_blocks=4)
+    first = make_seq(list(range(1, 10)), max_total=16)  # 9 tokens: 2 full blocks + 1
+    compute(bm, first)
+    assert first.block_table == [0, 1, 2]
+    bm.free(first)
+    turn2 = make_seq(list(range(1, 10)) + [50, 51, 52], max_total=16)
+    compute(bm, turn2)
+    assert turn2.num_cached_prompt_tokens == 8  # the two full blocks were hits
+    assert turn2.block_table == [0, 1, 2]  # block 2 (the partial block) was taken again in place
+    for _ in range(4):
+        turn2.output_token_ids.append(7)
+        compute(bm, turn2, 1)
+    assert turn2.block_table == [0, 1, 2, 3]
+    bm.check_invariants([turn2])
+    # A second sequence hitting the same blocks while the region is owned gathers (any free block).
+    other = make_seq(list(range(1, 10)) + [60], max_total=16)
+    compute(bm, other)
+    assert other.block_table[:2] == [0, 1] and not _consecutive(other.block_table)
+    bm.check_invariants([turn2, other])
+    # Hits that are not a region's first blocks claim nothing.
+    bm.free(turn2)
+    bm.free(other)
+    bm.check_invariants([])
+
+
 def test_regions_without_room_fall_back_and_count_blocks_the_same() -> None:
     # 2 regions of 3 blocks plus 1 block outside any region.
     bm = BlockManager(num_blocks=7, block_size=2, enable_prefix_caching=False, region_blocks=3)

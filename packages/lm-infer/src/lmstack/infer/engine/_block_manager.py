@@ -327,8 +327,11 @@ class BlockManager:
                     len(hits),
                     self._block_entry[hits[-1]] if hits else None,
                 )
-        if fresh and not hits and self._num_regions:
-            self._claim_region(seq.seq_id)
+        if fresh and self._num_regions:
+            if not hits:
+                self._claim_region(seq.seq_id)
+            else:
+                self._claim_hit_region(seq.seq_id, hits)
         region = self._seq_region.get(seq.seq_id)
         for _ in range(num_new_blocks):
             taken = None if region is None else self._take_region_block(region, len(seq.block_table))
@@ -349,6 +352,19 @@ class BlockManager:
         ]
         if free:
             region = next((r for r in free if not self._region_registered[r]), free[0])
+            self._region_owner[region] = seq_id
+            self._seq_region[seq_id] = region
+
+    def _claim_hit_region(self, seq_id: int, hits: list[int]) -> None:
+        # Prefix hits that are the first blocks of an unowned region (the previous turn of a chat, the
+        # same prompt again: its earlier sequence left them there) continue in that region, so the
+        # sequence stays consecutive and is read in place instead of gathered every step.
+        region = self._region_of(hits[0])
+        if region is None or self._region_owner[region] is not None:
+            return
+        assert self._region_blocks is not None
+        first = region * self._region_blocks
+        if hits == list(range(first, first + len(hits))):
             self._region_owner[region] = seq_id
             self._seq_region[seq_id] = region
 
