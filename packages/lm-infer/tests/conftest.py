@@ -17,6 +17,9 @@ import torch
 from lmstack.core import CausalLM, ModelConfig, save_pretrained, train_bpe_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton builds its language for the interpreter only if this is set before triton is first imported;
+# the kernel tests run every kernel on the CPU through it. The engine's "auto" still picks torch here.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)

@@ -485,7 +485,7 @@ def test_prefix_hits_at_a_region_start_continue_in_that_region() -> None:
     compute(bm, first)
     assert first.block_table == [0, 1, 2]
     bm.free(first)
-    turn2 = make_seq(list(range(1, 10)) + [50, 51, 52], max_total=16)
+    turn2 = make_seq([*range(1, 10), 50, 51, 52], max_total=16)
     compute(bm, turn2)
     assert turn2.num_cached_prompt_tokens == 8  # the two full blocks were hits
     assert turn2.block_table == [0, 1, 2]  # block 2 (the partial block) was taken again in place
@@ -495,7 +495,7 @@ def test_prefix_hits_at_a_region_start_continue_in_that_region() -> None:
     assert turn2.block_table == [0, 1, 2, 3]
     bm.check_invariants([turn2])
     # A second sequence hitting the same blocks while the region is owned gathers (any free block).
-    other = make_seq(list(range(1, 10)) + [60], max_total=16)
+    other = make_seq([*range(1, 10), 60], max_total=16)
     compute(bm, other)
     assert other.block_table[:2] == [0, 1] and not _consecutive(other.block_table)
     bm.check_invariants([turn2, other])
