@@ -26,7 +26,7 @@ import logging
 import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -40,10 +40,12 @@ from lmstack.infer.engine._block_manager import BlockManager
 from lmstack.infer.engine._detokenizer import IncrementalDetokenizer
 from lmstack.infer.engine._guided import GrammarCache
 from lmstack.infer.engine._input_batch import InputBatch
+from lmstack.infer.engine._kernel_attention import KernelPagedAttention
 from lmstack.infer.engine._paged_attention import KVCache, PagedAttention, kv_bytes_per_block
 from lmstack.infer.engine._sampler import Sampler, SamplingState, make_generator
 from lmstack.infer.engine._scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from lmstack.infer.engine._sequence import Sequence, SequenceStatus
+from lmstack.infer.kernels import PagedKV, QuantizedKVLayout, apply_kernels, resolve_kernels
 
 __all__ = ["EngineConfig", "LLMEngine"]
 
@@ -72,7 +74,13 @@ class EngineConfig:
             ``max_position_embeddings``.
         enable_prefix_caching: Share full KV blocks between requests with a common prefix.
         enable_chunked_prefill: Split long prompts across steps under the token budget.
-        kv_cache_dtype: Storage dtype of the cache (default: the model's dtype).
+        kv_cache_dtype: Storage of the cache: a float dtype (default: the model's), or ``"int8"`` /
+            ``"int4"`` for a quantized cache (asymmetric codes with a scale and zero point per token and
+            KV head, quantized as written, dequantized as read): the same byte budget then holds about
+            2x / 3-4x more tokens (see :attr:`LLMEngine.kv_bytes_per_token`).
+        kernels: ``"auto"`` (Triton on CUDA when it is installed, torch otherwise), ``"triton"`` or
+            ``"torch"``; chosen once here. The ``LMSTACK_KERNELS`` environment variable overrides
+            ``"auto"``.
         fuse_weights: Fuse q/k/v and gate/up and lay weights out for this device at load, in place
             (:meth:`~lmstack.core.CausalLM.prepare_for_inference`); checkpoints keep the HF layout.
     """
@@ -85,7 +93,8 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    kv_cache_dtype: torch.dtype | None = None
+    kv_cache_dtype: torch.dtype | str | None = None
+    kernels: str = "auto"
     fuse_weights: bool = True
 
     def __post_init__(self) -> None:
@@ -101,6 +110,12 @@ class EngineConfig:
                 raise ConfigError(
                     f"EngineConfig.{name} must be a positive integer, got {value!r}.", field=name
                 )
+        _kv_cache_kind(self.kv_cache_dtype, torch.float32)  # an unknown kind fails here, not at load
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ConfigError(
+                f"EngineConfig.kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}.",
+                field="kernels",
+            )
 
 
 @dataclass
@@ -153,12 +168,24 @@ class LLMEngine:
             model.prepare_for_inference()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # Triton or torch, once: norms, rotary and activation switch modules; attention switches backend.
+        self.kernels = resolve_kernels(config.kernels, self.device)
+        if self.kernels == "triton":
+            apply_kernels(model)
         mc = model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         _check_context(mc, self.max_model_len)
         self.vocab_size = mc.vocab_size
-        kv_dtype = config.kv_cache_dtype or self.dtype
-        per_block = kv_bytes_per_block(mc, config.block_size, kv_dtype)
+        kv_dtype, kv_bits = _kv_cache_kind(config.kv_cache_dtype, self.dtype)
+        assert mc.num_key_value_heads is not None and mc.head_dim is not None
+        kv_layout = None if kv_bits is None else QuantizedKVLayout(kv_bits, mc.head_dim)
+        if kv_layout is None:
+            per_block = kv_bytes_per_block(mc, config.block_size, kv_dtype)
+        else:
+            per_token = kv_layout.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads)
+            per_block = per_token * config.block_size
+        #: KV-cache bytes one token takes, across layers, keys and values (codes and scales included).
+        self.kv_bytes_per_token = per_block // config.block_size
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         elif config.kv_cache_memory is not None:
@@ -172,7 +199,19 @@ class LLMEngine:
                 "raise kv_cache_memory.",
                 field="kv_cache_memory",
             )
-        self.cache = KVCache(mc, num_blocks, config.block_size, kv_dtype, self.device)
+        if kv_layout is None:
+            self.cache: KVCache | None = KVCache(mc, num_blocks, config.block_size, kv_dtype, self.device)
+            self.kv = PagedKV(self.cache.keys, self.cache.values)
+        else:
+            self.cache = None  # only the kernels' backend reads a quantized cache
+            self.kv = kv_layout.allocate(
+                mc.num_hidden_layers, num_blocks * config.block_size, mc.num_key_value_heads, self.device
+            )
+        # Which attention backend a step uses: None = PagedAttention (the CPU float path, which reads
+        # decoding sequences in place); else KernelPagedAttention with the kernels or their references.
+        self._kernel_attention: Literal["triton", "torch"] | None = (
+            "triton" if self.kernels == "triton" else "torch" if kv_layout is not None else None
+        )
         # A region per full-context sequence: a decoding sequence whose blocks stay consecutive is read
         # by attention in place, without copying its keys and values (see _paged_attention).
         regions = -(-self.max_model_len // config.block_size)
@@ -208,10 +247,13 @@ class LLMEngine:
         self.input_batch = InputBatch(max_blocks, config.block_size, self.device, sampling,
                                       capacity=min(config.max_num_seqs, 64))  # fmt: skip
         logger.info(
-            "KV cache: %d blocks x %d tokens (%.1f MB)",
+            "KV cache: %d blocks x %d tokens, %s, %d bytes a token (%.1f MB); %s kernels",
             num_blocks,
             config.block_size,
-            self.cache.nbytes / 1e6,
+            f"int{kv_bits}" if kv_bits else str(kv_dtype).removeprefix("torch."),
+            self.kv_bytes_per_token,
+            per_block * num_blocks / 1e6,
+            self.kernels,
         )
 
     # -- requests --------------------------------------------------------------------------------
@@ -456,14 +498,17 @@ class LLMEngine:
             rows = [batch.row_of(item.seq) for item in scheduled]
         inputs = batch.prepare(scheduled, rows)  # type: ignore[arg-type]  # every row is set now
         sampled = inputs.sampled
-        attn = PagedAttention(
-            self.cache,
-            inputs.slot_mapping,
-            [s.num_tokens for s in scheduled],
-            [s.seq.num_computed_tokens + s.num_tokens for s in scheduled],
-            [s.seq.block_table for s in scheduled],
-            window_sizes=self._windows,
-        )
+        query_lens = [s.num_tokens for s in scheduled]
+        context_lens = [s.seq.num_computed_tokens + s.num_tokens for s in scheduled]
+        tables = [s.seq.block_table for s in scheduled]
+        attn: PagedAttention | KernelPagedAttention
+        if self._kernel_attention is None:
+            assert self.cache is not None
+            attn = PagedAttention(self.cache, inputs.slot_mapping, query_lens, context_lens, tables,
+                                  window_sizes=self._windows)  # fmt: skip
+        else:
+            attn = KernelPagedAttention(self.kv, self.config.block_size, inputs.slot_mapping, query_lens,
+                                        context_lens, tables, self._kernel_attention)  # fmt: skip
         device = self.device
         logits = self.model(
             inputs.token_ids[None],
@@ -634,6 +679,34 @@ class LLMEngine:
 
 
 # -- per-request long context --------------------------------------------------------------------------
+_KV_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _kv_cache_kind(
+    value: torch.dtype | str | None, model_dtype: torch.dtype
+) -> tuple[torch.dtype, int | None]:
+    """``(storage dtype, bits)`` of a KV-cache setting: bits is 8 or 4 for a quantized cache, else None."""
+    if value is None or value == "auto":
+        return model_dtype, None
+    if isinstance(value, torch.dtype):
+        if not value.is_floating_point:
+            raise ConfigError(
+                f"EngineConfig.kv_cache_dtype {value} is not a float dtype; use a float dtype, 'int8' "
+                "or 'int4'.",
+                field="kv_cache_dtype",
+            )
+        return value, None
+    name = str(value).lower().removeprefix("torch.")
+    if name in ("int8", "int4"):
+        return torch.uint8, int(name[3:])
+    if name in _KV_FLOAT_DTYPES:
+        return _KV_FLOAT_DTYPES[name], None
+    raise ConfigError(
+        f"unknown kv_cache_dtype {value!r}; use 'auto', 'float32', 'float16', 'bfloat16', 'int8' or 'int4'.",
+        field="kv_cache_dtype",
+    )
+
+
 def _rope_context_limit(config: ModelConfig) -> int | None:
     """The longest sequence the model's RoPE is defined for; None when it has no fixed end."""
     max_pos = config.max_position_embeddings
