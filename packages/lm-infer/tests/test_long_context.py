@@ -167,3 +167,27 @@ def test_max_model_len_beyond_the_trained_context_needs_a_scaling_that_supports_
     with pytest.raises(ConfigError):
         _llm(llama3, MAX_POS + 1)
     assert _llm(None, MAX_POS).max_model_len == MAX_POS
+
+
+def _hf_loglikelihood(model_dir: Path, ctx: list[int], cont: list[int]) -> float:
+    """transformers' summed log-prob of ``cont`` after ``ctx``: one forward over ctx + cont[:-1] alone."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    ids = torch.tensor([ctx + cont[:-1]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(ctx) - 1 :].double()
+    return float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(cont)[:, None]).sum())
+
+
+def test_loglikelihood_uses_each_pairs_own_dynamic_ntk_length(ntk_model_dir: Path) -> None:
+    # Two choices sharing a context past the trained length, and a short pair scored in the same forward:
+    # each must get the RoPE base of its own length (before, the packed row's longest position set it).
+    llm = LLM(ntk_model_dir, max_model_len=1024)
+    vocab = llm.engine.vocab_size
+    long_ctx = _prompt(400, vocab, seed=7)
+    pairs = [(long_ctx, _prompt(5, vocab, seed=8)), (long_ctx, _prompt(3, vocab, seed=9)),
+             (_prompt(20, vocab, seed=10), _prompt(4, vocab, seed=11))]  # fmt: skip
+    got = llm.loglikelihood(pairs)
+    for (ctx, cont), (logprob, _) in zip(pairs, got, strict=True):
+        assert logprob == pytest.approx(_hf_loglikelihood(ntk_model_dir, ctx, cont), abs=1e-3), len(ctx)

@@ -85,7 +85,7 @@ def split_pair(
 
 
 def _context_groups(
-    pairs: Sequence[tuple[list[int], list[int]]], max_batch_tokens: int
+    pairs: Sequence[tuple[list[int], list[int]]], max_batch_tokens: int, alone_past: int | None = None
 ) -> tuple[list[list[int]], list[int]]:
     """Plan the scoring: distinct pairs in groups that share a context, and where each score comes from.
 
@@ -93,7 +93,9 @@ def _context_groups(
     so its cost is the context plus every continuation but its last token; groups are cut to the
     token budget where they can be. A continuation longer than its context scores alone: sharing
     would save little and widen the masked attention. A pair equal to an earlier one is not scored
-    again, so duplicates get identical scores.
+    again, so duplicates get identical scores. With ``alone_past`` (dynamic NTK RoPE's trained
+    context), a pair longer than that also scores alone: its RoPE base depends on its own length, so
+    its context cannot be shared with a pair of another length.
 
     Returns:
         The groups (indices into ``pairs``) and, per pair, the index of the pair it takes its score from.
@@ -105,7 +107,8 @@ def _context_groups(
         j = first.setdefault((tuple(ctx), tuple(cont)), i)
         source.append(j)
         if j == i:
-            by_context.setdefault((tuple(ctx), -1 if len(cont) <= len(ctx) else i), []).append(i)
+            alone = len(cont) > len(ctx) or (alone_past is not None and len(ctx) + len(cont) - 1 > alone_past)
+            by_context.setdefault((tuple(ctx), i if alone else -1), []).append(i)
     groups: list[list[int]] = []
     for members in by_context.values():
         group: list[int] = []
@@ -119,6 +122,13 @@ def _context_groups(
             tokens += n
         groups.append(group)
     return groups, source
+
+
+def _dynamic_rope_limit(engine: LLMEngine) -> int | None:
+    """The trained context when the model's RoPE is dynamic NTK (its base then depends on length)."""
+    config = engine.model.config
+    rs = config.rope_scaling
+    return config.max_position_embeddings if rs is not None and rs.rope_type == "dynamic" else None
 
 
 def _group_tokens(pairs: Sequence[tuple[list[int], list[int]]], group: list[int]) -> int:
@@ -142,7 +152,7 @@ def score_pairs(
         max_batch_tokens: Token budget of one packed forward (a longer group still runs, alone).
         progress: Called with the number of pairs each batch finished.
     """
-    groups, source = _context_groups(pairs, max_batch_tokens)
+    groups, source = _context_groups(pairs, max_batch_tokens, _dynamic_rope_limit(engine))
     copies = Counter(source)
     sizes = [_group_tokens(pairs, g) for g in groups]
     results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
@@ -256,6 +266,17 @@ def _score_packed(
         branches.append(branch if len(group) > 1 else None)
     device = engine.device
     position_ids = torch.tensor([positions], device=device)
+    # Dynamic NTK: each pair's RoPE base from its own length, as one forward over it alone computes it
+    # (lm-evaluation-harness's context + continuation[:-1]); a long pair always scores alone.
+    # A shared context's pairs are all within the trained context (see _context_groups): plain RoPE.
+    rope_seq_lens = None
+    limit = _dynamic_rope_limit(engine)
+    if limit is not None:
+        sizes = [_group_tokens(pairs, g) for g in groups]
+        lens = [n if len(g) == 1 else min(n, limit) for g, n in zip(groups, sizes, strict=True)]
+        if max(lens) > limit:
+            per_token = [n for n, size in zip(lens, sizes, strict=True) for _ in range(size)]
+            rope_seq_lens = torch.tensor([per_token], device=device)
     attention = (
         PackedAttention(torch.tensor(cu))
         if all(b is None for b in branches)  # no shared contexts: the packed backend (flash-attn on GPU)
@@ -265,6 +286,7 @@ def _score_packed(
         torch.tensor([ids], device=device),
         position_ids,
         attention,
+        rope_seq_lens=rope_seq_lens,
         logits_indices=torch.tensor(picks, device=device),
     ).float()
     target = torch.tensor(targets, device=device)
