@@ -333,7 +333,11 @@ class LLM:
                 raise InvalidRequestError("LLM(model) with a model object needs tokenizer=...")
             net = model
         else:
-            net = load_pretrained(model, dtype=dtype, device=device)
+            from lmstack.infer.quant import is_quantized_checkpoint, load_quantized  # lazy: quant is optional
+
+            # A checkpoint with a quantization_config (AWQ, GPTQ, lmstack's own) loads quantized.
+            load = load_quantized if is_quantized_checkpoint(model) else load_pretrained
+            net = load(model, dtype=dtype, device=device)
             tokenizer = tokenizer or Tokenizer.from_pretrained(model)
         self.engine = LLMEngine(net, tokenizer, EngineConfig(**engine_options))
         # The engine lock: held by whoever touches the engine (the engine thread for a turn, a

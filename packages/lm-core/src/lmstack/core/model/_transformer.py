@@ -285,7 +285,7 @@ class CausalLM(nn.Module):
             raise ConfigError("prepare_for_inference needs real weights; load the checkpoint first.")
         for name, module in self.named_modules():
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in _PROJECTIONS and type(module) is not nn.Linear:
+            if leaf in _PROJECTIONS and type(module) is not nn.Linear and not _inference_ready(module):
                 raise ConfigError(
                     f"prepare_for_inference needs plain nn.Linear projections, but {name} is "
                     f"{type(module).__name__}; merge adapters (or dequantize) first."
@@ -296,7 +296,7 @@ class CausalLM(nn.Module):
             assert isinstance(layer, DecoderLayer)
             _fuse(layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), "o_proj", chosen)
             _fuse(layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"), "down_proj", chosen)
-        if not self.config.tie_word_embeddings:
+        if not self.config.tie_word_embeddings and not _inference_ready(self.lm_head):
             self.lm_head = InferenceLinear([("lm_head", self.lm_head)], "lm_head", chosen)  # type: ignore[assignment]
         self._inference_layout = chosen
         logger.info("prepared for inference: fused q/k/v and gate/up, %s weight layout", chosen)
@@ -344,6 +344,11 @@ class CausalLM(nn.Module):
         return self.lm_head(h)
 
 
+def _inference_ready(module: nn.Module) -> bool:
+    """Whether a module says it is already laid out for inference (a quantized linear, say)."""
+    return bool(getattr(module, "inference_ready", False))
+
+
 # The projections prepare_for_inference rewrites (by attribute name).
 _PROJECTIONS = frozenset(
     {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
@@ -353,11 +358,18 @@ _PROJECTIONS = frozenset(
 def _fuse(
     parent: nn.Module, fused: str, names: tuple[str, ...], out: str, layout: Literal["onednn", "dense"]
 ) -> None:
-    """Replace ``parent``'s ``names`` projections with one fused module, and its ``out`` projection."""
-    parts = [(name, getattr(parent, name)) for name in names]
+    """Replace ``parent``'s ``names`` projections with one fused module, and its ``out`` projection.
+
+    Modules already laid out for inference (``inference_ready``, e.g. lmstack-infer's quantized
+    linears, which fuse themselves) are left as they are.
+    """
+    if getattr(parent, fused) is None and all(type(getattr(parent, n)) is nn.Linear for n in names):
+        parts = [(name, getattr(parent, name)) for name in names]
+        for name in names:
+            delattr(parent, name)
+        setattr(parent, fused, InferenceLinear(parts, fused, layout))
     out_linear = getattr(parent, out)
-    for name in (*names, out):
-        delattr(parent, name)
-    # Registered in forward order, so state_dict() lists q, k, v before o (gate, up before down).
-    setattr(parent, fused, InferenceLinear(parts, fused, layout))
-    setattr(parent, out, InferenceLinear([(out, out_linear)], out, layout))
+    if type(out_linear) is nn.Linear:
+        # Registered after the fused module, so state_dict() lists q, k, v before o (gate, up before down).
+        delattr(parent, out)
+        setattr(parent, out, InferenceLinear([(out, out_linear)], out, layout))

@@ -98,8 +98,14 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory", help="KV-cache budget, e.g. 4GB (default: sized from max-num-seqs)")
     p.add_argument("--block-size", type=int, help="tokens per KV block (default: 16)")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks between prompts")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "float16", "bfloat16", "int8", "int4"),
-                   help="KV-cache storage; int8/int4 hold ~1.9x/~3.8x the tokens of fp16 (default: auto)")
-    p.add_argument("--kernels", choices=("auto", "triton", "torch"),
-                   help="Triton kernels or torch (default auto: Triton on CUDA when installed)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "float32", "float16", "bfloat16", "int8", "int4"),
+        help="KV-cache storage; int8/int4 hold ~1.9x/~3.8x the tokens of fp16 (default: auto)",
+    )
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "triton", "torch"),
+        help="Triton kernels or torch (default auto: Triton on CUDA when installed)",
+    )
     p.set_defaults(func=_run_serve)
