@@ -135,7 +135,7 @@ def quickstart(session: nox.Session) -> None:
     # same logits.
     _install(
         session,
-        _local("core"),
+        _local("core", "gguf"),
         _local("train"),
         _local("infer", "server"),
         _local("eval", "plots"),
