@@ -143,9 +143,10 @@ def rounded_model(model: CausalLM, gguf_type: str) -> CausalLM:
                 continue
             if gguf_type == "f16":
                 p.copy_(p.to(torch.float16).to(torch.float32))
-            elif gguf_type == "q8_0":
-                q = gguf.quants.quantize(p.numpy(), qt.Q8_0)
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, qt.Q8_0).reshape(p.shape)))
+            elif gguf_type in ("q8_0", "q4_0"):
+                kind = qt.Q8_0 if gguf_type == "q8_0" else qt.Q4_0
+                q = gguf.quants.quantize(p.numpy(), kind)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, kind).reshape(p.shape)))
     return copy.eval()
 
 
@@ -199,16 +200,16 @@ def test_transformers_loads_f32_with_same_logits(
     np.testing.assert_allclose(theirs, our_logits(model, ids), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0", "q4_0"])
 @pytest.mark.parametrize("case", ["llama-bpe-untied", "qwen2-bpe-untied-bias"], indirect=True)
-def test_transformers_loads_f16_and_q8_0(
+def test_transformers_loads_f16_q8_0_and_q4_0(
     case: tuple[CausalLM, Tokenizer, Path], gguf_type: str, tmp_path: Path
 ) -> None:
     model, _, src = case
     out = export_gguf(src, tmp_path / "model.gguf", type=gguf_type)
     reader = gguf.GGUFReader(str(out))
     stored = {t.name: t.tensor_type for t in reader.tensors}
-    want = gguf.GGMLQuantizationType.F16 if gguf_type == "f16" else gguf.GGMLQuantizationType.Q8_0
+    want = gguf.GGMLQuantizationType[gguf_type.upper()]
     assert stored["blk.0.attn_q.weight"] == want and stored["token_embd.weight"] == want
     assert stored["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32  # 1-D tensors stay f32
     hf = _hf_from_gguf(out)
@@ -219,9 +220,10 @@ def test_transformers_loads_f16_and_q8_0(
     np.testing.assert_allclose(theirs, our_logits(rounded_model(model, gguf_type), ids), rtol=0, atol=1e-5)
     # Against the unrounded model: f16 keeps 11 significant bits (relative error <= 2^-11 per weight),
     # q8_0 8 bits with one scale per 32 values (<= 1/254 of the block's largest weight); summed over
-    # 64-96-wide dot products and two layers that stays well under 1% / 5% of the logit scale.
+    # 64-96-wide dot products and two layers that stays well under 1% / 5% of the logit scale. q4_0
+    # keeps 4 bits (<= 1/16 of the block's largest weight): a looser 30%.
     ours = our_logits(model, ids)
-    bound = {"f16": 1e-2, "q8_0": 5e-2}[gguf_type] * float(np.abs(ours).max())
+    bound = {"f16": 1e-2, "q8_0": 5e-2, "q4_0": 0.3}[gguf_type] * float(np.abs(ours).max())
     assert float(np.abs(theirs - ours).max()) < bound
 
 

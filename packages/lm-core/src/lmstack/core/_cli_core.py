@@ -157,7 +157,7 @@ def _run_convert_gguf(args: argparse.Namespace, src: Path, dst: Path) -> int:
     for flag, value in (("--dtype", args.dtype), ("--max-shard-size", args.max_shard_size)):
         if value is not None:
             raise CheckpointError(
-                f"{flag} applies to --to hf only; GGUF output takes --type f32|f16|q8_0 instead."
+                f"{flag} applies to --to hf only; GGUF output takes --type f32|f16|q8_0|q4_0 instead."
             )
     if dst.suffix.lower() != ".gguf":
         raise CheckpointError(
@@ -209,7 +209,7 @@ def register_convert(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--type",
-        choices=("f32", "f16", "q8_0"),
+        choices=("f32", "f16", "q8_0", "q4_0"),
         help="GGUF tensor type (with --to gguf; default f32, lossless for any checkpoint dtype)",
     )
     parser.add_argument(

@@ -48,7 +48,7 @@ __all__ = ["GGUF_TYPES", "export_gguf"]
 
 logger = logging.getLogger(__name__)
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 """The tensor types :func:`export_gguf` writes (``type=``)."""
 
 _INSTALL_HINT = "pip install 'lmstack-core[gguf]'"
@@ -210,11 +210,12 @@ def _storage(gguf: Any, shape: tuple[int, ...], kind: str) -> Any:
         return qt.F32
     if kind == "f16":
         return qt.F16
-    block = gguf.GGML_QUANT_SIZES[qt.Q8_0][0]
+    quant = qt.Q8_0 if kind == "q8_0" else qt.Q4_0
+    block = gguf.GGML_QUANT_SIZES[quant][0]
     if shape[-1] % block:
-        logger.info("row size %d is not a multiple of %d: storing f16 instead of q8_0", shape[-1], block)
+        logger.info("row size %d is not a multiple of %d: storing f16 instead of %s", shape[-1], block, kind)
         return qt.F16
-    return qt.Q8_0
+    return quant
 
 
 def _encode(gguf: Any, values: np.ndarray, ggml_type: Any) -> np.ndarray:
@@ -549,14 +550,15 @@ def export_gguf(
     scaling and tokenizers covered). With ``type="f32"`` the weights are written exactly as the model
     computes with them (a bfloat16 or float16 checkpoint is widened without loss); ``"f16"`` halves
     them, ``"q8_0"`` quantizes every 2-D weight whose rows are a multiple of 32 to 8 bits per value
-    with one scale per block of 32 (others fall back to f16). Norm weights, biases and ``rope_freqs``
+    with one scale per block of 32 and ``"q4_0"`` to 4 bits (llama.cpp's symmetric 4-bit blocks of 32;
+    others fall back to f16). Norm weights, biases and ``rope_freqs``
     are always float32, as llama.cpp's own converter writes them. Tensors are converted and written
     one at a time; the file appears at ``out`` only once complete (an existing file is replaced then).
 
     Args:
         model: A :class:`~lmstack.core.CausalLM`, or a checkpoint directory to load.
         out: The ``.gguf`` file to write.
-        type: Tensor type: ``"f32"``, ``"f16"`` or ``"q8_0"``.
+        type: Tensor type: ``"f32"``, ``"f16"``, ``"q8_0"`` or ``"q4_0"``.
         tokenizer: The tokenizer (or its directory). Default: the checkpoint directory's, when
             ``model`` is a path.
         placeholder_vocab: Write a placeholder SentencePiece vocabulary of ``vocab_size`` tokens
@@ -594,6 +596,7 @@ def export_gguf(
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }[type]
     planned = _plan_tensors(model)
     kinds = [_storage(gguf, t.shape, type) for t in planned]
