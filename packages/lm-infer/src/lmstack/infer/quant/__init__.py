@@ -42,6 +42,7 @@ kernels: q/k/v as one int8 matrix took 18.5 us against 41.9 us as three calls, g
 on GPU is not measured (no GPU in this session).
 """
 
+from lmstack.infer.quant._awq import AWQResult, awq_quantize, calibration_tokens
 from lmstack.infer.quant._checkpoint import (
     QuantSpec,
     is_quantized_checkpoint,
@@ -53,8 +54,11 @@ from lmstack.infer.quant._linear import WeightOnlyLinear, int4_cpu_supported
 from lmstack.infer.quant._rtn import quantize_model
 
 __all__ = [
+    "AWQResult",
     "QuantSpec",
     "WeightOnlyLinear",
+    "awq_quantize",
+    "calibration_tokens",
     "int4_cpu_supported",
     "is_quantized_checkpoint",
     "load_quantized",
