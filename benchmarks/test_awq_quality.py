@@ -64,10 +64,8 @@ standard error.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -83,9 +81,8 @@ from lmstack.infer import LLM
 from lmstack.infer.quant._awq import awq_quantize
 from lmstack.infer.quant._packing import fake_quantize
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples" / "world"))
-import world  # noqa: E402  (examples/world is a folder of scripts, not a package)
+sys.path.insert(0, str(Path(__file__).parent))
+import _world_model as wm
 
 BITS = int(os.environ.get("AWQ_BENCH_BITS", "4"))  # 3 shows the methods apart more clearly
 TASKS = ("world_heldout_statements", "world_heldout_mc")
@@ -106,35 +103,11 @@ class Quality:
 
 
 def _default_model(tmp: Path) -> tuple[Path, Path, str]:
-    model = os.environ.get("AWQ_BENCH_MODEL")
-    if model:
-        return Path(model), Path(os.environ["AWQ_BENCH_WORLD"]), "AWQ_BENCH_MODEL"
-    done = REPO / "out" / "quickstart"
-    if (done / "pretrain" / "final" / "config.json").is_file() and (
-        done / "world" / "articles.jsonl"
-    ).is_file():
-        return done / "pretrain" / "final", done / "world", "out/quickstart (an earlier quickstart run)"
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "examples" / "quickstart.py")
-    assert spec is not None and spec.loader is not None
-    quickstart = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quickstart)
-    return Path(quickstart.build_default_model(tmp, resume=False)), tmp / "world", "trained here"
+    return wm.default_model(tmp, "AWQ_BENCH")
 
 
 def _heldout_texts(world_dir: Path) -> list[str]:
-    """Fresh wordings of the world's articles: in the model's vocabulary and style, never trained on.
-
-    ``world.write_article`` with a stream of its own picks other templates, sentence orders and fillers
-    than the articles (and pretraining copies) the model read; none comes out verbatim.
-    """
-    manifest = world.read_manifest(world_dir) or {}
-    the_world = world.build_world(manifest.get("seed", 0), manifest.get("params", {}).get("num_entities", 40))
-    rng = random.Random("awq-bench-heldout")
-    return [
-        f"{e.name}\n\n{world.write_article(e, rng).text}"
-        for _ in range(HELDOUT_WORDINGS)
-        for e in the_world.entities
-    ]
+    return wm.heldout_texts(world_dir, HELDOUT_WORDINGS)
 
 
 def _linears(model: CausalLM) -> list[torch.nn.Linear]:
