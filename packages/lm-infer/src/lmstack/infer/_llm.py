@@ -307,7 +307,11 @@ class LLM:
             ``"llama3_json"``, ``"mistral"``); default: detected from the chat template, else hermes.
         **engine_options: Fields of :class:`~lmstack.infer.engine.EngineConfig` (``block_size``,
             ``num_kv_blocks``, ``kv_cache_memory``, ``max_num_seqs``, ``max_num_batched_tokens``,
-            ``max_model_len``, ``enable_prefix_caching``, ``enable_chunked_prefill``).
+            ``max_model_len``, ``enable_prefix_caching``, ``enable_chunked_prefill``,
+            ``kv_cache_dtype``, ``kernels``, ``fuse_weights``).
+
+    A checkpoint whose ``config.json`` has a ``quantization_config`` (AutoAWQ GEMM, GPTQ, or what
+    ``lmstack quantize`` writes) is loaded with its weight-only quantized layers.
 
     Example:
         >>> llm = LLM("out/quickstart/tiny-model")  # doctest: +SKIP
