@@ -32,7 +32,7 @@ from pathlib import Path
 
 from lmstack.core._errors import LMStackError
 
-__all__ = ["atomic_directory", "atomic_write_file", "recover_directory"]
+__all__ = ["atomic_directory", "atomic_file", "atomic_write_file", "recover_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +242,24 @@ def atomic_write_file(path: str | os.PathLike[str], data: str | bytes, *, encodi
         LMStackError: ``path`` is a directory.
         OSError: The file could not be written (the old one is left as it was).
     """
+    payload = data.encode(encoding) if isinstance(data, str) else data
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(payload)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A hidden sibling of ``path`` to write; on success it replaces ``path`` in one atomic step.
+
+    For writers that need a file name rather than bytes (a GGUF writer, say): write the whole file to
+    the yielded path; when the block ends it is flushed to disk, given the mode ``open()`` would, and
+    renamed over ``path``, then the parent directory is flushed. If the block raises, the sibling is
+    removed and ``path`` is untouched. A sibling left by a killed writer is removed by the next write.
+
+    Raises:
+        LMStackError: ``path`` is a directory.
+    """
     target = Path(path)
     if target.is_dir():
         raise LMStackError(f"{target} is a directory; give the path of a file to write.")
@@ -249,13 +267,12 @@ def atomic_write_file(path: str | os.PathLike[str], data: str | bytes, *, encodi
     for leftover in target.parent.glob(f".{target.name}.tmp-*"):  # a killed writer's
         if leftover.is_file() and _stale(leftover):
             leftover.unlink(missing_ok=True)
-    payload = data.encode(encoding) if isinstance(data, str) else data
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_HOST}-{os.getpid()}-", dir=target.parent)
+    os.close(fd)
     tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
@@ -265,4 +282,3 @@ def atomic_write_file(path: str | os.PathLike[str], data: str | bytes, *, encodi
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
-    return target

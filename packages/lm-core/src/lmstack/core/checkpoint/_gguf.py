@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmstack.core._atomic import _HOST, _fsync_dir, _stale
+from lmstack.core._atomic import atomic_file
 from lmstack.core._config import ModelConfig, yarn_attention_factor
 from lmstack.core._errors import CheckpointError, ConfigError, TokenizerError
 
@@ -524,15 +523,6 @@ def _resolve_inputs(
     return model, Tokenizer.from_pretrained(where), name
 
 
-def _temp_sibling(target: Path) -> Path:
-    for leftover in target.parent.glob(f".{target.name}.tmp-*"):  # a killed writer's
-        if leftover.is_file() and _stale(leftover):
-            leftover.unlink(missing_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_HOST}-{os.getpid()}-", dir=target.parent)
-    os.close(fd)
-    return Path(name)
-
-
 def export_gguf(
     model: CausalLM | str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -602,32 +592,21 @@ def export_gguf(
     kinds = [_storage(gguf, t.shape, type) for t in planned]
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(target)
-    writer = gguf.GGUFWriter(str(tmp), _arch_of(config))
-    try:
-        _write_hparams(writer, gguf, config, name or default_name, file_type)
-        _write_tokenizer(writer, vocab, tok, config.vocab_size)
-        for tensor, kind in zip(planned, kinds, strict=True):
-            shape, dtype, nbytes = _nbytes(gguf, tensor.shape, kind)
-            writer.add_tensor_info(tensor.name, shape, np.dtype(dtype), nbytes, raw_dtype=kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for tensor, kind in _progress(planned, kinds, show_progress, target.name):
-            data = _encode(gguf, tensor.make(), kind)
-            writer.write_tensor_data(data)
-        writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the mode an open() would
-        os.replace(tmp, target)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
+    with atomic_file(target) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), _arch_of(config))
+        try:
+            _write_hparams(writer, gguf, config, name or default_name, file_type)
+            _write_tokenizer(writer, vocab, tok, config.vocab_size)
+            for tensor, kind in zip(planned, kinds, strict=True):
+                shape, dtype, nbytes = _nbytes(gguf, tensor.shape, kind)
+                writer.add_tensor_info(tensor.name, shape, np.dtype(dtype), nbytes, raw_dtype=kind)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for tensor, kind in _progress(planned, kinds, show_progress, target.name):
+                writer.write_tensor_data(_encode(gguf, tensor.make(), kind))
+        finally:
+            writer.close()
     logger.info("wrote %s (%s, %d tensors, %.1f MB)", target, type, len(planned), target.stat().st_size / 1e6)
     return target
 
