@@ -15,10 +15,26 @@
   OpenAI-messages and plain-text formats; tokenization through the model's chat template with loss
   on assistant turns; a pre-tokenization cache; best-fit packing with per-sample positions; a
   resumable, rank-aware loader.
+* Preference losses on packed batches (issue 16, in progress; the recipes are not written yet):
+  :func:`segment_logps` (per-segment log-probs of packed logits, chunked if asked), :func:`dpo_loss`
+  (sigmoid, IPO, hinge, label smoothing), :func:`orpo_loss`, :func:`simpo_loss`, :func:`kto_loss`,
+  :func:`reward_model_loss`; each matches TRL's implementation in the tests.
 """
 
 from lmstack.train._config import config_to_dict, load_train_config, save_config
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
+from lmstack.train._preference_losses import (
+    DPOLossType,
+    dpo_loss,
+    gather_pairs,
+    kto_loss,
+    orpo_loss,
+    reward_model_loss,
+    segment_ids_from_cu_seqlens,
+    segment_logps,
+    simpo_loss,
+    token_logps,
+)
 from lmstack.train.data import (
     DataConfig,
     ResumableLoader,
@@ -31,6 +47,7 @@ from lmstack.train.data._errors import DataError, TrainConfigError, TrainError
 __version__ = "0.1.0"
 
 __all__: list[str] = [
+    "DPOLossType",
     "DataConfig",
     "DataError",
     "OptimConfig",
@@ -42,8 +59,17 @@ __all__: list[str] = [
     "TrainResult",
     "build_dataset",
     "config_to_dict",
+    "dpo_loss",
+    "gather_pairs",
+    "kto_loss",
     "load_train_config",
+    "orpo_loss",
+    "reward_model_loss",
     "save_config",
+    "segment_ids_from_cu_seqlens",
+    "segment_logps",
+    "simpo_loss",
+    "token_logps",
     "tokenize_dataset",
     "train_loop",
 ]
