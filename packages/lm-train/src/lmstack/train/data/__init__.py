@@ -13,6 +13,11 @@
 * :func:`build_dataset`: all of the above from a :class:`DataConfig`; :class:`DataStats` counts
   what it read, skipped and padded.
 
+Preference data (issue 16, in progress): :func:`iter_preference_samples` reads TRL-style,
+OpenAI-messages-with-two-endings, UltraFeedback-style and KTO rows; :class:`PreferenceTokenizer` /
+:func:`tokenize_preferences` put the loss on the completion only; :func:`build_preference_dataset`
+packs each pair's chosen and rejected into the same bin (:class:`PreferenceBatch`), or pads them.
+
 Labels are unshifted everywhere (``labels[t]`` is the target of the logits at ``t - 1``) and -100
 (:data:`IGNORE_INDEX`) where no loss is taken, including the first token of every sample.
 """
@@ -22,26 +27,74 @@ from lmstack.train.data._config import DataConfig
 from lmstack.train.data._formats import Sample, iter_samples
 from lmstack.train.data._loader import DataPosition, ResumableLoader, build_dataset
 from lmstack.train.data._packing import PackedBatch, PackedDataset, PaddedBatch, PaddedDataset
+from lmstack.train.data._preference import (
+    PREFERENCE_MODES,
+    PreferenceSample,
+    PreferenceStats,
+    PreferenceTokenizer,
+    TokenizedPreference,
+    TokenizedPreferences,
+    detect_preference_format,
+    iter_preference_samples,
+    preference_cache_key,
+    tokenize_preferences,
+)
+from lmstack.train.data._preference_packing import (
+    KTOBatch,
+    PaddedKTOBatch,
+    PaddedPreferenceBatch,
+    PreferenceBatch,
+    PreferenceBin,
+    PreferencePackedDataset,
+    PreferencePaddedDataset,
+    PreferenceUnit,
+    build_preference_dataset,
+    collate_preference_bins,
+    collate_preference_padded,
+    fit_unit,
+)
 from lmstack.train.data._readers import resolve_data_files
 from lmstack.train.data._stats import DataStats
 from lmstack.train.data._tokenize import IGNORE_INDEX, ChatTemplateError, SampleTokenizer
 
 __all__ = [
     "IGNORE_INDEX",
+    "PREFERENCE_MODES",
     "ChatTemplateError",
     "DataConfig",
     "DataPosition",
     "DataStats",
+    "KTOBatch",
     "PackedBatch",
     "PackedDataset",
     "PaddedBatch",
     "PaddedDataset",
+    "PaddedKTOBatch",
+    "PaddedPreferenceBatch",
+    "PreferenceBatch",
+    "PreferenceBin",
+    "PreferencePackedDataset",
+    "PreferencePaddedDataset",
+    "PreferenceSample",
+    "PreferenceStats",
+    "PreferenceTokenizer",
+    "PreferenceUnit",
     "ResumableLoader",
     "Sample",
     "SampleTokenizer",
     "TokenizedDataset",
+    "TokenizedPreference",
+    "TokenizedPreferences",
     "build_dataset",
+    "build_preference_dataset",
+    "collate_preference_bins",
+    "collate_preference_padded",
+    "detect_preference_format",
+    "fit_unit",
+    "iter_preference_samples",
     "iter_samples",
+    "preference_cache_key",
     "resolve_data_files",
     "tokenize_dataset",
+    "tokenize_preferences",
 ]
