@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +34,10 @@ from lmstack.infer.kernels import (
     write_kv_torch,
 )
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _gpu_timing import time_us
+
 HQ, HKV, D, BLOCK, CTX = 32, 8, 128, 16, 2048
-
-
-def _time_us(fn: Any, warmup: int = 5, iters: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
 
 
 def _cache(batch: int, bits: int | None, gen: torch.Generator) -> tuple[PagedKV, torch.Tensor, torch.Tensor]:
@@ -95,8 +86,8 @@ def test_decode_attention_speed() -> None:
             ref = decode_attention_torch(q, cache, tables, ctx, **kw)
             torch.testing.assert_close(out.float(), ref.float(), atol=5e-3, rtol=0)
             args = (q, cache, tables, ctx)
-            t_triton = _time_us(functools.partial(decode_attention, *args, **kw, max_context_len=CTX))
-            t_torch = _time_us(functools.partial(decode_attention_torch, *args, **kw))
+            t_triton = time_us(functools.partial(decode_attention, *args, **kw, max_context_len=CTX))
+            t_torch = time_us(functools.partial(decode_attention_torch, *args, **kw))
             gbps = _cache_bytes(cache, batch) / (t_triton * 1e-6) / 1e9
             row = {
                 "kv": "fp16" if bits is None else f"int{bits}",

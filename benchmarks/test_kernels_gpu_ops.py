@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ from lmstack.infer.kernels._rotary import rotary_inplace, rotary_reference
 from lmstack.infer.kernels._w4a16 import w4a16_gemm, w4a16_gemm_reference
 from lmstack.infer.quant._packing import pack_awq, quantize_groupwise
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _gpu_timing import time_us
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -49,24 +53,11 @@ H200_BYTES_PER_S = 4.8e12
 RESULTS: list[dict[str, Any]] = []
 
 
-def _time_us(fn: Callable[[], Any], warmup: int = 5, iters: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
-
-
 def _compiled_us(ref: Callable[..., Any], *args: Any) -> float | str:
     """Microseconds of ``torch.compile(ref)(*args)``, or why it could not be compiled."""
     try:
         compiled = torch.compile(ref, dynamic=False)
-        return _time_us(lambda: compiled(*args))
+        return time_us(lambda: compiled(*args))
     except Exception as exc:  # reported, not hidden: the figure is then missing from the table
         return f"compile failed: {type(exc).__name__}: {exc}"[:200]
 
@@ -108,8 +99,8 @@ def test_rmsnorm_speed(tokens: int) -> None:
     w = torch.randn(HIDDEN, device="cuda", dtype=torch.float16, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(rmsnorm(x, w, 1e-6), rmsnorm_reference(x, w, 1e-6), rtol=4e-3, atol=4e-3)
-        t = _time_us(lambda: rmsnorm(x, w, 1e-6))
-        e = _time_us(lambda: rmsnorm_reference(x, w, 1e-6))
+        t = time_us(lambda: rmsnorm(x, w, 1e-6))
+        e = time_us(lambda: rmsnorm_reference(x, w, 1e-6))
         c = _compiled_us(rmsnorm_reference, x, w, 1e-6)
     _record("rmsnorm", tokens, t, e, c, bytes=2 * x.numel() * 2 + w.numel() * 2)
 
@@ -125,8 +116,8 @@ def test_fused_add_rmsnorm_speed(tokens: int) -> None:
         ref_out, ref_total = fused_add_rmsnorm_reference(x, r, w, 1e-6)
         assert torch.equal(total, ref_total)
         torch.testing.assert_close(out, ref_out, rtol=4e-3, atol=4e-3)
-        t = _time_us(lambda: fused_add_rmsnorm(x, r, w, 1e-6))
-        e = _time_us(lambda: fused_add_rmsnorm_reference(x, r, w, 1e-6))
+        t = time_us(lambda: fused_add_rmsnorm(x, r, w, 1e-6))
+        e = time_us(lambda: fused_add_rmsnorm_reference(x, r, w, 1e-6))
         c = _compiled_us(fused_add_rmsnorm_reference, x, r, w, 1e-6)
     _record("fused_add_rmsnorm", tokens, t, e, c, bytes=4 * x.numel() * 2 + w.numel() * 2)
 
@@ -147,8 +138,8 @@ def test_rotary_speed(tokens: int) -> None:
         torch.testing.assert_close(q, ref_q, rtol=4e-3, atol=4e-3)
         torch.testing.assert_close(k, ref_k, rtol=4e-3, atol=4e-3)
         # In place, so repeated calls keep rotating the same buffer: the work per call is identical.
-        t = _time_us(lambda: rotary_inplace(q, k, cos, sin))
-        e = _time_us(lambda: rotary_reference(q0, k0, cos, sin))
+        t = time_us(lambda: rotary_inplace(q, k, cos, sin))
+        e = time_us(lambda: rotary_reference(q0, k0, cos, sin))
         c = _compiled_us(rotary_reference, q0, k0, cos, sin)
     moved = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 2
     _record("rotary", tokens, t, e, c, bytes=moved)
@@ -160,8 +151,8 @@ def test_silu_and_mul_speed(tokens: int) -> None:
     x = torch.randn(tokens, 2 * INTER, device="cuda", dtype=torch.float16, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(silu_and_mul(x), silu_and_mul_reference(x), rtol=4e-3, atol=4e-3)
-        t = _time_us(lambda: silu_and_mul(x))
-        e = _time_us(lambda: silu_and_mul_reference(x))
+        t = time_us(lambda: silu_and_mul(x))
+        e = time_us(lambda: silu_and_mul_reference(x))
         c = _compiled_us(silu_and_mul_reference, x)
     _record("silu_and_mul", tokens, t, e, c, bytes=3 * tokens * INTER * 2)
 
@@ -178,10 +169,10 @@ def test_w4a16_gemm_speed(tokens: int, k: int, n: int) -> None:
         got = w4a16_gemm(x, qweight, qzeros, scales)
         ref = w4a16_gemm_reference(x, qweight, qzeros, scales)
         torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
-        t = _time_us(lambda: w4a16_gemm(x, qweight, qzeros, scales))
-        e = _time_us(lambda: w4a16_gemm_reference(x, qweight, qzeros, scales))
+        t = time_us(lambda: w4a16_gemm(x, qweight, qzeros, scales))
+        e = time_us(lambda: w4a16_gemm_reference(x, qweight, qzeros, scales))
         c = _compiled_us(w4a16_gemm_reference, x, qweight, qzeros, scales)
-        fp16_us = _time_us(lambda: torch.nn.functional.linear(x, dense))  # cuBLAS on the fp16 weight
+        fp16_us = time_us(lambda: torch.nn.functional.linear(x, dense))  # cuBLAS on the fp16 weight
     weight_bytes = qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * 2
     _record(
         f"w4a16_gemm[{k}x{n}]",

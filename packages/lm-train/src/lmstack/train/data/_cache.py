@@ -38,7 +38,7 @@ import weakref
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -48,7 +48,7 @@ from lmstack.core import Tokenizer, atomic_directory
 from lmstack.core.tokenizer import INTERNLM2_CHAT_TEMPLATE
 from lmstack.train.data._config import DataConfig
 from lmstack.train.data._errors import DataError, SkipPolicy
-from lmstack.train.data._formats import Sample, iter_samples
+from lmstack.train.data._formats import iter_samples
 from lmstack.train.data._readers import resolve_data_files
 from lmstack.train.data._stats import DataStats
 from lmstack.train.data._tokenize import ChatTemplateError, SampleTokenizer, TokenizedSample
@@ -302,8 +302,11 @@ class _Writer:
             handle.close()
 
 
-def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
-    batch: list[Sample] = []
+_T = TypeVar("_T")
+
+
+def _batches(samples: Iterator[_T], size: int) -> Iterator[list[_T]]:
+    batch: list[_T] = []
     for sample in samples:
         batch.append(sample)
         if len(batch) == size:

@@ -27,7 +27,7 @@ from lmstack.core import Tokenizer
 from lmstack.train.data._cache import tokenize_dataset
 from lmstack.train.data._config import DataConfig
 from lmstack.train.data._errors import DataError, TrainError
-from lmstack.train.data._packing import PackedDataset, PaddedDataset
+from lmstack.train.data._packing import PackedDataset, PaddedDataset, pad_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -234,9 +234,7 @@ def build_dataset(
         DataError: See :func:`tokenize_dataset`; also when no sample is left after overflow handling.
     """
     data = tokenize_dataset(config, tokenizer, show_progress=show_progress)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     dataset: PackedDataset | PaddedDataset
     if config.pack:
         dataset = PackedDataset(

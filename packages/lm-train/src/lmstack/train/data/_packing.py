@@ -218,6 +218,13 @@ class PaddedBatch:
         return _moved(self, device, non_blocking)
 
 
+def pad_id_of(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its eos token, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
 def collate_packed(bins: Sequence[PackedBin]) -> PackedBatch:
     """Stacks packed bins (all of the same length) into a :class:`PackedBatch`.
 

@@ -63,6 +63,7 @@ from lmstack.core import LMStackError, Tokenizer, atomic_directory
 from lmstack.train.data._cache import (
     CACHE_VERSION,
     TokenizedDataset,
+    _batches,
     _remove_on_collect,
     _sizes_ok,
     _Writer,
@@ -70,10 +71,10 @@ from lmstack.train.data._cache import (
 )
 from lmstack.train.data._config import DataConfig
 from lmstack.train.data._errors import DataError, SkipPolicy
-from lmstack.train.data._formats import CHAT_ROLES, EmptyTurnError, content_text
+from lmstack.train.data._formats import CHAT_ROLES, EmptyTurnError, _tools, content_text
 from lmstack.train.data._readers import RawRecord, read_records, resolve_data_files
 from lmstack.train.data._stats import DataStats
-from lmstack.train.data._tokenize import ChatTemplateError, TokenizedSample
+from lmstack.train.data._tokenize import ChatTemplateError, SampleTokenizer, TokenizedSample
 
 logger = logging.getLogger(__name__)
 
@@ -419,22 +420,6 @@ def _ultrafeedback(
     return prompt, out
 
 
-def _tools(record: Mapping[str, Any], where: tuple[str, int]) -> list[dict[str, Any]] | None:
-    tools = record.get("tools")
-    if tools is None or tools == "" or tools == []:
-        return None
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"field 'tools' is not valid JSON: {exc.msg}", source=where[0], line=where[1]
-            ) from exc
-    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
-        raise DataError("field 'tools' must be a list of JSON schemas", source=where[0], line=where[1])
-    return [dict(t) for t in tools]
-
-
 def to_preference_samples(
     raw: RawRecord, fmt: PreferenceFormatName, *, unpaired: bool = False, messages_field: str | None = None
 ) -> list[PreferenceSample]:
@@ -648,31 +633,10 @@ class PreferenceTokenizer:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self._backend = tokenizer.backend_tokenizer
-        self._generation_prompt: bool | None = None
-
-    def _render(self, messages: Sequence[Mapping[str, Any]], generation: bool, tools: Any) -> str:
-        text = self.tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=generation,
-            tokenize=False,
-            tools=tools,
-            chat_template=self.chat_template,
-        )
-        assert isinstance(text, str)
-        return text
-
-    def _supports_generation_prompt(self) -> bool:
-        if self._generation_prompt is None:
-            probe = [{"role": "user", "content": "hello"}]
-            try:
-                self._generation_prompt = self._render(probe, True, None) != self._render(probe, False, None)
-            except LMStackError:
-                self._generation_prompt = True
-            if not self._generation_prompt:
-                logger.warning(
-                    "the chat template ignores add_generation_prompt: each completion is located by its text"
-                )
-        return self._generation_prompt
+        # Rendering (and probing whether the template honours add_generation_prompt) as for SFT.
+        self._chat = SampleTokenizer(tokenizer, add_eos=False, chat_template=chat_template)
+        self._render = self._chat._render
+        self._supports_generation_prompt = self._chat._supports_generation_prompt
 
     def _render_sample(self, sample: PreferenceSample) -> _Rendered:
         prompt = self._render(sample.prompt, True, sample.tools)
@@ -906,11 +870,7 @@ def _tokenize_into(
             disable=None if show_progress is None else not show_progress,
         )
         with progress:
-            samples = iter_preference_samples(files, config, format=mode, stats=stats)
-            while True:
-                batch = [s for _, s in zip(range(_BATCH), samples, strict=False)]
-                if not batch:
-                    break
+            for batch in _batches(iter_preference_samples(files, config, format=mode, stats=stats), _BATCH):
                 rendered = []
                 for sample in batch:
                     try:

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 from lmstack.core import DenseAttention, PackedAttention, Tokenizer
 from lmstack.train.data._config import DataConfig
 from lmstack.train.data._errors import DataError
-from lmstack.train.data._packing import best_fit_bins, collate_padded
+from lmstack.train.data._packing import best_fit_bins, collate_padded, pad_id_of
 from lmstack.train.data._preference import PreferenceStats, TokenizedPreferences, tokenize_preferences
 from lmstack.train.data._tokenize import IGNORE_INDEX, TokenizedSample
 
@@ -709,9 +709,7 @@ def build_preference_dataset(
         DataError: See :func:`tokenize_preferences`; also when no unit fits.
     """
     data = tokenize_preferences(config, tokenizer, format=format, show_progress=show_progress)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     dataset: PreferencePackedDataset | PreferencePaddedDataset
     if config.pack:
         dataset = PreferencePackedDataset(
