@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from lmstack.train import load_train_config
-from lmstack.train.recipes import LoRAConfig, PretrainConfig, SFTConfig
+from lmstack.train.recipes import (
+    DPOConfig,
+    KTOConfig,
+    LoRAConfig,
+    ORPOConfig,
+    PretrainConfig,
+    RewardConfig,
+    SFTConfig,
+    SimPOConfig,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 RECIPES: dict[str, type] = {
@@ -16,6 +25,11 @@ RECIPES: dict[str, type] = {
     "sft": SFTConfig,
     "lora": LoRAConfig,
     "qlora": LoRAConfig,
+    "dpo": DPOConfig,
+    "orpo": ORPOConfig,
+    "simpo": SimPOConfig,
+    "kto": KTOConfig,
+    "rm": RewardConfig,
 }
 
 

@@ -127,3 +127,28 @@ def tiny_model() -> Callable[[int], Any]:
         return CausalLM(config, dtype=torch.float32)
 
     return build
+
+
+# ``python -c STOP_AFTER N lmstack-args...``: runs ``lmstack ARGS...`` and stops itself (SIGSTOP) once
+# step N has been logged, so a test can SIGKILL it at a known step whatever the machine's speed.
+STOP_AFTER = """
+import os, signal, sys
+from lmstack.core._cli import main
+from lmstack.train import _loop
+
+stop_after, log = int(sys.argv[1]), _loop._Training.log
+
+def log_then_stop(self, record):
+    log(self, record)
+    if record["step"] == stop_after:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+_loop._Training.log = log_then_stop
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="session")
+def stop_after_script() -> str:
+    """The source of a ``python -c`` program that runs ``lmstack`` and stops itself after a step."""
+    return STOP_AFTER

@@ -68,24 +68,11 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 # ``lmstack ARGS...`` that stops itself (SIGSTOP) once the step given first has been logged.
-_STOP_AFTER = """
-import os, signal, sys
-from lmstack.core._cli import main
-from lmstack.train import _loop
-
-stop_after, log = int(sys.argv[1]), _loop._Training.log
-
-def log_then_stop(self, record):
-    log(self, record)
-    if record["step"] == stop_after:
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-_loop._Training.log = log_then_stop
-sys.exit(main(sys.argv[2:]))
-"""
 
 
-def test_sigkill_and_resume_reproduces_the_loss_curve(text_data: Path, tmp_path: Path) -> None:
+def test_sigkill_and_resume_reproduces_the_loss_curve(
+    text_data: Path, tmp_path: Path, stop_after_script: str
+) -> None:
     steps = 24
     whole = subprocess.run(
         _pretrain_cmd(text_data, tmp_path / "whole", steps), capture_output=True, text=True
@@ -101,7 +88,7 @@ def test_sigkill_and_resume_reproduces_the_loss_curve(text_data: Path, tmp_path:
     run = tmp_path / "killed"
     # The same command, stopped (SIGSTOP) by itself right after step 14 is logged: waiting for that
     # stop is the condition, so the kill lands after step 14 whatever the machine's speed.
-    cmd = [sys.executable, "-c", _STOP_AFTER, "14", *_pretrain_cmd(text_data, run, steps)[1:]]
+    cmd = [sys.executable, "-c", stop_after_script, "14", *_pretrain_cmd(text_data, run, steps)[1:]]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     assert os.WIFSTOPPED(status), proc.stderr.read()[-2000:] if proc.stderr else status

@@ -1,33 +1,35 @@
-"""``lmstack train pretrain|sft|lora|qlora CONFIG.yaml [--key value ...]``."""
+"""``lmstack train pretrain|sft|lora|qlora|dpo|orpo|simpo|kto|rm CONFIG.yaml [--key value ...]``."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["register_train"]
 
 
-def _run(args: argparse.Namespace) -> int:
-    from lmstack.train._config import load_train_config
-    from lmstack.train.recipes import (
-        LoRAConfig,
-        PretrainConfig,
-        SFTConfig,
-        lora,
-        pretrain,
-        qlora,
-        sft,
-    )
+RECIPES = ("pretrain", "sft", "lora", "qlora", "dpo", "orpo", "simpo", "kto", "rm")
 
-    if args.recipe == "pretrain":
-        result = pretrain(load_train_config(PretrainConfig, args.config, args.overrides))
-    elif args.recipe == "lora":
-        result = lora(load_train_config(LoRAConfig, args.config, args.overrides))
-    elif args.recipe == "qlora":
-        result = qlora(load_train_config(LoRAConfig, args.config, args.overrides))
-    else:
-        result = sft(load_train_config(SFTConfig, args.config, args.overrides))
+
+def _run(args: argparse.Namespace) -> int:
+    from lmstack.train import recipes as r
+    from lmstack.train._config import load_train_config
+
+    configs: dict[str, tuple[type, Callable[[Any], Any]]] = {
+        "pretrain": (r.PretrainConfig, r.pretrain),
+        "sft": (r.SFTConfig, r.sft),
+        "lora": (r.LoRAConfig, r.lora),
+        "qlora": (r.LoRAConfig, r.qlora),
+        "dpo": (r.DPOConfig, r.dpo),
+        "orpo": (r.ORPOConfig, r.orpo),
+        "simpo": (r.SimPOConfig, r.simpo),
+        "kto": (r.KTOConfig, r.kto),
+        "rm": (r.RewardConfig, r.rm),
+    }
+    config_class, recipe = configs[args.recipe]
+    result = recipe(load_train_config(config_class, args.config, args.overrides))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary rather than one per rank
         print(result.summary(), flush=True)
     return 0
@@ -42,8 +44,9 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "recipe",
-        choices=["pretrain", "sft", "lora", "qlora"],
-        help="which recipe (lora/qlora write final/adapter in PEFT format; final/merged with merge: true)",
+        choices=list(RECIPES),
+        help="which recipe (lora/qlora write final/adapter in PEFT format, final/merged with merge: true; "
+        "dpo/orpo/simpo/kto align on preference data; rm trains a reward model)",
     )
     p.add_argument("config", nargs="?", default=None, help="YAML config (optional: overrides alone work too)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs, e.g. --run.max_steps 10")

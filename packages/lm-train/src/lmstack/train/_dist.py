@@ -38,6 +38,8 @@ __all__ = [
     "DistInfo",
     "all_reduce_max",
     "all_reduce_sum",
+    "all_reduce_sums",
+    "all_reduce_tensor_sum",
     "barrier",
     "init_distributed",
     "scalar_value",
@@ -96,6 +98,24 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Sum several numbers over every rank in one collective (themselves outside a process group)."""
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
+def all_reduce_tensor_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over every rank (a new tensor; the tensor itself outside a process group)."""
+    if not dist.is_initialized():
+        return t
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
 
 
 def all_reduce_max(value: float, device: torch.device) -> float:

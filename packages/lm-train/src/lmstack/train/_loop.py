@@ -26,20 +26,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmstack.core import CausalLM, Tokenizer, save_pretrained
 from lmstack.train._config import save_config
 from lmstack.train._dist import (
     all_reduce_max,
-    all_reduce_sum,
+    all_reduce_sums,
+    all_reduce_tensor_sum,
     barrier,
     init_distributed,
     scalar_value,
     wrap_data_parallel,
 )
 from lmstack.train._monitor import SCALARS, ScalarWriter, open_tensorboard, peak_memory, use_tensorboard
+from lmstack.train._objectives import LanguageModeling, Objective, loss_targets
+from lmstack.train._reference import prepare_reference
 from lmstack.train._schedule import lr_factor
 from lmstack.train._state import (
     gather_train_state,
@@ -48,7 +50,7 @@ from lmstack.train._state import (
     save_checkpoint,
     unsharded_model,
 )
-from lmstack.train.data import IGNORE_INDEX, DataConfig, PackedBatch, ResumableLoader, build_dataset
+from lmstack.train.data import DataConfig, ResumableLoader
 from lmstack.train.data._errors import TrainError
 
 __all__ = ["OptimConfig", "RunConfig", "TrainResult", "loss_targets", "train_loop"]
@@ -165,6 +167,11 @@ class TrainResult:
         tensorboard_dir: Where TensorBoard events went, or None when it was off.
         world_size: Processes that trained.
         data_parallel: ``none`` (one process), ``ddp`` or ``fsdp``.
+        objective: What was minimised: ``lm`` (next-token cross-entropy), ``dpo``, ``orpo``,
+            ``simpo``, ``kto`` or ``rm``.
+        metrics: The last step's objective metrics (preference runs: ``rewards/chosen``,
+            ``rewards/rejected``, ``margins``, ``accuracy`` ...); None where a step had nothing to
+            average (a KTO step without desirable samples).
     """
 
     steps: int
@@ -187,6 +194,8 @@ class TrainResult:
     tensorboard_dir: Path | None = None
     world_size: int = 1
     data_parallel: str = "none"
+    objective: str = "lm"
+    metrics: dict[str, float | None] = field(default_factory=dict)
 
     def summary(self) -> str:
         """A human summary of the run: steps, tokens, time, losses, padding, memory, where things are."""
@@ -206,40 +215,23 @@ class TrainResult:
         lines = [
             f"Training finished: {self.steps} steps ({len(self.losses)} in this call{resumed}) on {how}",
             f"  tokens        {tokens} in {self.seconds:.1f} s ({self.tokens_per_s:,.0f} tokens/s)",
-            f"  loss          final {self.final_loss:.4f}, best {best}",
+            f"  loss          final {self.final_loss:.4f}, best {best}"
+            + (f" ({self.objective})" if self.objective != "lm" else ""),
             f"  padding       {self.padding_ratio:.1%} of batch slots",
             f"  peak memory   {memory}",
             f"  final model   {self.model_dir}",
             f"  checkpoints   {checkpoints}",
         ]
+        if self.metrics:
+            shown = ", ".join(
+                f"{name} {'n/a' if v is None else format(v, '.4f')}" for name, v in self.metrics.items()
+            )
+            lines.insert(3, f"  last step     {shown}")
         if self.metrics_file is not None:
             lines.append(f"  metrics       {self.metrics_file}")
         if self.tensorboard_dir is not None:
             lines.append(f"  tensorboard   tensorboard --logdir {self.tensorboard_dir}")
         return "\n".join(lines)
-
-
-def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions whose next token carries loss, and those tokens (labels unshifted, as in batches).
-
-    Returns:
-        Flat indices into the ``B * T`` positions (for ``CausalLM.forward(..., logits_indices=)``)
-        and the target token of each.
-    """
-    target = labels[:, 1:]
-    rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
-    return rows * labels.shape[1] + cols, target[rows, cols]
-
-
-def _batch_loss(module: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Summed next-token cross-entropy of one micro-batch, as over its full logits (labels unshifted).
-
-    Only the positions that carry loss go through the lm head: with the loss on assistant turns that
-    is a small share of the tokens, and the ``[tokens, vocab]`` logits are the largest activation.
-    """
-    indices, targets = loss_targets(batch.labels)
-    logits = module(batch.input_ids, batch.position_ids, batch.attention(), logits_indices=indices)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -274,9 +266,12 @@ class _Training:
         data: DataConfig,
         optim: OptimConfig,
         run: RunConfig,
+        objective: Objective | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.data, self.optim, self.run_config = data, optim, run
+        self.objective = objective if objective is not None else LanguageModeling()
+        self.last_metrics: dict[str, float | None] = {}
         self.out = Path(run.output_dir)
         self.metrics_file = self.out / "metrics.jsonl"
         self.final = self.out / "final"
@@ -315,8 +310,9 @@ class _Training:
             logger.info("run.data_parallel='fsdp' has nothing to shard in one process; training unsharded")
         # Under torchrun each rank holds a replica (DDP) or a shard (FSDP2); both average gradients.
         self.dp = wrap_data_parallel(model, self.info, run.data_parallel)
+        self.dataset = self.objective.build_dataset(self.data, self.tokenizer)
         self.loader: ResumableLoader[Any] = ResumableLoader(
-            build_dataset(self.data, self.tokenizer),
+            self.dataset,
             run.batch_size,
             seed=self.data.shuffle_seed,
             shuffle=self.data.shuffle,
@@ -324,6 +320,7 @@ class _Training:
             world_size=self.info.world_size,
         )
         self._setup_optimizer()
+        self._setup_reference()  # before resuming: the model must still be the reference
         self._resume()
         self.start_tokens = self.tokens_seen
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -347,6 +344,26 @@ class _Training:
                 decay=optim.decay,
                 min_ratio=optim.min_lr_ratio,
             ),
+        )
+
+    def _setup_reference(self) -> None:
+        objective = self.objective
+        if not objective.needs_reference or objective.reference is not None:
+            return
+        run = self.run_config
+        objective.reference = prepare_reference(
+            self.model,
+            self.dataset,
+            paired=objective.primary == "pairs",
+            mode=objective.reference_mode,
+            model_tag=objective.reference_tag,
+            cache_root=Path(self.data.cache_dir) if self.data.cache_dir else self.out,
+            batch_size=run.batch_size,
+            device=self.device,
+            precision=run.precision,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            chunk_size=getattr(objective, "chunk_size", None),
         )
 
     def _resume(self) -> None:
@@ -386,25 +403,47 @@ class _Training:
                 weights are then left as they were).
         """
         run, info, device, dp = self.run_config, self.info, self.device, self.dp
+        objective = self.objective
         t0 = time.perf_counter()
-        window: list[PackedBatch] = [next(self.batches) for _ in range(run.grad_accum)]
-        # Normalise by the loss tokens of the whole step on every rank; the gradient average over
-        # ranks (DDP all-reduce, FSDP2 reduce-scatter) divides by the world size, which the factor
-        # undoes.
-        loss_tokens = all_reduce_sum(sum(b.num_loss_tokens for b in window), device)
-        if loss_tokens == 0:
+        window: list[Any] = [next(self.batches) for _ in range(run.grad_accum)]
+        # Normalise by the totals of the whole step on every rank (loss tokens, pairs ...); the
+        # gradient average over ranks (DDP all-reduce, FSDP2 reduce-scatter) divides by the world
+        # size, which the objective's factor undoes.
+        local = objective.step_totals(window)
+        # The tokens and slots the step computes ride along in the same collective.
+        local["real tokens"] = float(sum(b.num_tokens for b in window))
+        local["slots"] = float(sum(b.input_ids.numel() for b in window))
+        totals = dict(zip(local, all_reduce_sums(list(local.values()), device), strict=True))
+        step_tokens, slots = int(totals.pop("real tokens")), int(totals.pop("slots"))
+        if totals[objective.primary] == 0:
             raise TrainError(f"step {step + 1} has no token to learn from; check data.train_on and the data.")
         autocast = run.precision == "bfloat16"
         total = torch.zeros((), device=device)
+        sums: dict[str, torch.Tensor] = {}
         for i, micro in enumerate(window):
             b = micro.to(device)
             # Gradients of earlier micro-batches accumulate locally; the last one communicates.
             with dp.gradient_sync(i == len(window) - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = _batch_loss(dp.module, b) * (info.world_size / loss_tokens)
+                    loss, metric_sums = objective.loss(dp.module, b, totals, info.world_size)
                 loss.backward()
             total += loss.detach()
-        loss_value = all_reduce_sum(float(total), device) / info.world_size
+            for name, value in metric_sums.items():
+                sums[name] = sums[name] + value if name in sums else value
+        # One collective for the loss and every metric sum.
+        names = sorted(sums)
+        reduced = all_reduce_tensor_sum(torch.stack([total.float(), *(sums[n].float() for n in names)]))
+        values = reduced.tolist()
+        loss_value = values[0] / info.world_size
+        metrics: dict[str, float | None] = {}
+        for name, value in zip(names, values[1:], strict=True):
+            key = objective.denominators.get(name)
+            denominator = totals[key] if key else 1.0
+            metrics[name] = value / denominator if denominator else None
+        if "rewards/chosen" in metrics and "margins" not in metrics:  # KTO: rewards of different samples
+            chosen, rejected = metrics["rewards/chosen"], metrics["rewards/rejected"]
+            metrics["margins"] = None if chosen is None or rejected is None else chosen - rejected
+        self.last_metrics = metrics
         clip = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         # With FSDP2 the norm is a replicated DTensor already reduced over every rank's shards.
@@ -421,19 +460,18 @@ class _Training:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        step_tokens = int(all_reduce_sum(sum(b.num_tokens for b in window), device))
-        slots = int(all_reduce_sum(sum(b.input_ids.numel() for b in window), device))
         self.tokens_seen += step_tokens
         self.padded_tokens, self.padded_slots = self.padded_tokens + step_tokens, self.padded_slots + slots
         if loss_value < self.best_loss:
             self.best_loss, self.best_step = loss_value, step + 1
         self.loss_value = loss_value
         self.losses.append(loss_value)
+        seconds = time.perf_counter() - t0
         return {
             "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-            "tokens": self.tokens_seen, "loss_tokens": int(loss_tokens),
-            "tokens_per_s": step_tokens / max(time.perf_counter() - t0, 1e-9),
-            "padding_ratio": 1 - step_tokens / max(slots, 1),
+            "tokens": self.tokens_seen, **{k: int(v) for k, v in totals.items()},
+            "tokens_per_s": step_tokens / max(seconds, 1e-9), "step_seconds": seconds,
+            "padding_ratio": 1 - step_tokens / max(slots, 1), **metrics,
         }  # fmt: skip
 
     def log(self, record: dict[str, Any]) -> None:
@@ -442,8 +480,9 @@ class _Training:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
         if self.writer is not None:
-            for name in SCALARS:
-                self.writer.add_scalar(f"train/{name}", record[name], record["step"])
+            for name in (*SCALARS, *self.last_metrics):
+                if record.get(name) is not None:
+                    self.writer.add_scalar(f"train/{name}", record[name], record["step"])
         self.bar.update(1)
         if record["step"] % max(self.run_config.log_every, 1) == 0:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
@@ -560,6 +599,8 @@ class _Training:
             tensorboard_dir=self.tb_dir,
             world_size=self.info.world_size,
             data_parallel=self.dp.mode,
+            objective=self.objective.name,
+            metrics=dict(self.last_metrics),
         )
 
 
@@ -572,6 +613,7 @@ def train_loop(
     *,
     config_to_save: Any = None,
     save_model: Callable[[CausalLM, Path], None] | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data``; resume from ``run.output_dir`` when a checkpoint is there.
 
@@ -586,6 +628,9 @@ def train_loop(
         save_model: How to write the final model (default: a Hugging Face directory with the
             tokenizer, via lmstack-core's ``save_pretrained``). It gets a model with whole weights
             (an FSDP run's is gathered on rank 0) and runs on rank 0 only.
+        objective: What a step minimises (default: next-token cross-entropy on ``data``'s loss
+            tokens); the preference recipes pass a DPO/ORPO/SimPO/KTO/reward-model objective
+            (:mod:`lmstack.train._objectives`), which also builds the dataset.
 
     Returns:
         Steps, losses, tokens, time, throughput, padding, peak memory and where the run wrote.
@@ -596,6 +641,6 @@ def train_loop(
             ``run.tensorboard`` is true and TensorBoard is not installed, or when
             ``run.data_parallel='fsdp'`` meets a model with frozen parameters (LoRA, QLoRA).
     """
-    training = _Training(model, tokenizer, data, optim, run)
+    training = _Training(model, tokenizer, data, optim, run, objective)
     training.setup(config_to_save)
     return training.run(save_model)

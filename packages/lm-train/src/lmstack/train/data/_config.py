@@ -21,7 +21,10 @@ class DataConfig:
             ``.parquet`` (needs ``lmstack-train[parquet]``) and ``.txt``; ``.gz`` variants of the
             text formats too.
         format: ``alpaca``, ``sharegpt``, ``messages`` (OpenAI chat), ``text``, or ``auto`` to decide
-            per file from its first record.
+            per file from its first record. The preference recipes read ``preference`` (paired rows
+            in any of the formats ``trl``, ``messages`` with two endings, ``ultrafeedback``, decided
+            per file; or one of those names to insist on it) and ``kto`` (unpaired rows); there
+            ``messages`` means OpenAI messages with two assistant endings.
         text_field: The record key holding the document, for the ``text`` format.
         messages_field: The record key holding the conversation; None means the format's usual key
             (``messages`` for OpenAI messages, ``conversations`` for ShareGPT).
@@ -52,7 +55,9 @@ class DataConfig:
     """
 
     paths: list[str] = field(default_factory=list)
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
+    format: Literal[
+        "auto", "alpaca", "sharegpt", "messages", "text", "preference", "kto", "trl", "ultrafeedback"
+    ] = "auto"
     text_field: str = "text"
     messages_field: str | None = None
     txt_mode: Literal["paragraph", "line", "file"] = "paragraph"

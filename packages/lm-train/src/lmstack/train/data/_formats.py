@@ -27,7 +27,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from lmstack.train.data._config import DataConfig
 from lmstack.train.data._errors import DataError, SkipPolicy
@@ -413,7 +413,12 @@ def iter_samples(
                 f"{path}: a .txt file holds plain text, but data.format is {config.format!r}; "
                 "use data.format=auto or text"
             )
-        fmt: FormatName | None = None if config.format == "auto" else config.format
+        if config.format in ("preference", "kto", "trl", "ultrafeedback"):
+            raise DataError(
+                f"data.format {config.format!r} is preference data; read it with the preference recipes "
+                "(lmstack train dpo|orpo|simpo|kto|rm)"
+            )
+        fmt: FormatName | None = None if config.format == "auto" else cast(FormatName, config.format)
         # Per file, as the readers' malformed-line policy: the first few of each file are logged.
         skip_empty = SkipPolicy(config.on_empty_assistant, "data.on_empty_assistant")
         skip_malformed = SkipPolicy(config.on_malformed, "data.on_malformed")

@@ -26,7 +26,7 @@ import torch.utils.data
 from lmstack.core import Tokenizer
 from lmstack.train.data._cache import tokenize_dataset
 from lmstack.train.data._config import DataConfig
-from lmstack.train.data._errors import DataError, TrainError
+from lmstack.train.data._errors import DataError, TrainConfigError, TrainError
 from lmstack.train.data._packing import PackedDataset, PaddedDataset, pad_id_of
 
 logger = logging.getLogger(__name__)
@@ -233,6 +233,12 @@ def build_dataset(
     Raises:
         DataError: See :func:`tokenize_dataset`; also when no sample is left after overflow handling.
     """
+    if config.format in ("preference", "kto", "trl", "ultrafeedback"):
+        raise TrainConfigError(
+            f"data.format: {config.format} is preference data, which the pretrain, sft and lora recipes "
+            "cannot train on; use lmstack train dpo|orpo|simpo|rm (pairs) or kto (unpaired rows)",
+            field="data.format",
+        )
     data = tokenize_dataset(config, tokenizer, show_progress=show_progress)
     pad_id = pad_id_of(tokenizer)
     dataset: PackedDataset | PaddedDataset

@@ -542,6 +542,7 @@ class _PlannedUnits:
         self.data = data
         self.max_length = int(max_length)
         self.pad_id = int(pad_id)
+        self.on_overflow = on_overflow
         self.paired = data.paired
         self.stats = replace(data.stats, formats=dict(data.stats.formats))
         self._plan = _plan(data, self.max_length, on_overflow, self.stats)
