@@ -291,6 +291,28 @@ def test_reward_model_learns_and_scores(setup: dict[str, Path], tmp_path: Path) 
     assert wins >= 20, (wins, chosen[:4], rejected[:4])
 
 
+def test_reward_model_with_lora(setup: dict[str, Path], tmp_path: Path) -> None:
+    """LoRA adapters on the body and a whole new head; final/ is the merged classifier, which scores as
+    the adapted model did (fp32 merge: 1e-4)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lmstack.train import RewardScorer, load_reward_model
+
+    result = rm(_config(RewardConfig, setup, tmp_path / "rm", steps=12, adapter="lora"))
+    assert result.losses[-1] < result.losses[0]
+    _, info = AutoModelForSequenceClassification.from_pretrained(result.model_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    base = load_pretrained(setup["model"]).state_dict()
+    merged = load_reward_model(result.model_dir).state_dict()
+    changed = [n for n in base if n in merged and not torch.equal(base[n], merged[n])]
+    assert any("q_proj" in n for n in changed) and not any("norm" in n for n in changed)
+    rows = _pairs(24, seed=5)
+    scorer = RewardScorer.from_pretrained(result.model_dir)
+    chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    assert sum(c > r for c, r in zip(chosen, rejected, strict=True)) >= 18
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 

@@ -71,6 +71,7 @@ __all__ = [
     "apply_lora",
     "lora",
     "merge_lora",
+    "merged_lora_state",
     "qlora",
     "save_adapter",
 ]
@@ -446,6 +447,32 @@ def merge_lora(model: CausalLM) -> CausalLM:
     Returns:
         The merged model, in eval mode, on ``model``'s device.
     """
+    merged = CausalLM(model.config, device="meta", dtype=torch.float32)
+    missing, unexpected = merged.load_state_dict(merged_lora_state(model), strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise TrainError(
+            f"merging the adapters went wrong: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    merged.tie_weights()
+    return merged.eval()
+
+
+@torch.no_grad()
+def merged_lora_state(model: nn.Module) -> dict[str, Tensor]:
+    """The fp32 state of ``model`` with its adapters folded in, under the base's parameter names.
+
+    Every adapted linear's weight is ``W + scaling * B @ A`` (``W`` dequantized for QLoRA); every other
+    parameter is copied. :func:`merge_lora` loads it into a plain :class:`CausalLM`; the reward-model
+    recipe into a :class:`~lmstack.train.RewardModel`.
+
+    Args:
+        model: A model :func:`apply_lora` prepared.
+
+    Returns:
+        Parameter name -> fp32 tensor (no ``lora_`` entries).
+    """
     merged_state: dict[str, Tensor] = {}
     adapted: list[str] = []
     for name, module in model.named_modules():
@@ -464,16 +491,7 @@ def merge_lora(model: CausalLM) -> CausalLM:
     for name, param in model.named_parameters():
         if not name.startswith(tuple(adapted)):
             merged_state[name] = param.detach().to(torch.float32, copy=True)
-    merged = CausalLM(model.config, device="meta", dtype=torch.float32)
-    missing, unexpected = merged.load_state_dict(merged_state, strict=False, assign=True)
-    if model.config.tie_word_embeddings:
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise TrainError(
-            f"merging the adapters went wrong: missing {missing[:4]}, unexpected {unexpected[:4]}"
-        )
-    merged.tie_weights()
-    return merged.eval()
+    return merged_state
 
 
 # ------------------------------------------------------------------------------------------------

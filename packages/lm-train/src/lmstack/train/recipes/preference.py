@@ -52,8 +52,8 @@ from lmstack.train._objectives import KTO, Objective, PairwisePreference
 from lmstack.train._preference_losses import DPOLossType
 from lmstack.train._reference import ReferenceMode, model_fingerprint
 from lmstack.train.data._config import DataConfig
-from lmstack.train.data._errors import TrainConfigError
-from lmstack.train.recipes.lora import LoRASettings, apply_lora, merge_lora, save_adapter
+from lmstack.train.data._errors import TrainConfigError, TrainError
+from lmstack.train.recipes.lora import LoRASettings, apply_lora, merge_lora, merged_lora_state, save_adapter
 
 __all__ = [
     "DPOConfig",
@@ -414,7 +414,9 @@ def rm(cfg: RewardConfig) -> TrainResult:
     """Train a Bradley-Terry reward model on preference pairs, starting from ``cfg.model``'s body.
 
     The output head is replaced by a scalar head read at the last token of each sequence (the
-    completion's end-of-turn token). ``final/`` is a Hugging Face sequence classifier
+    completion's end-of-turn token). With ``adapter: lora|qlora`` the body trains through adapters
+    and the new head trains whole; ``final/`` then holds the adapters folded into the body (QLoRA:
+    into the dequantized base). ``final/`` is a Hugging Face sequence classifier
     (``AutoModelForSequenceClassification``, ``num_labels: 1``) with the tokenizer; score with
     :class:`~lmstack.train.RewardScorer`.
 
@@ -425,23 +427,29 @@ def rm(cfg: RewardConfig) -> TrainResult:
         The run's result.
 
     Raises:
-        TrainConfigError: No model, unpaired data, or an adapter (reward models train every weight
-            here; see the issue notes).
+        TrainConfigError: No model, or unpaired data.
     """
     from lmstack.train._reward import RewardModel, save_reward_model
 
-    if cfg.adapter != "none":
-        raise TrainConfigError(
-            "lmstack train rm trains every weight of the reward model; adapter: lora/qlora is not "
-            "supported for reward models yet (set adapter: none)",
-            field="adapter",
-        )
-    _, tokenizer, _ = _start(cfg, "rm")
+    device, tokenizer, tag = _start(cfg, "rm")
     torch.manual_seed(cfg.run.seed)  # the score head's initialisation
     model = RewardModel(load_pretrained(cfg.model, dtype="float32"))
+    _, settings = _attach_adapters(model, cfg, device, tag)
+    if settings is not None:
+        model.score.requires_grad_(True)  # a new head: it trains beside the adapters
     objective = PairwisePreference("rm", center_coefficient=cfg.rm.center_coefficient)
 
     def save(trained: Any, final: Path) -> None:
+        if settings is not None:
+            # A sequence classifier with the adapters folded into the body: what transformers loads.
+            merged = RewardModel(CausalLM(trained.config, device="meta", dtype=torch.float32))
+            state = merged_lora_state(trained)
+            missing, unexpected = merged.load_state_dict(state, strict=False, assign=True)
+            if missing or unexpected:
+                raise TrainError(
+                    f"merging the reward model's adapters: missing {missing[:4]}, unexpected {unexpected[:4]}"
+                )
+            trained = merged.eval()
         save_reward_model(trained, final, tokenizer=tokenizer)
 
     return train_loop(
