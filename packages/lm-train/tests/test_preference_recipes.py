@@ -374,9 +374,11 @@ def test_sigkill_and_resume_reproduces_the_dpo_curve(
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_two_process_dpo_matches_one_process(setup: dict[str, Path], tmp_path: Path) -> None:
-    """torchrun 2 x 1 bin == 1 x 2 bins: the reference pass is split over the ranks (each scores half
-    the bins, the table is summed), and the loss is normalised by the pairs of both ranks."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_dpo_matches_one_process(setup: dict[str, Path], tmp_path: Path, mode: str) -> None:
+    """torchrun 2 x 1 bin == 1 x 2 bins, replicated (DDP) or sharded (FSDP2): the reference pass is
+    split over the ranks (each scores half the bins, the table is summed; under FSDP every rank runs
+    the same number of forwards), and the loss is normalised by the pairs of both ranks."""
     lmstack = str(Path(sys.executable).with_name("lmstack"))
 
     def cmd(out: Path, batch: int) -> list[str]:
@@ -390,7 +392,7 @@ def test_two_process_dpo_matches_one_process(setup: dict[str, Path], tmp_path: P
     assert single.returncode == 0, single.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     two = subprocess.run(
-        [*torchrun, "-m", "lmstack.core", *cmd(tmp_path / "two", 1)],
+        [*torchrun, "-m", "lmstack.core", *cmd(tmp_path / "two", 1), "--run.data_parallel", mode],
         capture_output=True,
         text=True,
         timeout=600,

@@ -181,6 +181,23 @@ def _all_ranks_agree(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def _reshard(model: nn.Module) -> None:
+    """Frees the whole parameters an FSDP2 forward left gathered.
+
+    FSDP2 keeps the root module's parameters unsharded after a forward, for the backward that usually
+    follows; after a forward without backward (the reference pass) the next training step would then
+    compute with them while its gradients miss the sharded parameters (measured: a gradient norm of
+    3.55 instead of 8.77 and a different loss from the second update on).
+    """
+    if not dist.is_initialized():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @torch.no_grad()
 def _compute_table(
     model: nn.Module,
@@ -226,6 +243,7 @@ def _compute_table(
         bar.close()
     finally:
         model.train(was_training)
+        _reshard(model)
     if dist.is_initialized():
         dist.all_reduce(values)
         dist.all_reduce(filled)
