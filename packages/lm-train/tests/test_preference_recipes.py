@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from lmstack.core import CausalLM, ModelConfig, Tokenizer, load_pretrained, save_pretrained
-from lmstack.train import DataConfig, TrainConfigError, TrainResult
+from lmstack.train import DataConfig, TrainConfigError, TrainError, TrainResult
 from lmstack.train._loop import OptimConfig, RunConfig
 from lmstack.train.recipes import (
     DPOConfig,
@@ -178,6 +179,31 @@ def test_reference_table_matches_transformers(
             assert table[unit.index, column] == pytest.approx(expected, abs=1e-4), (k, column)
             checked += 1
     assert checked >= 18
+
+
+def test_score_preferences_before_and_after(
+    dpo_run: TrainResult, setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """score_preferences equals the reference table (itself checked against transformers) for the
+    starting model; after DPO, fresh pairs of the same kind are preferred more often than before."""
+    from lmstack.train import score_preferences
+
+    data = DataConfig(paths=[str(setup["pairs"])], format="preference", max_length=128)
+    before = score_preferences(setup["model"], data)
+    table = np.load(next((setup["root"] / "cache" / "reference").glob("*.npy")))
+    np.testing.assert_allclose(before.chosen, table[before.index, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(before.rejected, table[before.index, 1], rtol=1e-5, atol=1e-5)
+    assert len(before) == 64 and (before.chosen_tokens > 0).all()
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text("".join(json.dumps(r) + "\n" for r in _pairs(40, seed=9)))
+    fresh_data = replace(data, paths=[str(fresh)], pack=False)
+    start = score_preferences(setup["model"], fresh_data)
+    after = score_preferences(dpo_run.model_dir, fresh_data)
+    assert after.accuracy()[0] > start.accuracy()[0]
+    accuracy, stderr = after.accuracy(reference=start)
+    assert accuracy > 0.5 + 2 * stderr  # DPO's implicit reward ranks fresh pairs well above chance
+    with pytest.raises(TrainError, match="other pairs"):
+        after.accuracy(reference=before)
 
 
 def test_reference_cache_is_reused(

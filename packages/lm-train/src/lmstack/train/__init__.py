@@ -24,10 +24,13 @@
 * Reward models: :class:`RewardModel` (a scalar head on the body, read at the last token),
   :func:`save_reward_model` (a directory transformers loads as a sequence classifier),
   :func:`load_reward_model`, :class:`RewardScorer` (scores completions through the chat template).
+* :func:`score_preferences` / :class:`PreferenceScores`: how often a model prefers the chosen
+  completion of held-out pairs (by log-prob, per token, or by DPO's implicit reward), with stderr.
 """
 
 from lmstack.train._config import config_to_dict, load_train_config, save_config
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
+from lmstack.train._preference_eval import PreferenceScores, score_preferences
 from lmstack.train._preference_losses import (
     DPOLossType,
     dpo_loss,
@@ -57,6 +60,7 @@ __all__: list[str] = [
     "DataConfig",
     "DataError",
     "OptimConfig",
+    "PreferenceScores",
     "ResumableLoader",
     "RewardModel",
     "RewardScorer",
@@ -76,6 +80,7 @@ __all__: list[str] = [
     "reward_model_loss",
     "save_config",
     "save_reward_model",
+    "score_preferences",
     "segment_ids_from_cu_seqlens",
     "segment_logps",
     "simpo_loss",
