@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,7 +128,10 @@ def score_preferences(
     if data.format == "kto":
         raise TrainError("score_preferences() scores pairs; data.format: kto holds unpaired rows")
     target = torch.device(device) if device is not None else next(model.parameters()).device
-    dataset = build_preference_dataset(replace(data, shuffle=False), tokenizer, show_progress=show_progress)
+    # Packed bins or padded pairs: both index by position and collate their own items.
+    dataset: Any = build_preference_dataset(
+        replace(data, shuffle=False), tokenizer, show_progress=show_progress
+    )
     total = len(dataset.data)
     values = np.full((total, 2), np.nan)
     counts = np.zeros((total, 2), dtype=np.int64)
