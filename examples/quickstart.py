@@ -638,6 +638,7 @@ def align_with_dpo(path: Path, world_dir: Path, out: Path) -> None:
         with (split / f"{name}.jsonl").open("w") as f:
             f.writelines(json.dumps(r) + "\n" for r, h in zip(rows, held, strict=True) if h == keep)
     run = out / "dpo"
+    shutil.rmtree(run, ignore_errors=True)  # a fresh run each time (the reference table stays cached)
     config = CONFIGS / "dpo_world.yaml"
     command = [
         sys.executable, "-m", "lmstack.core", "train", "dpo", str(config), "--model", str(path),
