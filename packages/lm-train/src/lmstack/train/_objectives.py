@@ -23,6 +23,7 @@ cached, or (LoRA) computed live with the adapters disabled.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -83,7 +84,7 @@ def loss_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
     return rows * labels.shape[1] + cols, target[rows, cols]
 
 
-class Objective:
+class Objective(ABC):
     """The part of a training step that differs between recipes.
 
     Attributes:
@@ -106,19 +107,19 @@ class Objective:
         #: What identifies the reference weights in the cache key (set by the recipe).
         self.reference_tag = ""
 
+    @abstractmethod
     def build_dataset(self, data: DataConfig, tokenizer: Tokenizer) -> Any:
         """The dataset of this objective (anything with ``__len__``, ``__getitem__`` and ``collate``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step_totals(self, window: Sequence[Any]) -> dict[str, float]:
         """Counts over the step's micro-batches on this rank (host side; the loop sums them over ranks)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(
         self, module: nn.Module, batch: Any, totals: dict[str, float], world_size: int
     ) -> tuple[Tensor, MetricSums]:
         """One micro-batch's share of the step loss (times ``world_size``), and its metric sums."""
-        raise NotImplementedError
 
 
 class LanguageModeling(Objective):
