@@ -8,6 +8,7 @@ converted at load time. Shapes in comments: B batch, T tokens, H heads, D head d
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
@@ -320,6 +321,7 @@ class CausalLM(nn.Module):
         *,
         rope_seq_lens: Tensor | None = None,
         logits_indices: Tensor | None = None,
+        head: Callable[[Tensor, nn.Module], Tensor] | None = None,
     ) -> Tensor:
         """Return logits ``[B, T, V]``, or ``[N, V]`` for the flat token indices in ``logits_indices``.
 
@@ -331,6 +333,11 @@ class CausalLM(nn.Module):
                 (default: the longest position in the call, as the reference implementation does).
             logits_indices: Optional flat indices into the ``B * T`` tokens: only those tokens'
                 logits are computed (a serving engine needs the last token of each sequence).
+            head: Optional replacement of the output head: called as ``head(hidden, self.lm_head)`` with
+                the final hidden states (``[N, C]`` with ``logits_indices``, else ``[B, T, C]``), and
+                its result is returned instead of the logits. A fused loss (the lm head and the
+                cross-entropy in chunks, never materialising ``[N, V]`` logits) goes here, so that it
+                runs inside this forward, where data-parallel wrappers expect the weights to be used.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}.")
@@ -341,6 +348,8 @@ class CausalLM(nn.Module):
         h = self.model(input_ids, positions, attn, rope_seq_lens)
         if logits_indices is not None:
             h = h.reshape(-1, h.shape[-1])[logits_indices]
+        if head is not None:
+            return head(h, self.lm_head)
         return self.lm_head(h)
 
 
