@@ -9,16 +9,23 @@ attention; in paged KV blocks for lmstack-infer, which implements :class:`Attent
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-from typing import Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lmstack.core._errors import LMStackError
+from lmstack.core.model._varlen import (
+    document_block_mask,
+    flex_varlen_attention,
+    padded_cu_seqlens,
+    varlen_attention,
+)
 
-__all__ = ["AttentionBackend", "DenseAttention", "PackedAttention", "flash_attn_available"]
+__all__ = ["AttentionBackend", "DenseAttention", "PackedAttention", "PackedImpl", "flash_attn_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +123,10 @@ def flash_attn_available() -> bool:
     return True
 
 
+PackedImpl = Literal["auto", "varlen", "flex", "flash", "sdpa"]
+"""How :class:`PackedAttention` computes: see its ``impl`` argument."""
+
+
 class PackedAttention:
     """Many samples packed into one row: attention never crosses a sample boundary.
 
@@ -123,41 +134,104 @@ class PackedAttention:
     ``cu_seqlens`` (cumulative lengths: ``[0, len0, len0 + len1, ..., B * T]``). Positions are expected
     to restart at 0 for each sample (see :meth:`from_positions`).
 
-    Uses flash-attn's varlen kernel when it is installed and the tensors are fp16/bf16 on CUDA,
-    and an exact torch path (causal SDPA per sample) otherwise.
+    Every implementation but the reference makes one call per layer; ``auto`` picks by device, as
+    measured (see :mod:`lmstack.core.model._varlen`): flash-attn's varlen kernel for fp16/bf16 on CUDA
+    when it is installed, FlexAttention with a document-causal block mask elsewhere on CUDA, and on CPU
+    a custom operator over torch's CPU flash kernels (FlexAttention has no CPU backward).
 
     Args:
         cu_seqlens: 1-D integer tensor of cumulative sample lengths, starting at 0.
         max_seqlen: Length of the longest sample (computed when omitted).
-        use_flash: Force (True) or forbid (False) flash-attn; None picks automatically.
+        use_flash: Force (True) or forbid (False) flash-attn; None picks automatically. Kept for
+            compatibility: ``impl`` says more.
+        impl: ``auto``; ``varlen`` (CPU tensors only); ``flex`` (FlexAttention, compiled; CPU has
+            its forward only); ``flash`` (flash-attn, CUDA fp16/bf16); ``sdpa`` (the reference: one
+            causal SDPA per sample, any device).
+        host_cu_seqlens: The same boundaries in host memory, when ``cu_seqlens`` is on an accelerator:
+            the CPU paths and the checks read them instead of synchronising with the device. Without
+            them, boundaries on an accelerator are not checked (that would need a sync).
     """
 
     def __init__(
-        self, cu_seqlens: Tensor, max_seqlen: int | None = None, use_flash: bool | None = None
+        self,
+        cu_seqlens: Tensor,
+        max_seqlen: int | None = None,
+        use_flash: bool | None = None,
+        *,
+        impl: PackedImpl = "auto",
+        host_cu_seqlens: Tensor | None = None,
     ) -> None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0:
+        if impl not in ("auto", "varlen", "flex", "flash", "sdpa"):
+            raise LMStackError(
+                f"unknown PackedAttention impl {impl!r}; use auto, varlen, flex, flash or sdpa."
+            )
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise LMStackError(
                 "cu_seqlens must be a 1-D tensor [0, len0, len0+len1, ...] with at least one sample."
             )
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        host = host_cu_seqlens if host_cu_seqlens is not None else None
+        if host is None and cu_seqlens.device.type == "cpu":
+            host = cu_seqlens
+        self._host: Tensor | None = None
+        self._bounds: list[int] | None = None
+        if host is not None:
+            self._host = host.to(torch.int64)
+            self._check(self._host)
+        self.cu_seqlens = cu_seqlens.to(torch.int32)
+        if max_seqlen is None and self._host is not None:
+            max_seqlen = int((self._host[1:] - self._host[:-1]).max())
+        self._max_seqlen = max_seqlen
+        if use_flash is not None and impl == "auto":
+            impl = "flash" if use_flash else "auto"
+        self.use_flash = use_flash
+        self.impl: PackedImpl = impl
+        # Everything a compiled layer reads is settled here, outside the traced region: host values
+        # read inside it would break the graph (or, as guards, recompile it for every packing).
+        self._total: int | None = None
+        self._padded_host: Tensor | None = None
+        if self._host is not None:
+            self._total = int(self._host[-1])
+            self._padded_host = padded_cu_seqlens(self._host, self._total)
+        self._flash_ok = cu_seqlens.is_cuda and flash_attn_available()
+        self._block_masks: dict[int | None, Any] = {}
+
+    @staticmethod
+    def _check(host: Tensor) -> None:
+        lengths = host[1:] - host[:-1]
+        if int(host[0]) != 0:
+            raise LMStackError("cu_seqlens must be a 1-D tensor [0, len0, len0+len1, ...] starting at 0.")
         if bool((lengths <= 0).any()):
             raise LMStackError(
                 "cu_seqlens must be strictly increasing (every sample needs at least one token)."
             )
-        self.cu_seqlens = cu_seqlens.to(torch.int32)
-        self.max_seqlen = int(lengths.max()) if max_seqlen is None else max_seqlen
-        # Host copy of the boundaries for the torch path: one sync here instead of one per layer.
-        self._bounds = [int(x) for x in cu_seqlens.tolist()]
-        self.use_flash = use_flash
+
+    @property
+    def max_seqlen(self) -> int:
+        """The longest sample (read from the device once when neither it nor host boundaries were given)."""
+        if self._max_seqlen is None:
+            self._max_seqlen = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+        return self._max_seqlen
+
+    def host_bounds(self) -> list[int]:
+        """The boundaries as Python ints (a device sync when only device boundaries were given)."""
+        if self._bounds is None:
+            if self._host is None:
+                self._host = self.cu_seqlens.to("cpu", torch.int64)
+                self._check(self._host)
+            self._bounds = [int(x) for x in self._host.tolist()]
+        return self._bounds
 
     @classmethod
-    def from_positions(cls, positions: Tensor, use_flash: bool | None = None) -> PackedAttention:
+    def from_positions(
+        cls, positions: Tensor, use_flash: bool | None = None, *, impl: PackedImpl = "auto"
+    ) -> PackedAttention:
         """Derive sample boundaries from positions that restart at 0 for every sample.
 
         Args:
             positions: ``[B, T]`` or ``[N]`` positions; a new sample starts wherever a position is 0
                 and at every row start.
             use_flash: See the class arguments.
+            impl: See the class arguments.
         """
         flat = positions.reshape(-1)
         starts = flat == 0
@@ -170,7 +244,17 @@ class PackedAttention:
             starts[0] = True
         idx = torch.nonzero(starts).flatten()
         cu = torch.cat([idx, torch.tensor([flat.numel()], device=flat.device)])
-        return cls(cu, use_flash=use_flash)
+        return cls(cu, use_flash=use_flash, impl=impl)
+
+    def resolve(self, q: Tensor) -> PackedImpl:
+        """The implementation ``auto`` stands for with these queries (others are returned as they are)."""
+        if self.impl != "auto":
+            return self.impl
+        if q.is_cuda:
+            if q.dtype in (torch.float16, torch.bfloat16) and self._flash_ok:
+                return "flash"
+            return "flex"
+        return "varlen" if q.device.type == "cpu" else "sdpa"
 
     def _flash(self, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
         from flash_attn import flash_attn_varlen_func
@@ -182,32 +266,63 @@ class PackedAttention:
             window_size=window_size,
         )  # fmt: skip
 
+    def _varlen(self, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
+        if q.device.type != "cpu":
+            raise LMStackError(f"PackedAttention impl='varlen' runs on CPU tensors; these are on {q.device}.")
+        if self._padded_host is None:
+            self._padded_host = padded_cu_seqlens(torch.tensor(self.host_bounds()), q.shape[0])
+        return varlen_attention(q, k, v, self._padded_host, scale=scale, window=window)
+
+    @torch.compiler.disable
+    def block_mask(self, window: int | None, device: torch.device) -> Any:
+        """FlexAttention's document-causal block mask for ``window``: built once, shared by every layer."""
+        if window not in self._block_masks:
+            cu = self.cu_seqlens.to(device)
+            positions = torch.arange(int(self._total or cu[-1]), device=device, dtype=cu.dtype)
+            segment_ids = torch.searchsorted(cu[1:].contiguous(), positions, right=True)
+            self._block_masks[window] = document_block_mask(segment_ids, window)
+        return self._block_masks[window]
+
+    def _flex(self, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
+        # Compiled FlexAttention lowers to a CPU kernel too, but without a backward there.
+        compiled = q.is_cuda or not torch.is_grad_enabled()
+        mask = self.block_mask(window, q.device)
+        return flex_varlen_attention(q, k, v, mask, scale=scale, compiled=compiled)
+
+    def _reference(self, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
+        bounds = self.host_bounds()
+        pieces = []
+        for start, end in itertools.pairwise(bounds):
+            length = end - start
+            mask = None if window is None or window >= length else _causal_mask(length, window, q.device)
+            pieces.append(
+                _sdpa(
+                    q[None, start:end],
+                    k[None, start:end],
+                    v[None, start:end],
+                    scale=scale,
+                    mask=mask,
+                    causal=True,
+                )
+            )
+        return torch.cat(pieces, dim=1)[0]
+
     def attend(
         self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int | None
     ) -> Tensor:
         """See :meth:`AttentionBackend.attend`."""
         shape = q.shape
         n = shape[0] * shape[1]
-        if self._bounds[-1] != n:
-            raise LMStackError(f"cu_seqlens covers {self._bounds[-1]} tokens but the batch holds {n}.")
+        if self._total is not None and self._total != n:
+            raise LMStackError(f"cu_seqlens covers {self._total} tokens but the batch holds {n}.")
         qf, kf, vf = q.reshape(n, *q.shape[2:]), k.reshape(n, *k.shape[2:]), v.reshape(n, *v.shape[2:])
-        flash = self.use_flash
-        if flash is None:
-            flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
-        if flash:
-            return self._flash(qf, kf, vf, scale, window).reshape(shape)
-        pieces = []
-        for start, end in zip(self._bounds[:-1], self._bounds[1:], strict=True):
-            length = end - start
-            mask = None if window is None or window >= length else _causal_mask(length, window, q.device)
-            pieces.append(
-                _sdpa(
-                    qf[None, start:end],
-                    kf[None, start:end],
-                    vf[None, start:end],
-                    scale=scale,
-                    mask=mask,
-                    causal=True,
-                )
-            )
-        return torch.cat(pieces, dim=1).reshape(shape)
+        impl = self.resolve(q)
+        if impl == "flash":
+            out = self._flash(qf, kf, vf, scale, window)
+        elif impl == "varlen":
+            out = self._varlen(qf, kf, vf, scale, window)
+        elif impl == "flex":
+            out = self._flex(qf, kf, vf, scale, window)
+        else:
+            out = self._reference(qf, kf, vf, scale, window)
+        return out.reshape(shape)

@@ -149,7 +149,28 @@ def _moved(batch: _B, device: torch.device | str, non_blocking: bool) -> _B:
     moved: dict[str, Any] = {
         k: v.to(device, non_blocking=non_blocking) for k, v in tensors.items() if isinstance(v, Tensor)
     }
-    return replace(batch, **moved)
+    out = replace(batch, **moved)
+    keep_host_boundaries(batch, out)
+    return out
+
+
+def keep_host_boundaries(source: Any, moved: Any) -> None:
+    """Let a moved batch keep its sample boundaries in host memory too.
+
+    The attention reads them there (the CPU kernels, the checks) instead of synchronising with the
+    accelerator the batch moved to, which would stall every micro-batch.
+    """
+    host = host_boundaries(source)
+    if host is not None:
+        moved._host_cu_seqlens = host
+
+
+def host_boundaries(batch: Any) -> Tensor | None:
+    """The batch's ``cu_seqlens`` in host memory, if it has them there (:func:`keep_host_boundaries`)."""
+    host: Tensor | None = getattr(batch, "_host_cu_seqlens", None)
+    if host is None and batch.cu_seqlens.device.type == "cpu":
+        host = batch.cu_seqlens
+    return host
 
 
 @dataclass
@@ -180,7 +201,10 @@ class PackedBatch:
 
     def attention(self, use_flash: bool | None = None) -> PackedAttention:
         """The attention backend that keeps attention inside each sample."""
-        return PackedAttention(self.cu_seqlens, max_seqlen=self.max_seqlen, use_flash=use_flash)
+        return PackedAttention(
+            self.cu_seqlens, max_seqlen=self.max_seqlen, use_flash=use_flash,
+            host_cu_seqlens=host_boundaries(self),
+        )  # fmt: skip
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         """The batch on another device (``cu_seqlens`` moves too)."""

@@ -47,7 +47,13 @@ from torch.utils.data import Dataset
 from lmstack.core import DenseAttention, PackedAttention, Tokenizer
 from lmstack.train.data._config import DataConfig
 from lmstack.train.data._errors import DataError
-from lmstack.train.data._packing import best_fit_bins, collate_padded, pad_id_of
+from lmstack.train.data._packing import (
+    best_fit_bins,
+    collate_padded,
+    host_boundaries,
+    keep_host_boundaries,
+    pad_id_of,
+)
 from lmstack.train.data._preference import PreferenceStats, TokenizedPreferences, tokenize_preferences
 from lmstack.train.data._tokenize import IGNORE_INDEX, TokenizedSample
 
@@ -80,7 +86,9 @@ def _moved(batch: _T, device: torch.device | str, non_blocking: bool) -> _T:
         value = getattr(batch, f.name)
         if isinstance(value, Tensor):
             moved[f.name] = value.to(device, non_blocking=non_blocking)
-    return replace(batch, **moved)  # type: ignore[type-var]
+    out = replace(batch, **moved)  # type: ignore[type-var]
+    keep_host_boundaries(batch, out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,7 +249,10 @@ class _PackedFields:
 
     def attention(self, use_flash: bool | None = None) -> PackedAttention:
         """The attention backend that keeps attention inside each sequence."""
-        return PackedAttention(self.cu_seqlens, max_seqlen=self.max_seqlen, use_flash=use_flash)
+        return PackedAttention(
+            self.cu_seqlens, max_seqlen=self.max_seqlen, use_flash=use_flash,
+            host_cu_seqlens=host_boundaries(self),
+        )  # fmt: skip
 
     @property
     def num_segments(self) -> int:
