@@ -29,6 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lmstack.core import CausalLM, Tokenizer, save_pretrained
+from lmstack.train._activations import ActivationMemory, measure_activation_memory
+from lmstack.train._compile import CompileWatch, compile_decoder_layers
 from lmstack.train._config import save_config
 from lmstack.train._dist import (
     all_reduce_max,
@@ -112,6 +114,16 @@ class RunConfig:
         tensorboard: Log loss, lr, grad_norm, tokens_per_s and padding_ratio every step to
             ``output_dir/tensorboard/`` (``tensorboard --logdir`` it). None: when TensorBoard is
             installed (``pip install 'lmstack-train[tensorboard]'``); True: require it; False: off.
+        compile: ``torch.compile`` each decoder layer (regional: one graph serves every layer, so
+            compile time does not grow with depth). Packed bins have a fixed shape, so the run compiles
+            on its first step only; compile time, graphs and recompilations are reported apart from
+            steady-state throughput. Needs a C compiler on CPU (gcc). Not with QLoRA.
+        fused_loss: Compute the output head and the cross-entropy together in chunks of rows, never
+            holding the ``[loss tokens, vocabulary]`` logits (language-modelling objectives; same loss
+            and gradients as the plain path, up to float summation order).
+        measure_activations: Before training, measure the activation memory per token with and
+            without checkpointing on the first micro-batch (two forwards, no backward) for the run
+            summary.
     """
 
     output_dir: str = "runs/default"
@@ -128,6 +140,9 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
     tensorboard: bool | None = None
+    compile: bool = False
+    fused_loss: bool = True
+    measure_activations: bool = True
 
 
 def _size(n: float) -> str:
@@ -172,6 +187,15 @@ class TrainResult:
         metrics: The last step's objective metrics (preference runs: ``rewards/chosen``,
             ``rewards/rejected``, ``margins``, ``accuracy`` ...); None where a step had nothing to
             average (a KTO step without desirable samples).
+        activation_bytes_per_token: Bytes autograd saved for backward per real token of the first
+            micro-batch, without activation checkpointing (0: not measured).
+        activation_bytes_per_token_checkpointed: The same with activation checkpointing.
+        activation_checkpointing: Whether the run checkpointed activations.
+        compiled: Whether the decoder layers were compiled (``run.compile``).
+        compile_seconds: Time the compiling steps took beyond a steady step.
+        compiled_graphs: Graphs compiled by this call's training steps.
+        recompilations: Graphs compiled after the first compiling step (0 when shapes stay fixed).
+        steady_tokens_per_s: Tokens per second over the steps that compiled nothing (compiled runs).
     """
 
     steps: int
@@ -196,6 +220,14 @@ class TrainResult:
     data_parallel: str = "none"
     objective: str = "lm"
     metrics: dict[str, float | None] = field(default_factory=dict)
+    activation_bytes_per_token: float = 0.0
+    activation_bytes_per_token_checkpointed: float = 0.0
+    activation_checkpointing: bool = False
+    compiled: bool = False
+    compile_seconds: float = 0.0
+    compiled_graphs: int = 0
+    recompilations: int = 0
+    steady_tokens_per_s: float = 0.0
 
     def summary(self) -> str:
         """A human summary of the run: steps, tokens, time, losses, padding, memory, where things are."""
@@ -222,6 +254,21 @@ class TrainResult:
             f"  final model   {self.model_dir}",
             f"  checkpoints   {checkpoints}",
         ]
+        if self.activation_bytes_per_token:
+            on, off = self.activation_bytes_per_token_checkpointed, self.activation_bytes_per_token
+            used = "with" if self.activation_checkpointing else "without"
+            lines.insert(
+                -2,
+                f"  activations   {_size(off)}/token saved for backward without checkpointing, "
+                f"{_size(on)}/token with it (this run: {used})",
+            )
+        if self.compiled:
+            lines.insert(
+                2,
+                f"  compile       {self.compile_seconds:.1f} s on the first step(s), {self.compiled_graphs} "
+                f"graphs, {self.recompilations} recompilations after; steady state "
+                f"{self.steady_tokens_per_s:,.0f} tokens/s",
+            )
         if self.metrics:
             shown = ", ".join(
                 f"{name} {'n/a' if v is None else format(v, '.4f')}" for name, v in self.metrics.items()
@@ -242,6 +289,23 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
             continue
         (decay if p.dim() >= 2 and "embed" not in name else plain).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def _local_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The gradients held by this process (an FSDP2 gradient's local shard, not the DTensor)."""
+    grads = []
+    for p in params:
+        if p.grad is not None:
+            grads.append(getattr(p.grad, "_local_tensor", p.grad))
+    return grads
+
+
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The squared L2 norm of all ``grads`` together, in fp32 (0 when there are none)."""
+    if not grads:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm(grads)
+    return torch.stack([n.float() for n in norms]).square().sum()
 
 
 def _batches(loader: ResumableLoader[Any]) -> Iterator[Any]:
@@ -280,6 +344,9 @@ class _Training:
         self.start_step = self.tokens_seen = 0
         # Run-wide totals for the summary, carried through checkpoints.
         self.best_loss, self.best_step, self.padded_tokens, self.padded_slots = math.inf, 0, 0, 0
+        self.activations: ActivationMemory | None = None
+        self.compile_watch: CompileWatch | None = None
+        self.step_tokens: list[int] = []
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -308,23 +375,32 @@ class _Training:
             model.enable_activation_checkpointing()
         if run.data_parallel == "fsdp" and self.info.world_size == 1:
             logger.info("run.data_parallel='fsdp' has nothing to shard in one process; training unsharded")
+        self.dataset = self.objective.build_dataset(self.data, self.tokenizer)
+        self.loader: ResumableLoader[Any] = self._new_loader()
+        if run.measure_activations:  # on the plain model: before compiling and wrapping
+            first = next(iter(self._new_loader())).to(self.device)
+            self.activations = measure_activation_memory(model, first, autocast=run.precision == "bfloat16")
+        self.compile_watch = CompileWatch() if run.compile else None
+        if run.compile:
+            compile_decoder_layers(model)
         # Under torchrun each rank holds a replica (DDP) or a shard (FSDP2); both average gradients.
         self.dp = wrap_data_parallel(model, self.info, run.data_parallel)
-        self.dataset = self.objective.build_dataset(self.data, self.tokenizer)
-        self.loader: ResumableLoader[Any] = ResumableLoader(
-            self.dataset,
-            run.batch_size,
-            seed=self.data.shuffle_seed,
-            shuffle=self.data.shuffle,
-            rank=self.info.rank,
-            world_size=self.info.world_size,
-        )
         self._setup_optimizer()
         self._setup_reference()  # before resuming: the model must still be the reference
         self._resume()
         self.start_tokens = self.tokens_seen
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.batches = _batches(self.loader)
+
+    def _new_loader(self) -> ResumableLoader[Any]:
+        return ResumableLoader(
+            self.dataset,
+            self.run_config.batch_size,
+            seed=self.data.shuffle_seed,
+            shuffle=self.data.shuffle,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
 
     def _setup_optimizer(self) -> None:
         optim, run = self.optim, self.run_config
@@ -406,17 +482,25 @@ class _Training:
         objective = self.objective
         t0 = time.perf_counter()
         window: list[Any] = [next(self.batches) for _ in range(run.grad_accum)]
-        # Normalise by the totals of the whole step on every rank (loss tokens, pairs ...); the
-        # gradient average over ranks (DDP all-reduce, FSDP2 reduce-scatter) divides by the world
-        # size, which the objective's factor undoes.
         local = objective.step_totals(window)
-        # The tokens and slots the step computes ride along in the same collective.
+        # The tokens and slots the step computes ride along in the step's collective.
         local["real tokens"] = float(sum(b.num_tokens for b in window))
         local["slots"] = float(sum(b.input_ids.numel() for b in window))
-        totals = dict(zip(local, all_reduce_sums(list(local.values()), device), strict=True))
-        step_tokens, slots = int(totals.pop("real tokens")), int(totals.pop("slots"))
-        if totals[objective.primary] == 0:
-            raise TrainError(f"step {step + 1} has no token to learn from; check data.train_on and the data.")
+        # Normalise by the totals of the whole step on every rank (loss tokens, pairs ...); the
+        # gradient average over ranks (DDP all-reduce, FSDP2 reduce-scatter) divides by the world
+        # size, which the objective's factor undoes. An objective whose loss is one sum over the
+        # step's total (language modelling) is normalised after backward instead, so the totals, the
+        # loss and (sharded) the gradient norm share one all-reduce; the others need their totals
+        # before the forward.
+        deferred = objective.deferred_normalization
+        if deferred:
+            if info.world_size == 1 and local[objective.primary] == 0:
+                raise TrainError(
+                    f"step {step + 1} has no token to learn from; check data.train_on and the data."
+                )
+            totals = {objective.primary: 1.0}
+        else:
+            totals = dict(zip(local, all_reduce_sums(list(local.values()), device), strict=True))
         autocast = run.precision == "bfloat16"
         total = torch.zeros((), device=device)
         sums: dict[str, torch.Tensor] = {}
@@ -430,13 +514,27 @@ class _Training:
             total += loss.detach()
             for name, value in metric_sums.items():
                 sums[name] = sums[name] + value if name in sums else value
-        # One collective for the loss and every metric sum.
         names = sorted(sums)
-        reduced = all_reduce_tensor_sum(torch.stack([total.float(), *(sums[n].float() for n in names)]))
-        values = reduced.tolist()
-        loss_value = values[0] / info.world_size
+        # float64: token and slot counts stay exact past 2**24.
+        vector = [total.double(), *(sums[n].double() for n in names)]
+        grads = _local_grads(self.params)
+        if deferred:
+            vector += [torch.tensor(v, dtype=torch.float64, device=device) for v in local.values()]
+            if dp.sharded:  # each rank holds a shard of the gradient: its squared norm adds up
+                vector.append(_squared_norm(grads, device).double())
+        # One collective for the loss, every metric sum (and, deferred, the totals and norm).
+        values = all_reduce_tensor_sum(torch.stack(vector)).tolist()
+        if deferred:
+            reduced = values[len(names) + 1 : len(names) + 1 + len(local)]
+            totals = dict(zip(local, reduced, strict=True))
+        step_tokens, slots = int(totals.pop("real tokens")), int(totals.pop("slots"))
+        if totals[objective.primary] == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainError(f"step {step + 1} has no token to learn from; check data.train_on and the data.")
+        scale = 1.0 / totals[objective.primary] if deferred else 1.0
+        loss_value = values[0] * scale / info.world_size
         metrics: dict[str, float | None] = {}
-        for name, value in zip(names, values[1:], strict=True):
+        for name, value in zip(names, values[1 : len(names) + 1], strict=True):
             key = objective.denominators.get(name)
             denominator = totals[key] if key else 1.0
             metrics[name] = value / denominator if denominator else None
@@ -445,9 +543,17 @@ class _Training:
             metrics["margins"] = None if chosen is None or rejected is None else chosen - rejected
         self.last_metrics = metrics
         clip = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        # With FSDP2 the norm is a replicated DTensor already reduced over every rank's shards.
-        grad_norm = scalar_value(norm)
+        if deferred:
+            squared = values[-1] if dp.sharded else float(_squared_norm(grads, device))
+            grad_norm = math.sqrt(squared) * scale
+            # Normalisation and clipping in one pass over the gradients (torch's clipping rule).
+            factor = scale * min(1.0, clip / (grad_norm + 1e-6))
+            if grads and math.isfinite(grad_norm):
+                torch._foreach_mul_(grads, factor)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            # With FSDP2 the norm is a replicated DTensor already reduced over every rank's shards.
+            grad_norm = scalar_value(norm)
         if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             last = latest_checkpoint(self.out)
@@ -467,11 +573,15 @@ class _Training:
         self.loss_value = loss_value
         self.losses.append(loss_value)
         seconds = time.perf_counter() - t0
+        self.step_tokens.append(step_tokens)
+        compiled = {}
+        if self.compile_watch is not None:
+            compiled["compiled_graphs"] = self.compile_watch.step(seconds)
         return {
             "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
             "tokens": self.tokens_seen, **{k: int(v) for k, v in totals.items()},
             "tokens_per_s": step_tokens / max(seconds, 1e-9), "step_seconds": seconds,
-            "padding_ratio": 1 - step_tokens / max(slots, 1), **metrics,
+            "padding_ratio": 1 - step_tokens / max(slots, 1), **compiled, **metrics,
         }  # fmt: skip
 
     def log(self, record: dict[str, Any]) -> None:
@@ -552,6 +662,8 @@ class _Training:
                 # purge_step: points a killed run logged after its last checkpoint are replaced.
                 purge = self.start_step + 1 if self.start_step else None
                 self.writer = open_tensorboard(self.tb_dir, purge_step=purge)
+            if self.compile_watch is not None:
+                self.compile_watch.start()
             for step in range(self.start_step, run.max_steps):
                 self.log(self.train_step(step))
                 if run.save_every and (step + 1) % run.save_every == 0 and step + 1 < run.max_steps:
@@ -578,6 +690,15 @@ class _Training:
             self.final,
         )
         this_call = self.tokens_seen - self.start_tokens
+        watch, act = self.compile_watch, self.activations
+        steady = 0.0
+        if watch is not None:
+            quiet = [
+                (n, s)
+                for n, s, g in zip(self.step_tokens, watch.step_seconds, watch.per_step, strict=True)
+                if not g
+            ]
+            steady = sum(n for n, _ in quiet) / max(sum(s for _, s in quiet), 1e-9)
         return TrainResult(
             steps=self.run_config.max_steps,
             final_loss=self.loss_value,
@@ -601,6 +722,14 @@ class _Training:
             data_parallel=self.dp.mode,
             objective=self.objective.name,
             metrics=dict(self.last_metrics),
+            activation_bytes_per_token=act.per_token if act else 0.0,
+            activation_bytes_per_token_checkpointed=act.per_token_checkpointed if act else 0.0,
+            activation_checkpointing=self.run_config.activation_checkpointing,
+            compiled=watch is not None,
+            compile_seconds=watch.compile_seconds if watch else 0.0,
+            compiled_graphs=watch.graphs if watch else 0,
+            recompilations=watch.recompilations if watch else 0,
+            steady_tokens_per_s=steady,
         )
 
 

@@ -93,11 +93,15 @@ class Objective(ABC):
         denominators: For each metric :meth:`loss` sums, the key of :meth:`step_totals` it is
             divided by for the step's record (None: the sums are already step means).
         needs_reference: Whether :attr:`reference` must be set before training.
+        deferred_normalization: The loss is one sum divided by the step's ``primary`` total, so the
+            loop may pass ``{primary: 1.0}`` as totals and divide the gradients afterwards: the totals
+            then share the step's single all-reduce with the loss instead of needing one of their own.
     """
 
     name = "objective"
     primary = "loss_tokens"
     needs_reference = False
+    deferred_normalization = False
 
     def __init__(self) -> None:
         self.denominators: dict[str, str | None] = {}
@@ -127,6 +131,7 @@ class LanguageModeling(Objective):
 
     name = "lm"
     primary = "loss_tokens"
+    deferred_normalization = True
 
     def build_dataset(self, data: DataConfig, tokenizer: Tokenizer) -> Any:
         return build_dataset(data, tokenizer)

@@ -168,8 +168,9 @@ def keep_host_boundaries(source: Any, moved: Any) -> None:
 def host_boundaries(batch: Any) -> Tensor | None:
     """The batch's ``cu_seqlens`` in host memory, if it has them there (:func:`keep_host_boundaries`)."""
     host: Tensor | None = getattr(batch, "_host_cu_seqlens", None)
-    if host is None and batch.cu_seqlens.device.type == "cpu":
-        host = batch.cu_seqlens
+    cu_seqlens = getattr(batch, "cu_seqlens", None)  # padded batches have none
+    if host is None and cu_seqlens is not None and cu_seqlens.device.type == "cpu":
+        host = cu_seqlens
     return host
 
 
