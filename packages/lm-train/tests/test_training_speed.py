@@ -188,3 +188,28 @@ def test_compiled_fsdp_two_processes_match_one(tmp_path: Path) -> None:
     # The same global batch: sharded and compiled, step for step (fp32; compiled kernels on both sides).
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     assert "0 recompilations after" in two.stdout
+
+
+def test_fused_loss_run_equals_plain(
+    tokenizer: Tokenizer, docs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmstack.train._fused_loss as fused_module
+
+    calls = {"n": 0}
+    original = fused_module.fused_linear_cross_entropy
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fused_module, "fused_linear_cross_entropy", counted)
+    plain_model, plain = _train(
+        tokenizer, docs, tmp_path / "plain", fused_loss=False, measure_activations=False
+    )
+    assert calls["n"] == 0
+    fused_model, fused = _train(tokenizer, docs, tmp_path / "fused", measure_activations=False)
+    assert calls["n"] == 4 * 2  # every micro-batch of the 4 steps took the fused path
+    # Same sums in another order (chunked rows): fp32 rounding, compounded over 4 AdamW steps.
+    assert fused.losses == pytest.approx(plain.losses, rel=1e-5)
+    for (name, a), b in zip(plain_model.state_dict().items(), fused_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

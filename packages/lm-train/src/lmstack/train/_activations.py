@@ -1,7 +1,8 @@
 """Activation memory per token, with and without activation checkpointing, measured on a real batch.
 
 What is measured: the bytes autograd keeps for the backward pass of one micro-batch's forward (the
-decoder, the output head at the loss positions and the cross-entropy), counted by
+decoder, the output head at the loss positions and the cross-entropy, fused or not as the run
+computes it), counted by
 ``torch.autograd.graph.saved_tensors_hooks`` with every storage counted once and the parameters left
 out. With checkpointing, the tensors saved inside a checkpointed layer are not kept (the layer is
 recomputed in backward), but each layer's inputs are: those are counted by a pre-hook on the layers.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmstack.core import CausalLM
+from lmstack.train._fused_loss import FusedLinearCrossEntropy
 from lmstack.train._objectives import loss_targets
 
 __all__ = ["ActivationMemory", "measure_activation_memory"]
@@ -63,7 +65,7 @@ class _SavedBytes:
         return tensor
 
 
-def _forward_bytes(model: CausalLM, batch: Any, checkpointing: bool, autocast: bool) -> int:
+def _forward_bytes(model: CausalLM, batch: Any, checkpointing: bool, autocast: bool, fused: bool) -> int:
     device = batch.input_ids.device
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     counter = _SavedBytes(params)
@@ -82,14 +84,22 @@ def _forward_bytes(model: CausalLM, batch: Any, checkpointing: bool, autocast: b
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t))
         stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast))
         indices, targets = loss_targets(batch.labels)
-        logits = model(batch.input_ids, batch.position_ids, batch.attention(), logits_indices=indices)
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        attn = batch.attention()
+        if fused:
+            head = FusedLinearCrossEntropy(targets)
+            loss = model(batch.input_ids, batch.position_ids, attn, logits_indices=indices, head=head)
+        else:
+            logits = model(batch.input_ids, batch.position_ids, attn, logits_indices=indices)
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+            del logits
     model.enable_activation_checkpointing(before)
-    del loss, logits  # the graph and what it saved go with them
+    del loss  # the graph and what it saved go with it
     return counter.bytes
 
 
-def measure_activation_memory(model: CausalLM, batch: Any, *, autocast: bool = False) -> ActivationMemory:
+def measure_activation_memory(
+    model: CausalLM, batch: Any, *, autocast: bool = False, fused_loss: bool = False
+) -> ActivationMemory:
     """Bytes saved for backward per real token, with and without checkpointing, on ``batch``.
 
     Two forwards of the plain (unwrapped, uncompiled) model; nothing is backpropagated and the
@@ -100,8 +110,11 @@ def measure_activation_memory(model: CausalLM, batch: Any, *, autocast: bool = F
         batch: A micro-batch with ``input_ids``, ``position_ids``, ``labels``, ``attention()`` and
             ``num_tokens`` (packed or padded, language-modelling or preference).
         autocast: Run under bfloat16 autocast, as a ``precision: bfloat16`` run does.
+        fused_loss: Compute the loss as ``run.fused_loss`` does (the output head and the cross-entropy
+            in chunks: what it keeps for backward are the gradients it computed in the forward, not
+            the logits).
     """
-    plain = _forward_bytes(model, batch, checkpointing=False, autocast=autocast)
-    checkpointed = _forward_bytes(model, batch, checkpointing=True, autocast=autocast)
+    plain = _forward_bytes(model, batch, checkpointing=False, autocast=autocast, fused=fused_loss)
+    checkpointed = _forward_bytes(model, batch, checkpointing=True, autocast=autocast, fused=fused_loss)
     tokens = max(int(batch.num_tokens), 1)
     return ActivationMemory(plain / tokens, checkpointed / tokens, int(batch.num_tokens))

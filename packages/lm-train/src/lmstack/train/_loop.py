@@ -334,7 +334,7 @@ class _Training:
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.data, self.optim, self.run_config = data, optim, run
-        self.objective = objective if objective is not None else LanguageModeling()
+        self.objective = objective if objective is not None else LanguageModeling(fused=run.fused_loss)
         self.last_metrics: dict[str, float | None] = {}
         self.out = Path(run.output_dir)
         self.metrics_file = self.out / "metrics.jsonl"
@@ -379,7 +379,10 @@ class _Training:
         self.loader: ResumableLoader[Any] = self._new_loader()
         if run.measure_activations:  # on the plain model: before compiling and wrapping
             first = next(iter(self._new_loader())).to(self.device)
-            self.activations = measure_activation_memory(model, first, autocast=run.precision == "bfloat16")
+            fused = bool(getattr(self.objective, "fused", False))
+            self.activations = measure_activation_memory(
+                model, first, autocast=run.precision == "bfloat16", fused_loss=fused
+            )
         self.compile_watch = CompileWatch() if run.compile else None
         if run.compile:
             compile_decoder_layers(model)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmstack.core import Tokenizer
+from lmstack.train._fused_loss import FusedLinearCrossEntropy
 from lmstack.train._preference_losses import (
     DPOLossType,
     dpo_loss,
@@ -127,11 +128,22 @@ class Objective(ABC):
 
 
 class LanguageModeling(Objective):
-    """Summed next-token cross-entropy over the step's loss tokens (pretrain, sft, lora)."""
+    """Summed next-token cross-entropy over the step's loss tokens (pretrain, sft, lora).
+
+    Args:
+        fused: Compute the output head and the cross-entropy together in chunks of rows
+            (:class:`~lmstack.train._fused_loss.FusedLinearCrossEntropy`), never holding the
+            ``[loss tokens, vocabulary]`` logits; heads other than a plain ``nn.Linear`` (a LoRA or
+            4-bit head) take the plain path either way.
+    """
 
     name = "lm"
     primary = "loss_tokens"
     deferred_normalization = True
+
+    def __init__(self, fused: bool = True) -> None:
+        super().__init__()
+        self.fused = fused
 
     def build_dataset(self, data: DataConfig, tokenizer: Tokenizer) -> Any:
         return build_dataset(data, tokenizer)
@@ -145,8 +157,13 @@ class LanguageModeling(Objective):
         # Only the positions that carry loss go through the lm head: with the loss on assistant turns
         # that is a small share of the tokens, and the [tokens, vocab] logits are the largest activation.
         indices, targets = loss_targets(batch.labels)
-        logits = module(batch.input_ids, batch.position_ids, batch.attention(), logits_indices=indices)
-        summed = F.cross_entropy(logits.float(), targets, reduction="sum")
+        attn = batch.attention()
+        if self.fused:
+            head = FusedLinearCrossEntropy(targets)
+            summed = module(batch.input_ids, batch.position_ids, attn, logits_indices=indices, head=head)
+        else:
+            logits = module(batch.input_ids, batch.position_ids, attn, logits_indices=indices)
+            summed = F.cross_entropy(logits.float(), targets, reduction="sum")
         return summed * (world_size / totals["loss_tokens"]), {}
 
 
