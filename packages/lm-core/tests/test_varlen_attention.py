@@ -147,3 +147,72 @@ def test_gpu_varlen_backward_equals_reference(impl: str) -> None:
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref, strict=True):
         # bf16 kernels that tile differently: a few units in the last place of bf16's 8-bit mantissa.
         torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2, msg=name)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"model_type": "mistral", "sliding_window": 5}, {"qkv_bias": True, "num_key_value_heads": 1}],
+)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_last_layer_on_logits_rows_equals_full_layer(
+    overrides: dict[str, object], checkpointing: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmstack.core.model._transformer as transformer
+
+    config = ModelConfig(
+        **{
+            "model_type": "llama", "vocab_size": 97, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, **overrides,
+        }
+    )  # fmt: skip
+    positions = torch.cat([torch.arange(n) for n in LENGTHS]).reshape(2, -1)  # 178 tokens, 2 rows
+    ids = torch.randint(0, 97, positions.shape, generator=torch.Generator().manual_seed(2))
+    # About a third of the tokens carry loss, one-token samples and sample ends included.
+    pick = torch.rand(positions.numel(), generator=torch.Generator().manual_seed(3)) < 0.3
+    indices = torch.nonzero(pick).flatten()
+    spy = {"rows": 0}
+    original = PackedAttention.attend_rows
+
+    def counted(self: PackedAttention, *args: object, **kwargs: object) -> torch.Tensor:
+        spy["rows"] += 1
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(PackedAttention, "attend_rows", counted)
+    results = []
+    for share in (0.5, -1.0):  # the rows path, then the full last layer
+        monkeypatch.setattr(transformer, "ROWS_ONLY_MAX_SHARE", share)
+        torch.manual_seed(0)
+        model = CausalLM(config)
+        model.enable_activation_checkpointing(checkpointing)
+        logits = model(ids, positions, PackedAttention.from_positions(positions), logits_indices=indices)
+        (logits * torch.linspace(-1, 1, logits.numel()).reshape(logits.shape)).sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    # The first pass took the rows path (the last layer; again in backward when checkpointed), the second not.
+    assert spy["rows"] == (2 if checkpointing else 1)
+    (rows_logits, rows_grads), (full_logits, full_grads) = results
+    # The same arithmetic on fewer rows; attention of a row runs as a masked SDPA instead of the
+    # causal kernel: fp32 rounding only.
+    torch.testing.assert_close(rows_logits, full_logits, rtol=1e-5, atol=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(rows_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rows_path_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny()
+    positions = _packing(0)
+    packed = PackedAttention.from_positions(positions)
+    assert model._rows_only(packed, torch.tensor([3, 9, 40]), positions.numel())
+    assert not model._rows_only(packed, torch.tensor([9, 3]), positions.numel())  # not ascending
+    assert not model._rows_only(packed, torch.arange(60), positions.numel())  # most tokens: full layer
+    from lmstack.core import DenseAttention
+
+    assert not model._rows_only(DenseAttention(), torch.tensor([3]), positions.numel())  # no attend_rows
+    compiled = _tiny()
+    compiled.model.layers[-1].compile()  # rows of a new count every batch would recompile it
+    assert not compiled._rows_only(packed, torch.tensor([3, 9, 40]), positions.numel())
+    # Unsorted logits_indices still come back in the order asked.
+    ids = torch.randint(0, 97, positions.shape)
+    with torch.no_grad():
+        full = model(ids, positions, packed)[0]
+        picked = model(ids, positions, packed, logits_indices=torch.tensor([40, 3, 9]))
+    torch.testing.assert_close(picked, full[[40, 3, 9]], rtol=1e-5, atol=1e-6)

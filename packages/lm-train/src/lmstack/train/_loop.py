@@ -377,7 +377,9 @@ class _Training:
             logger.info("run.data_parallel='fsdp' has nothing to shard in one process; training unsharded")
         self.dataset = self.objective.build_dataset(self.data, self.tokenizer)
         self.loader: ResumableLoader[Any] = self._new_loader()
-        if run.measure_activations:  # on the plain model: before compiling and wrapping
+        # On the plain model (before compiling and wrapping); a language model's forward only (a reward
+        # model's head takes other arguments and is not measured).
+        if run.measure_activations and isinstance(model, CausalLM):
             first = next(iter(self._new_loader())).to(self.device)
             fused = bool(getattr(self.objective, "fused", False))
             self.activations = measure_activation_memory(

@@ -307,6 +307,68 @@ class PackedAttention:
             )
         return torch.cat(pieces, dim=1)[0]
 
+    def supports_rows(self) -> bool:
+        """Whether :meth:`attend_rows` runs here: boundaries on the CPU (a training batch there)."""
+        return self.cu_seqlens.device.type == "cpu"
+
+    def attend_rows(
+        self,
+        layer_idx: int,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rows: Tensor,
+        *,
+        scale: float,
+        window: int | None,
+    ) -> Tensor:
+        """Attention of the queries at the flat token indices ``rows`` only, over their samples' keys.
+
+        What :meth:`lmstack.core.CausalLM.forward` uses for its last layer when only some tokens'
+        logits are wanted (the loss positions of a fine-tuning batch): the other tokens' queries,
+        output projection and feed-forward are never computed.
+
+        Args:
+            layer_idx: Index of the calling decoder layer.
+            q: ``[N, Hq, D]`` rotated queries of the ``N`` rows.
+            k: ``[B, T, Hkv, D]`` rotated keys of every token.
+            v: ``[B, T, Hkv, D]`` values of every token.
+            rows: ``[N]`` ascending flat indices into the ``B * T`` tokens.
+            scale: Softmax scale.
+            window: Sliding window, or None.
+
+        Returns:
+            ``[N, Hq, D]``.
+        """
+        n = k.shape[0] * k.shape[1]
+        kf, vf = k.reshape(n, *k.shape[2:]), v.reshape(n, *v.shape[2:])
+        bounds = self.host_bounds()
+        if bounds[-1] != n:
+            raise LMStackError(f"cu_seqlens covers {bounds[-1]} tokens but the batch holds {n}.")
+        host_rows = rows.to("cpu")
+        if host_rows.numel() > 1 and bool((host_rows[1:] <= host_rows[:-1]).any()):
+            raise LMStackError("attend_rows needs strictly ascending row indices.")
+        # Rows of each sample: a contiguous run, since rows ascend.
+        edges = torch.searchsorted(host_rows, torch.tensor(bounds)).tolist()
+        pieces = []
+        for sample, (lo, hi) in enumerate(itertools.pairwise(edges)):
+            if hi == lo:
+                continue
+            start = bounds[sample]
+            local = host_rows[lo:hi] - start  # query positions inside the sample
+            keys = int(local[-1]) + 1  # no query of this sample sees past its last row
+            j = torch.arange(keys)
+            allowed = j[None, :] <= local[:, None]
+            if window is not None:
+                allowed &= j[None, :] > local[:, None] - window
+            pieces.append(
+                _sdpa(
+                    q[None, lo:hi], kf[None, start : start + keys], vf[None, start : start + keys],
+                    scale=scale, mask=allowed.to(q.device), causal=False,
+                )[0]
+            )  # fmt: skip
+        return torch.cat(pieces, dim=0) if pieces else q.new_zeros(q.shape)
+
     def attend(
         self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int | None
     ) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,22 @@ class Attention(nn.Module):
         out = attn.attend(self.layer_idx, q, k, v, scale=self.scale, window=self.window)  # [B, T, Hq, D]
         return self.o_proj(out.reshape(b, t, -1))
 
+    def forward_rows(self, x: Tensor, cos: Tensor, sin: Tensor, attn: Any, rows: Tensor) -> Tensor:
+        """The output at the flat token indices ``rows`` only (``[N, C]``); keys and values of every token.
+
+        The backend must have ``attend_rows`` (see :meth:`CausalLM.forward`).
+        """
+        b, t, c = x.shape
+        flat = x.reshape(b * t, c)[rows]  # [N, C]
+        q = self.q_proj(flat).view(1, rows.numel(), -1, self.head_dim)  # [1, N, Hq, D]
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        d = cos.shape[-1]
+        q = apply_rotary(q, cos.reshape(b * t, d)[rows][None], sin.reshape(b * t, d)[rows][None])[0]
+        k = apply_rotary(k, cos, sin)
+        out = attn.attend_rows(self.layer_idx, q, k, v, rows, scale=self.scale, window=self.window)
+        return self.o_proj(out.reshape(rows.numel(), -1))
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
@@ -123,7 +139,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.mlp = MLP(config, device, dtype)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend, rows: Tensor | None = None
+    ) -> Tensor:
+        """``[B, T, C]`` out; with ``rows`` (flat token indices) only those rows' output, ``[N, C]``.
+
+        The rows path goes through this forward (not a method of its own) so that wrappers hooked on
+        the layer's call, such as an FSDP2 unit gathering its weights, see it.
+        """
+        if rows is not None:
+            h = x.reshape(-1, x.shape[-1])[rows] + self.self_attn.forward_rows(
+                self.input_layernorm(x), cos, sin, attn, rows
+            )
+            return h + self.mlp(self.post_attention_layernorm(h))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -147,6 +175,7 @@ class Transformer(nn.Module):
         positions: Tensor,
         attn: AttentionBackend,
         rope_seq_lens: Tensor | None = None,
+        output_rows: Tensor | None = None,
     ) -> Tensor:
         """Embeddings, every decoder layer, then the final norm: hidden states ``[B, T, C]``.
 
@@ -156,14 +185,20 @@ class Transformer(nn.Module):
             attn: Where attention happens (:class:`AttentionBackend`).
             rope_seq_lens: For dynamic NTK RoPE, each token's sequence length ``[B, T]``; None lets the
                 longest position in the call decide.
+            output_rows: Flat indices of the only tokens whose output is wanted: the last layer then
+                computes queries, attention, its output projection and feed-forward for those rows
+                alone (keys and values for every token, which those rows attend to), and the result
+                is ``[N, C]``. The backend must have ``attend_rows``.
         """
         x = self.embed_tokens(input_ids)  # [B, T, C]
         cos, sin = self.rotary(positions, rope_seq_lens, dtype=x.dtype)  # [B, T, D], once for all layers
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            extra = (output_rows,) if i == last and output_rows is not None else ()
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attn, *extra, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn)
+                x = layer(x, cos, sin, attn, *extra)
         return self.norm(x)
 
 
@@ -304,6 +339,20 @@ class CausalLM(nn.Module):
         return self
 
     # -- forward -------------------------------------------------------------------------------------
+    def _rows_only(self, attn: Any, indices: Tensor | None, tokens: int) -> bool:
+        """Whether the last layer can run on the ``logits_indices`` rows alone (same result, less work)."""
+        if indices is None or indices.dim() != 1 or indices.numel() > ROWS_ONLY_MAX_SHARE * tokens:
+            return False
+        if self._inference_layout is not None or not callable(getattr(attn, "attend_rows", None)):
+            return False
+        # A compiled layer would see a rows tensor of a new length every batch and recompile.
+        if getattr(self.model.layers[-1], "_compiled_call_impl", None) is not None:
+            return False
+        if not getattr(attn, "supports_rows", lambda: True)() or indices.device.type != "cpu":
+            return False
+        # Rows in another order (or repeated) keep the plain path, which returns them as asked.
+        return indices.numel() < 2 or bool((indices[1:] > indices[:-1]).all())
+
     @property
     def hidden_states(self) -> Transformer:
         """The body without the output head (:attr:`model`, see :meth:`Transformer.forward`).
@@ -345,12 +394,20 @@ class CausalLM(nn.Module):
             b, t = input_ids.shape
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         attn = DenseAttention() if attn is None else attn
-        h = self.model(input_ids, positions, attn, rope_seq_lens)
-        if logits_indices is not None:
-            h = h.reshape(-1, h.shape[-1])[logits_indices]
+        if self._rows_only(attn, logits_indices, input_ids.numel()):
+            h = self.model(input_ids, positions, attn, rope_seq_lens, output_rows=logits_indices)
+        else:
+            h = self.model(input_ids, positions, attn, rope_seq_lens)
+            if logits_indices is not None:
+                h = h.reshape(-1, h.shape[-1])[logits_indices]
         if head is not None:
             return head(h, self.lm_head)
         return self.lm_head(h)
+
+
+# The last layer runs on the logits rows alone when they are at most this share of the tokens: below it
+# the gather and the masked attention of the few rows cost less than the rows they skip.
+ROWS_ONLY_MAX_SHARE = 0.5
 
 
 def _inference_ready(module: nn.Module) -> bool:
