@@ -114,10 +114,11 @@ class RunConfig:
         tensorboard: Log loss, lr, grad_norm, tokens_per_s and padding_ratio every step to
             ``output_dir/tensorboard/`` (``tensorboard --logdir`` it). None: when TensorBoard is
             installed (``pip install 'lmstack-train[tensorboard]'``); True: require it; False: off.
-        compile: ``torch.compile`` each decoder layer (regional: one graph serves every layer, so
-            compile time does not grow with depth). Packed bins have a fixed shape, so the run compiles
-            on its first step only; compile time, graphs and recompilations are reported apart from
-            steady-state throughput. Needs a C compiler on CPU (gcc). Not with QLoRA.
+        compile: ``torch.compile`` each decoder layer but the last (regional: one graph serves every
+            layer, so compile time does not grow with depth; the last stays eager so that it can run
+            on the loss rows alone). Packed bins have a fixed shape, so the run compiles on its first
+            step only; compile time, graphs and recompilations are reported apart from steady-state
+            throughput. Needs a C compiler on CPU (gcc). Not with QLoRA.
         fused_loss: Compute the output head and the cross-entropy together in chunks of rows, never
             holding the ``[loss tokens, vocabulary]`` logits (language-modelling objectives; same loss
             and gradients as the plain path, up to float summation order).
