@@ -16,7 +16,8 @@ own process (``_sft_probe.py``) so that its peak resident memory is its own; the
 (batch sizes below for ``small``; ``smollm`` halves them):
 
 * ``lmstack``: ``lmstack.train.recipes.sft``, best-fit packed bins of 512 tokens, 2 bins a step;
-* ``lmstack-compiled``: the same with ``run.compile: true`` (``torch.compile`` per decoder layer); its
+* ``lmstack-compiled``: the same with ``run.compile: true`` (``torch.compile`` per decoder layer but
+  the last, which stays eager to run on the loss rows alone); its
   compile time (the warm-up steps' time beyond the median measured step) is reported apart from its
   steady-state tokens/s. Where this lmstack-train has no ``compile`` option the side fails and the
   others are still reported;

@@ -394,7 +394,7 @@ def test_causal_lm_head_matches_plain_logits(tie: bool) -> None:
     logits = model(ids, logits_indices=indices)
     want = F.cross_entropy(logits.float(), targets, reduction="sum")
     want_grads = _param_grads(model, want)
-    head = FusedLinearCrossEntropy(targets, chunk_size=5)
+    head = FusedLinearCrossEntropy(targets, chunk_size=5, min_rows=0)  # fused however few the rows
     got = model(ids, logits_indices=indices, head=head)
     assert head.fused is True
     got_grads = _param_grads(model, got)
@@ -471,7 +471,7 @@ def test_lora_base_head_is_fused_with_a_frozen_weight() -> None:
     ids, indices, targets = _batch(model.config.vocab_size)
     want = F.cross_entropy(model(ids, logits_indices=indices).float(), targets, reduction="sum")
     want_grads = _param_grads(model, want)
-    head = FusedLinearCrossEntropy(targets, chunk_size=4)
+    head = FusedLinearCrossEntropy(targets, chunk_size=4, min_rows=0)  # fused however few the rows
     got = model(ids, logits_indices=indices, head=head)
     assert head.fused is True
     got_grads = _param_grads(model, got)
@@ -622,3 +622,17 @@ def test_token_logps_head_through_causal_lm(adapted_head: bool) -> None:
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * w.abs().max().item(), msg=name)
     with pytest.raises(TrainConfigError, match="one target per selected row"):
         model(ids, logits_indices=indices, head=FusedTokenLogps(targets[1:]))
+
+
+def test_head_keeps_the_plain_path_for_few_rows() -> None:
+    # Fewer rows than half the hidden size: the plain path's [N, V] logits are smaller than the fused
+    # path's [V, C] weight gradient, so the head does not fuse (same loss either way).
+    hidden, _, _, targets = _inputs(6, 32, 50, ignore_every=4)
+    linear = nn.Linear(32, 50)
+    few = FusedLinearCrossEntropy(targets)
+    got = few(hidden, linear)
+    assert few.fused is False
+    torch.testing.assert_close(got, _plain(hidden, linear.weight, linear.bias, targets), rtol=1e-5, atol=1e-5)
+    forced = FusedLinearCrossEntropy(targets, min_rows=6)
+    torch.testing.assert_close(forced(hidden, linear), got, rtol=1e-5, atol=1e-5)
+    assert forced.fused is True

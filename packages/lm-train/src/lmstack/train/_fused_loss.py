@@ -464,15 +464,26 @@ class FusedLinearCrossEntropy:
         targets: ``[N]`` target ids of the rows the head sees (``[B, T]`` without ``logits_indices``).
         chunk_size: Rows per chunk (None: :func:`default_chunk_size`).
         ignore_index: Target id whose rows carry no loss.
+        min_rows: Fuse only from this many rows on (None: half the hidden size). The fused path keeps
+            a weight-sized ``[V, C]`` fp32 gradient from forward to backward, the plain one about two
+            ``[N, V]`` fp32 tensors: below ``C / 2`` rows the plain path holds less (SFT of a large
+            model on a few loss tokens a micro-batch). 0 always fuses.
 
     Attributes:
         fused: After a call, whether the fused path ran (None before the first call).
     """
 
-    def __init__(self, targets: Tensor, chunk_size: int | None = None, ignore_index: int = -100) -> None:
+    def __init__(
+        self,
+        targets: Tensor,
+        chunk_size: int | None = None,
+        ignore_index: int = -100,
+        min_rows: int | None = None,
+    ) -> None:
         self.targets = targets
         self.chunk_size = chunk_size
         self.ignore_index = ignore_index
+        self.min_rows = min_rows
         self.fused: bool | None = None
 
     def __call__(self, hidden: Tensor, lm_head: nn.Module) -> Tensor:
@@ -490,7 +501,8 @@ class FusedLinearCrossEntropy:
                 f"FusedLinearCrossEntropy got hidden states {tuple(hidden.shape)} but targets "
                 f"{tuple(targets.shape)}; pass one target per row the head sees (logits_indices)."
             )
-        self.fused = _fusable(lm_head)
+        min_rows = hidden.shape[1] // 2 if self.min_rows is None else self.min_rows
+        self.fused = _fusable(lm_head) and hidden.shape[0] >= min_rows
         if self.fused:
             assert isinstance(lm_head, nn.Linear)
             return fused_linear_cross_entropy(
