@@ -204,6 +204,7 @@ def test_rows_path_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> Non
     assert model._rows_only(packed, torch.tensor([3, 9, 40]), positions.numel())
     assert not model._rows_only(packed, torch.tensor([9, 3]), positions.numel())  # not ascending
     assert not model._rows_only(packed, torch.arange(60), positions.numel())  # most tokens: full layer
+    assert not model._rows_only(packed, torch.arange(0), positions.numel())  # no row: nothing to gain
     from lmstack.core import DenseAttention
 
     assert not model._rows_only(DenseAttention(), torch.tensor([3]), positions.numel())  # no attend_rows

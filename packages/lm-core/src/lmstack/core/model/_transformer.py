@@ -341,7 +341,7 @@ class CausalLM(nn.Module):
     # -- forward -------------------------------------------------------------------------------------
     def _rows_only(self, attn: Any, indices: Tensor | None, tokens: int) -> bool:
         """Whether the last layer can run on the ``logits_indices`` rows alone (same result, less work)."""
-        if indices is None or indices.dim() != 1 or indices.numel() > ROWS_ONLY_MAX_SHARE * tokens:
+        if indices is None or indices.dim() != 1 or not 0 < indices.numel() <= ROWS_ONLY_MAX_SHARE * tokens:
             return False
         if self._inference_layout is not None or not callable(getattr(attn, "attend_rows", None)):
             return False
