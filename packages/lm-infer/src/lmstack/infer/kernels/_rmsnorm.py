@@ -287,7 +287,11 @@ class TritonRMSNorm(RMSNorm):
 class TritonDecoderLayer(DecoderLayer):
     """Core's :class:`~lmstack.core.model.DecoderLayer` with the residual add fused into the second norm."""
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend, rows: Tensor | None = None
+    ) -> Tensor:
+        if rows is not None:  # core's rows-only last layer (training on few loss tokens): unfused
+            return super().forward(x, cos, sin, attn, rows)
         a = self.self_attn(self.input_layernorm(x), cos, sin, attn)
         norm = self.post_attention_layernorm
         # The sum goes into the attention output, a temporary this layer owns (never into its input x).
