@@ -273,9 +273,14 @@ class PackedAttention:
             self._padded_host = padded_cu_seqlens(torch.tensor(self.host_bounds()), q.shape[0])
         return varlen_attention(q, k, v, self._padded_host, scale=scale, window=window)
 
-    @torch.compiler.disable
     def block_mask(self, window: int | None, device: torch.device) -> Any:
         """FlexAttention's document-causal block mask for ``window``: built once, shared by every layer."""
+        # Built outside any compiled region (a graph break there, not host work traced into it). The
+        # decorator is applied here, not at import: torch.compiler imports dynamo, which imports
+        # triton, and lmstack-infer's CPU tests must set TRITON_INTERPRET before anything does.
+        return torch.compiler.disable(self._build_block_mask)(window, device)
+
+    def _build_block_mask(self, window: int | None, device: torch.device) -> Any:
         if window not in self._block_masks:
             cu = self.cu_seqlens.to(device)
             positions = torch.arange(int(self._total or cu[-1]), device=device, dtype=cu.dtype)
