@@ -104,8 +104,12 @@ def test_batches_feed_the_model_directly(
 
 def test_mismatched_state_and_bad_settings_are_refused(packed: Any) -> None:
     loader = ResumableLoader(packed, batch_size=2, seed=3)
-    with pytest.raises(TrainError, match="saved with batch_size=4"):
+    with pytest.raises(TrainError, match=r"global batch of 4 \(batch_size=4 x 1"):
         loader.load_state_dict({**loader.state_dict(), "batch_size": 4})
+    # The same global batch over another number of ranks points at the same items: accepted.
+    two = ResumableLoader(packed, batch_size=1, seed=3, rank=1, world_size=2)
+    two.load_state_dict({**loader.state_dict(), "index": 1})
+    assert two.position == DataPosition(0, 1)
     with pytest.raises(TrainError, match="outside the"):
         loader.set_position(DataPosition(0, len(loader) + 1))
     with pytest.raises(TrainError, match="fewer than one global batch"):

@@ -5,6 +5,9 @@
   below; ``lmstack train pretrain|sft|lora|qlora|dpo|orpo|simpo|kto|rm CONFIG.yaml [--key value ...]``.
   :func:`load_train_config` reads such a YAML file (with ``--section.key value`` overrides) into a
   recipe's config; :func:`save_config` and :func:`config_to_dict` write one back.
+* Scale-out (:class:`ParallelConfig`, every recipe's ``parallel:`` section): tensor, sequence and
+  pipeline parallelism beside FSDP2/HSDP over lmstack-core's device mesh, with distributed checkpoints
+  that resume under another layout.
 * The loop (:func:`train_loop`, :class:`OptimConfig`, :class:`RunConfig`, :class:`TrainResult`):
   AdamW with warmup and cosine/linear decay, gradient accumulation, clipping, bf16 autocast,
   activation checkpointing, NaN/inf stop, atomic checkpoints with exact O(1) resume, DDP or FSDP2
@@ -30,6 +33,7 @@
 
 from lmstack.train._config import config_to_dict, load_train_config, save_config
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
+from lmstack.train._parallel_config import ParallelConfig
 from lmstack.train._preference_eval import PreferenceScores, score_preferences
 from lmstack.train._preference_losses import (
     DPOLossType,
@@ -60,6 +64,7 @@ __all__: list[str] = [
     "DataConfig",
     "DataError",
     "OptimConfig",
+    "ParallelConfig",
     "PreferenceScores",
     "ResumableLoader",
     "RewardModel",

@@ -143,16 +143,17 @@ class DataParallel:
 
     Attributes:
         module: What to call forward on (the DDP wrapper, or the model itself).
-        mode: ``none`` (one process), ``ddp`` or ``fsdp``.
+        mode: ``none`` (one process), ``ddp``, ``fsdp``, or ``mesh`` (a ``parallel:`` layout: the model
+            is parallelised in place and :class:`lmstack.train._parallel.MeshModel` drives it).
     """
 
     module: nn.Module
-    mode: Literal["none", "ddp", "fsdp"]
+    mode: Literal["none", "ddp", "fsdp", "mesh"]
 
     @property
     def sharded(self) -> bool:
         """Whether parameters and optimizer states are FSDP shards (DTensors), not whole tensors."""
-        return self.mode == "fsdp"
+        return self.mode in ("fsdp", "mesh")
 
     @contextlib.contextmanager
     def gradient_sync(self, enabled: bool) -> Iterator[None]:

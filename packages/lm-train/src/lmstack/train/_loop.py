@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,7 @@ from lmstack.train._activations import ActivationMemory, measure_activation_memo
 from lmstack.train._compile import CompileWatch, compile_decoder_layers
 from lmstack.train._config import save_config
 from lmstack.train._dist import (
+    DataParallel,
     all_reduce_max,
     all_reduce_sums,
     all_reduce_tensor_sum,
@@ -43,13 +44,17 @@ from lmstack.train._dist import (
 )
 from lmstack.train._monitor import SCALARS, ScalarWriter, open_tensorboard, peak_memory, use_tensorboard
 from lmstack.train._objectives import LanguageModeling, Objective, loss_targets
+from lmstack.train._parallel_config import ParallelConfig
 from lmstack.train._reference import prepare_reference
 from lmstack.train._schedule import lr_factor
 from lmstack.train._state import (
     gather_train_state,
+    is_distributed_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    load_distributed_checkpoint,
     save_checkpoint,
+    save_distributed_checkpoint,
     unsharded_model,
 )
 from lmstack.train.data import DataConfig, ResumableLoader
@@ -182,7 +187,8 @@ class TrainResult:
         metrics_file: ``metrics.jsonl``.
         tensorboard_dir: Where TensorBoard events went, or None when it was off.
         world_size: Processes that trained.
-        data_parallel: ``none`` (one process), ``ddp`` or ``fsdp``.
+        data_parallel: ``none`` (one process), ``ddp``, ``fsdp`` or ``mesh`` (a ``parallel:`` layout).
+        layout: The ``parallel:`` degrees a ``mesh`` run trained with (``dp_replicate=1 dp_shard=2 ...``).
         objective: What was minimised: ``lm`` (next-token cross-entropy), ``dpo``, ``orpo``,
             ``simpo``, ``kto`` or ``rm``.
         metrics: The last step's objective metrics (preference runs: ``rewards/chosen``,
@@ -219,6 +225,7 @@ class TrainResult:
     tensorboard_dir: Path | None = None
     world_size: int = 1
     data_parallel: str = "none"
+    layout: str = ""
     objective: str = "lm"
     metrics: dict[str, float | None] = field(default_factory=dict)
     activation_bytes_per_token: float = 0.0
@@ -233,6 +240,8 @@ class TrainResult:
     def summary(self) -> str:
         """A human summary of the run: steps, tokens, time, losses, padding, memory, where things are."""
         how = "1 process" if self.world_size == 1 else f"{self.world_size} processes ({self.data_parallel})"
+        if self.layout:
+            how = f"{self.world_size} processes ({self.layout})"
         resumed = f", resumed at step {self.start_step}" if self.start_step else ""
         best = f"{self.best_loss:.4f} (step {self.best_step})" if math.isfinite(self.best_loss) else "n/a"
         tokens = f"{self.tokens:,}"
@@ -309,6 +318,33 @@ def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tens
     return torch.stack([n.float() for n in norms]).square().sum()
 
 
+class PartOptimizers(torch.optim.Optimizer):
+    """Several optimizers (one per pipeline stage of a rank) driven as one, for the loop and its scheduler.
+
+    The parameter groups are the optimizers' own dictionaries, so a learning-rate scheduler built on
+    this object sets every optimizer's rate.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        # No Optimizer.__init__: the groups and states stay the parts' own.
+        self.optimizers = list(optimizers)
+        self.defaults = dict(optimizers[0].defaults)
+        self.param_groups = [group for opt in optimizers for group in opt.param_groups]
+        self.state = {}  # type: ignore[assignment]
+        self._optimizer_step_pre_hooks = {}  # type: ignore[assignment]
+        self._optimizer_step_post_hooks = {}  # type: ignore[assignment]
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        """Step every optimizer."""
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every optimizer's gradients."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+
 def _batches(loader: ResumableLoader[Any]) -> Iterator[Any]:
     while True:  # epochs follow each other; the loader advances its own position
         yield from loader
@@ -332,8 +368,12 @@ class _Training:
         optim: OptimConfig,
         run: RunConfig,
         objective: Objective | None = None,
+        parallel: ParallelConfig | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        # A parallel: section beyond plain data parallelism trains over the 5-D mesh (MeshModel).
+        self.parallel = parallel if parallel is not None and not parallel.is_default else None
+        self.mesh_model: Any = None
         self.data, self.optim, self.run_config = data, optim, run
         self.objective = objective if objective is not None else LanguageModeling(fused=run.fused_loss)
         self.last_metrics: dict[str, float | None] = {}
@@ -357,7 +397,15 @@ class _Training:
         Then resumes from the newest checkpoint of ``output_dir``, if any.
         """
         model, run = self.model, self.run_config
-        if run.data_parallel == "fsdp" and any(not p.requires_grad for p in model.parameters()):
+        if self.parallel is not None and run.compile:
+            raise TrainError(
+                "run.compile does not combine with a parallel: layout yet; turn one of them off."
+            )
+        if (
+            self.parallel is None
+            and run.data_parallel == "fsdp"
+            and any(not p.requires_grad for p in model.parameters())
+        ):
             raise TrainError(
                 "run.data_parallel='fsdp' supports full-weight training (pretrain, sft) only, and this "
                 "model has frozen parameters (a LoRA or QLoRA base); use run.data_parallel='ddp' for "
@@ -372,11 +420,23 @@ class _Training:
             save_config(config_to_save, self.out / "config.yaml")
         torch.manual_seed(run.seed)
         model.to(self.device).train()
-        if run.activation_checkpointing:
+        if run.activation_checkpointing and self.parallel is None:
             model.enable_activation_checkpointing()
         if run.data_parallel == "fsdp" and self.info.world_size == 1:
             logger.info("run.data_parallel='fsdp' has nothing to shard in one process; training unsharded")
         self.dataset = self.objective.build_dataset(self.data, self.tokenizer)
+        self.data_rank, self.data_size = self.info.rank, self.info.world_size
+        if self.parallel is not None:
+            from lmstack.train._parallel import MeshModel
+
+            self.mesh_model = MeshModel(
+                model,
+                self.parallel,
+                self.info,
+                self.objective,
+                activation_checkpointing=run.activation_checkpointing,
+            )
+            self.data_rank, self.data_size = self.mesh_model.data_rank, self.mesh_model.data_size
         self.loader: ResumableLoader[Any] = self._new_loader()
         # On the plain model (before compiling and wrapping); a language model's forward only (a reward
         # model's head takes other arguments and is not measured).
@@ -390,12 +450,16 @@ class _Training:
         if run.compile:
             compile_decoder_layers(model)
         # Under torchrun each rank holds a replica (DDP) or a shard (FSDP2); both average gradients.
-        self.dp = wrap_data_parallel(model, self.info, run.data_parallel)
+        if self.mesh_model is not None:
+            self.dp = DataParallel(model, "mesh")
+        else:
+            self.dp = wrap_data_parallel(model, self.info, run.data_parallel)
         self._setup_optimizer()
         self._setup_reference()  # before resuming: the model must still be the reference
         self._resume()
         self.start_tokens = self.tokens_seen
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        source = self.mesh_model.parameters() if self.mesh_model is not None else model.parameters()
+        self.params = [p for p in source if p.requires_grad]
         self.batches = _batches(self.loader)
 
     def _new_loader(self) -> ResumableLoader[Any]:
@@ -404,19 +468,25 @@ class _Training:
             self.run_config.batch_size,
             seed=self.data.shuffle_seed,
             shuffle=self.data.shuffle,
-            rank=self.info.rank,
-            world_size=self.info.world_size,
+            rank=self.data_rank,
+            world_size=self.data_size,
         )
 
     def _setup_optimizer(self) -> None:
         optim, run = self.optim, self.run_config
         # Built after sharding: FSDP2 replaces the parameters by DTensor shards.
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, optim.weight_decay),
-            lr=optim.lr,
-            betas=(optim.betas[0], optim.betas[1]),
-            eps=optim.eps,
-        )
+        optimizers = [
+            torch.optim.AdamW(
+                _param_groups(part, optim.weight_decay),
+                lr=optim.lr,
+                betas=(optim.betas[0], optim.betas[1]),
+                eps=optim.eps,
+            )
+            for part in self._parts()
+        ]
+        # A pipeline rank holding several stages has one optimizer per stage (distributed checkpoints
+        # name each stage's states by its own parameters), stepped together.
+        self.optimizer = optimizers[0] if len(optimizers) == 1 else PartOptimizers(optimizers)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(
@@ -427,6 +497,17 @@ class _Training:
                 min_ratio=optim.min_lr_ratio,
             ),
         )
+
+    def _parts(self) -> list[torch.nn.Module]:
+        """The model parts this rank trains: the model, or a pipeline rank's stages."""
+        if self.mesh_model is not None:
+            return list(self.mesh_model.parts)
+        return [self.model]
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        if isinstance(self.optimizer, PartOptimizers):
+            return list(self.optimizer.optimizers)
+        return [self.optimizer]
 
     def _setup_reference(self) -> None:
         objective = self.objective
@@ -456,13 +537,23 @@ class _Training:
             raise TrainError(
                 f"{self.out} already holds checkpoint {ckpt.name}; use resume=auto or a new output_dir."
             )
-        state = load_checkpoint(
-            ckpt,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            sharded=self.dp.sharded,
-        )
+        if is_distributed_checkpoint(ckpt):
+            state = load_distributed_checkpoint(
+                ckpt, parts=self._parts(), optimizers=self._optimizers(), scheduler=self.scheduler
+            )
+        elif self.mesh_model is not None and self.mesh_model.mesh.dims.pp > 1:
+            raise TrainError(
+                f"{ckpt} holds whole tensors (a data-parallel run's checkpoint); a pipeline-parallel run "
+                "resumes from distributed checkpoints only. Resume it without parallel.pp first."
+            )
+        else:
+            state = load_checkpoint(
+                ckpt,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                sharded=self.dp.sharded,
+            )
         self.loader.load_state_dict(state["data"])
         self.start_step, self.tokens_seen = int(state["step"]), int(state["tokens"])
         if state.get("best_loss") is not None:
@@ -484,6 +575,8 @@ class _Training:
             TrainError: The step has no loss token, or a non-finite loss or gradient norm (the
                 weights are then left as they were).
         """
+        if self.mesh_model is not None:
+            return self._mesh_step(step)
         run, info, device, dp = self.run_config, self.info, self.device, self.dp
         objective = self.objective
         t0 = time.perf_counter()
@@ -560,6 +653,20 @@ class _Training:
             norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
             # With FSDP2 the norm is a replicated DTensor already reduced over every rank's shards.
             grad_norm = scalar_value(norm)
+        return self._finish_step(step, t0, loss_value, grad_norm, (step_tokens, slots), totals, metrics)
+
+    def _finish_step(
+        self,
+        step: int,
+        t0: float,
+        loss_value: float,
+        grad_norm: float,
+        counts: tuple[int, int],
+        totals: dict[str, float],
+        metrics: dict[str, float | None],
+    ) -> dict[str, Any]:
+        """Refuse a non-finite step, else update the weights and the counters; the step's record."""
+        step_tokens, slots = counts
         if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             last = latest_checkpoint(self.out)
@@ -590,6 +697,55 @@ class _Training:
             "padding_ratio": 1 - step_tokens / max(slots, 1), **compiled, **metrics,
         }  # fmt: skip
 
+    def _mesh_step(self, step: int) -> dict[str, Any]:
+        """:meth:`train_step` over a ``parallel:`` layout (:class:`~lmstack.train._parallel.MeshModel`).
+
+        Every tp, sp and pp rank of a data-parallel coordinate reads the same micro-batches, so the
+        step's totals are a world sum divided by those duplicates; the loss each rank adds is already
+        normalised, and the world sum of it counts each token once per tp rank.
+        """
+        run, device, mm, objective = self.run_config, self.device, self.mesh_model, self.objective
+        t0 = time.perf_counter()
+        window: list[Any] = [next(self.batches) for _ in range(run.grad_accum)]
+        local = objective.step_totals(window)
+        local["real tokens"] = float(sum(b.num_tokens for b in window))
+        local["slots"] = float(sum(b.input_ids.numel() for b in window))
+        summed = all_reduce_sums(list(local.values()), device)
+        totals = {k: v / mm.duplicates for k, v in zip(local, summed, strict=True)}
+        if totals[objective.primary] == 0:
+            raise TrainError(f"step {step + 1} has no token to learn from; check data.train_on and the data.")
+        autocast = run.precision == "bfloat16"
+        sums: dict[str, torch.Tensor] = {}
+        if mm.pipelined:
+            total = mm.pipeline_step([b.to(device) for b in window], totals, autocast=autocast)
+        else:
+            total = torch.zeros((), device=device)
+            for i, micro in enumerate(window):
+                loss, metric_sums = mm.micro_step(
+                    objective, micro.to(device), totals, last=i == len(window) - 1, autocast=autocast
+                )
+                total += loss
+                for name, value in metric_sums.items():
+                    sums[name] = sums[name] + value if name in sums else value
+        names = sorted(sums)
+        vector = torch.stack([total.double(), *(sums[n].double() for n in names)])
+        values = all_reduce_tensor_sum(vector).tolist()
+        tp = mm.mesh.dims.tp
+        loss_value = values[0] / tp / mm.loss_factor
+        metrics: dict[str, float | None] = {}
+        for name, value in zip(names, values[1:], strict=True):
+            key = objective.denominators.get(name)
+            denominator = totals[key] if key else 1.0
+            metrics[name] = value / tp / denominator if denominator else None
+        if "rewards/chosen" in metrics and "margins" not in metrics:
+            chosen, rejected = metrics["rewards/chosen"], metrics["rewards/rejected"]
+            metrics["margins"] = None if chosen is None or rejected is None else chosen - rejected
+        self.last_metrics = metrics
+        clip = self.optim.grad_clip if self.optim.grad_clip > 0 else math.inf
+        grad_norm = mm.clip_gradients(clip)
+        counts = (round(totals.pop("real tokens")), round(totals.pop("slots")))
+        return self._finish_step(step, t0, loss_value, grad_norm, counts, totals, metrics)
+
     def log(self, record: dict[str, Any]) -> None:
         """Writes a step's record to metrics.jsonl and TensorBoard, and moves the progress bar."""
         if self.metrics is not None:
@@ -608,6 +764,20 @@ class _Training:
     def save_checkpoint(self, step: int) -> None:
         """Writes the checkpoint of ``step`` (a collective: every rank calls it)."""
         info, dp = self.info, self.dp
+        if self.mesh_model is not None:
+            # Every rank writes its own shards; nothing is gathered to one rank.
+            save_distributed_checkpoint(
+                self.out,
+                step,
+                parts=self._parts(),
+                optimizers=self._optimizers(),
+                scheduler=self.scheduler,
+                trainer_state=self._trainer_state(),
+                keep_last=self.run_config.keep_last,
+            )
+            if self.writer is not None:
+                self.writer.flush()
+            return
         # Gathering shards takes every rank; replicas are identical, so then only rank 0 reads.
         gather = dp.sharded or info.is_main
         weights, optim_state = (
@@ -620,14 +790,7 @@ class _Training:
                 model=self.model,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                trainer_state={
-                    "data": self.loader.state_dict(),
-                    "tokens": self.tokens_seen,
-                    "best_loss": self.best_loss,
-                    "best_step": self.best_step,
-                    "padded_tokens": self.padded_tokens,
-                    "padded_slots": self.padded_slots,
-                },
+                trainer_state=self._trainer_state(),
                 keep_last=self.run_config.keep_last,
                 model_state=weights,
                 optimizer_state=optim_state,
@@ -636,10 +799,24 @@ class _Training:
                 self.writer.flush()
         barrier()
 
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "data": self.loader.state_dict(),
+            "tokens": self.tokens_seen,
+            "best_loss": self.best_loss,
+            "best_step": self.best_step,
+            "padded_tokens": self.padded_tokens,
+            "padded_slots": self.padded_slots,
+        }
+
     def save_final(self, save_model: Callable[[CausalLM, Path], None] | None = None) -> None:
         """Writes the final model to ``output_dir/final`` (a collective under FSDP)."""
         self.model.eval()
-        whole = unsharded_model(self.model, sharded=self.dp.sharded)  # every rank takes part in the gather
+        if self.mesh_model is not None:
+            whole = self.mesh_model.whole_model(self.out / ".final-shards")
+        else:
+            # Every rank takes part in the gather.
+            whole = unsharded_model(self.model, sharded=self.dp.sharded)
         if self.info.is_main:
             assert whole is not None
             if save_model is not None:
@@ -726,6 +903,7 @@ class _Training:
             tensorboard_dir=self.tb_dir,
             world_size=self.info.world_size,
             data_parallel=self.dp.mode,
+            layout=self.mesh_model.mesh.dims.describe() if self.mesh_model is not None else "",
             objective=self.objective.name,
             metrics=dict(self.last_metrics),
             activation_bytes_per_token=act.per_token if act else 0.0,
@@ -749,6 +927,7 @@ def train_loop(
     config_to_save: Any = None,
     save_model: Callable[[CausalLM, Path], None] | None = None,
     objective: Objective | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data``; resume from ``run.output_dir`` when a checkpoint is there.
 
@@ -766,6 +945,10 @@ def train_loop(
         objective: What a step minimises (default: next-token cross-entropy on ``data``'s loss
             tokens); the preference recipes pass a DPO/ORPO/SimPO/KTO/reward-model objective
             (:mod:`lmstack.train._objectives`), which also builds the dataset.
+        parallel: The recipe's ``parallel:`` section. Left at its defaults (or None) the run is data
+            parallel as ``run.data_parallel`` says; otherwise the model is trained over the 5-D mesh of
+            tensor, sequence, pipeline and sharded data parallelism (:mod:`lmstack.train._parallel`),
+            with distributed checkpoints.
 
     Returns:
         Steps, losses, tokens, time, throughput, padding, peak memory and where the run wrote.
@@ -776,6 +959,6 @@ def train_loop(
             ``run.tensorboard`` is true and TensorBoard is not installed, or when
             ``run.data_parallel='fsdp'`` meets a model with frozen parameters (LoRA, QLoRA).
     """
-    training = _Training(model, tokenizer, data, optim, run, objective)
+    training = _Training(model, tokenizer, data, optim, run, objective, parallel)
     training.setup(config_to_save)
     return training.run(save_model)

@@ -17,6 +17,7 @@ position in ``trainer_state.json`` is the loader's business: it needs the same b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,11 +34,15 @@ from lmstack.core import CausalLM, atomic_directory
 from lmstack.train.data._errors import TrainError
 
 __all__ = [
+    "DCP_DIR",
     "gather_train_state",
+    "is_distributed_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_distributed_checkpoint",
     "rng_state",
     "save_checkpoint",
+    "save_distributed_checkpoint",
     "set_rng_state",
     "unsharded_model",
 ]
@@ -46,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+DCP_DIR = "dcp"
+"""Where a distributed checkpoint keeps its torch.distributed.checkpoint files (weights and optimizer)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -271,3 +278,147 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return json.loads((path / STATE_FILE).read_text())
+
+
+# -- distributed checkpoints (torch.distributed.checkpoint) ------------------------------------------
+
+
+def is_distributed_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether a checkpoint holds its weights and optimizer as a torch.distributed.checkpoint."""
+    return (Path(path) / DCP_DIR / ".metadata").is_file()
+
+
+def _dcp_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Keyed by parameter name throughout (``state.<name>.exp_avg``...), so the files do not depend on how
+    # parameters were grouped, sharded or split into pipeline stages.
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _dcp_state(parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """The sharded (DTensor) weights and optimizer states of this rank's model parts, by name."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    state: dict[str, Any] = {}
+    for part, optimizer in zip(parts, optimizers, strict=True):
+        model_sd, optim_sd = get_state_dict(part, optimizer, options=_dcp_options())
+        trainable = set(trainable_state(part))
+        state.update({f"model.{k}": v for k, v in model_sd.items() if k in trainable})
+        state.update({f"optim.{k}": v for k, v in optim_sd.items()})
+    return state
+
+
+def save_distributed_checkpoint(
+    run_dir: str | os.PathLike[str],
+    step: int,
+    *,
+    parts: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer],
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path | None:
+    """Write the checkpoint of ``step`` with torch.distributed.checkpoint (a collective: every rank calls it).
+
+    Every rank writes its own shards (no gather to one rank), in parallel, into one staging directory that
+    rank 0 swaps into place atomically once all have finished, so a run killed mid-save leaves no
+    checkpoint that looks complete. Tensors are keyed by parameter name with their global shapes, so the
+    checkpoint loads under any other layout (tensor, sequence, pipeline or data parallel, or one process).
+
+    Args:
+        run_dir: The run directory (``checkpoints/step-NNNNNNNN`` is written under it).
+        step: The step the checkpoint holds.
+        parts: This rank's model parts (one, or a pipeline rank's stages), with the whole model's
+            parameter names.
+        optimizers: One optimizer per part.
+        scheduler: The learning-rate scheduler (rank 0's is saved; all ranks step alike).
+        trainer_state: Step counters and the data position (rank 0's is saved).
+        keep_last: Checkpoints to keep.
+
+    Returns:
+        The checkpoint directory on rank 0, None elsewhere.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(run_dir) / "checkpoints"
+    target = root / f"step-{step:08d}"
+    state = _dcp_state(parts, optimizers)
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    with contextlib.ExitStack() as stack:
+        staging: list[Any] = [str(stack.enter_context(atomic_directory(target))) if main else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(staging, src=0)
+        tmp = Path(staging[0])
+        dcp.save(state, checkpoint_id=tmp / DCP_DIR)
+        if main:
+            torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+            (tmp / STATE_FILE).write_text(
+                json.dumps({"step": step, "format": "dcp", **trainer_state}, indent=2) + "\n"
+            )
+        if dist.is_initialized():
+            dist.barrier()  # every rank's shards are written before rank 0 swaps the directory in
+    if not main:
+        return None
+    _prune(root, keep_last)
+    logger.info("saved distributed checkpoint %s", target)
+    return target
+
+
+def load_distributed_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    parts: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer],
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Restore what :func:`save_distributed_checkpoint` wrote, resharded to this run's layout.
+
+    A collective under torchrun (every rank reads the pieces of the tensors it holds); also works in
+    one process without a process group. Returns the trainer state.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    state = _dcp_state(parts, optimizers)
+    try:
+        dcp.load(state, checkpoint_id=path / DCP_DIR)
+    except Exception as exc:  # missing keys and shape mismatches surface here
+        raise TrainError(
+            f"cannot load distributed checkpoint {path}: {type(exc).__name__}: {str(exc)[:500]}; was it "
+            "written for another model or adapter configuration?"
+        ) from exc
+    for part, optimizer in zip(parts, optimizers, strict=True):
+        names = set(trainable_state(part))
+        model_sd = {k: state[f"model.{k}"] for k in names}
+        optim_sd = {k[len("optim.") :]: v for k, v in state.items() if k.startswith("optim.")}
+        set_state_dict(
+            part,
+            optimizer,
+            model_state_dict=model_sd,
+            optim_state_dict=_own_optimizer_keys(optim_sd, names),
+            options=_dcp_state_options(),
+        )
+    extra = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    scheduler.load_state_dict(extra["scheduler"])
+    set_rng_state(extra["rng"])
+    return cast(dict[str, Any], json.loads((path / STATE_FILE).read_text()))
+
+
+def _own_optimizer_keys(flat: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """The flattened optimizer entries (``state.<name>.<key>``, ``param_groups.<name>.<key>``) of names."""
+    own: dict[str, Any] = {}
+    for key, value in flat.items():
+        kind, _, rest = key.partition(".")
+        # The last dotted part is the state's or group's own key (exp_avg, lr...): no dots in those.
+        if kind in ("state", "param_groups") and rest.rpartition(".")[0] in names:
+            own[key] = value
+    return own
+
+
+def _dcp_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True, strict=False)

@@ -222,6 +222,10 @@ class CausalLM(nn.Module):
         torch.Size([1, 3, 128])
     """
 
+    # Set by lmstack.core.parallel.apply_tensor_parallel: "tensor", or "sequence" when the residual stream
+    # holds a slice of each row (then the rows-only last layer, which indexes every token, cannot run).
+    _tensor_parallel: str | None = None
+
     def __init__(self, config: ModelConfig, device: Device = None, dtype: DType = None) -> None:
         super().__init__()
         self.config = config
@@ -344,6 +348,8 @@ class CausalLM(nn.Module):
         if indices is None or indices.dim() != 1 or not 0 < indices.numel() <= ROWS_ONLY_MAX_SHARE * tokens:
             return False
         if self._inference_layout is not None or not callable(getattr(attn, "attend_rows", None)):
+            return False
+        if self._tensor_parallel == "sequence":
             return False
         # A compiled layer would see a rows tensor of a new length every batch and recompile.
         if getattr(self.model.layers[-1], "_compiled_call_impl", None) is not None:

@@ -82,6 +82,12 @@ class ParallelDims:
         others = self.dp_replicate * self.tp * self.sp * self.pp
         dp_shard = self.dp_shard
         if dp_shard == -1:
+            if others > world_size:
+                raise ConfigError(
+                    f"parallel: dp_replicate x tp x sp x pp = {others} needs at least {others} processes "
+                    f"but the world size is {world_size}; launch under torchrun with --nproc-per-node x "
+                    f"--nnodes = {others} (or a multiple of it)."
+                )
             if world_size % others:
                 raise ConfigError(
                     f"parallel: dp_replicate x tp x sp x pp = {others} does not divide the world size "
@@ -181,6 +187,19 @@ class ParallelMesh:
     def enabled(self, name: str) -> bool:
         """Whether dim ``name`` has more than one rank."""
         return self.size(name) > 1
+
+    def fsdp_mesh(self) -> DeviceMesh:
+        """The mesh FSDP2 shards over.
+
+        ``dp_shard x sp`` (1-D), or with ``dp_replicate`` > 1 the 2-D HSDP mesh
+        ``(dp_replicate, dp_shard x sp)``.
+        """
+        if self.mesh is None:
+            raise ConfigError("no device mesh in a single process without a process group.")
+        if self.dims.dp_replicate == 1:
+            return self.mesh["dp_shard_sp"]
+        # Without sequence parallelism the mesh's own dims serve (no slice of a flattened dim).
+        return self.mesh["dp_replicate", "dp_shard" if self.dims.sp == 1 else "dp_shard_sp"]
 
     @property
     def dp_rank(self) -> int:

@@ -205,10 +205,22 @@ class ResumableLoader(Generic[B]):
             state: The saved state.
 
         Raises:
-            TrainError: The state was saved with another dataset size, seed, batch size or world size
-                (the saved position would then point at other data).
+            TrainError: The state was saved with another dataset size, seed or global batch (the saved
+                position would then point at other data). The global batch is ``batch_size x
+                world_size``: a run resumes on another number of data-parallel ranks when the global
+                batch stays the same (4 ranks of 2 where 2 ranks of 4 saved), since every global batch
+                holds the same items either way.
         """
-        for key in ("num_items", "seed", "shuffle", "batch_size", "world_size"):
+        if "batch_size" in state and "world_size" in state:
+            saved = int(state["batch_size"]) * int(state["world_size"])
+            if saved != self.batch_size * self.world_size:
+                raise TrainError(
+                    f"cannot resume the data position: it was saved with a global batch of {saved} "
+                    f"(batch_size={state['batch_size']} x {state['world_size']} data-parallel ranks), but "
+                    f"this run has {self.batch_size * self.world_size} (batch_size={self.batch_size} x "
+                    f"{self.world_size}); keep batch_size x data-parallel ranks the same to resume"
+                )
+        for key in ("num_items", "seed", "shuffle"):
             if key in state and state[key] != getattr(self, key):
                 raise TrainError(
                     f"cannot resume the data position: it was saved with {key}={state[key]!r}, but this run "

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from lmstack.core import CausalLM, Tokenizer, atomic_directory, load_pretrained, save_pretrained
 from lmstack.train._dist import init_distributed
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
+from lmstack.train._parallel_config import ParallelConfig
 from lmstack.train.data._config import DataConfig
 from lmstack.train.data._errors import TrainConfigError, TrainError
 
@@ -160,6 +161,7 @@ class LoRAConfig:
         data: The training data.
         optim: AdamW and its schedule (adapters like a higher learning rate than full finetuning).
         run: Steps, batching, checkpoints; the run writes ``final/adapter/`` (and ``final/merged/``).
+        parallel: Tensor, sequence, pipeline and data parallelism under torchrun (see ``ParallelConfig``).
         lora: The adapters and, for QLoRA, the base's quantization.
         merge: Also write ``final/merged/``: base + adapters as a plain Hugging Face checkpoint.
     """
@@ -168,6 +170,7 @@ class LoRAConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=5, weight_decay=0.0))
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoRASettings = field(default_factory=LoRASettings)
     merge: bool = False
 
@@ -538,7 +541,16 @@ def lora(cfg: LoRAConfig) -> TrainResult:
         if cfg.merge:
             save_pretrained(merge_lora(trained), final / "merged", tokenizer=tokenizer)
 
-    return train_loop(model, tokenizer, cfg.data, cfg.optim, cfg.run, config_to_save=cfg, save_model=save)
+    return train_loop(
+        model,
+        tokenizer,
+        cfg.data,
+        cfg.optim,
+        cfg.run,
+        config_to_save=cfg,
+        parallel=cfg.parallel,
+        save_model=save,
+    )
 
 
 def qlora(cfg: LoRAConfig) -> TrainResult:

@@ -49,6 +49,7 @@ from lmstack.core import CausalLM, Tokenizer, load_pretrained, save_pretrained
 from lmstack.train._dist import init_distributed
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
 from lmstack.train._objectives import KTO, Objective, PairwisePreference
+from lmstack.train._parallel_config import ParallelConfig
 from lmstack.train._preference_losses import DPOLossType
 from lmstack.train._reference import ReferenceMode, model_fingerprint
 from lmstack.train.data._config import DataConfig
@@ -209,6 +210,7 @@ class _PreferenceConfig:
         data: The preference data (``format: preference`` for pairs, ``kto`` for unpaired rows).
         optim: AdamW and its schedule.
         run: Steps, batching (``batch_size`` packed bins, or padded pairs), checkpoints.
+        parallel: Data and tensor parallelism under torchrun (see ``ParallelConfig``).
         adapter: ``none`` trains every weight; ``lora`` and ``qlora`` train peft adapters (on a
             4-bit base for ``qlora``) as ``lmstack train lora`` does, and write ``final/adapter``.
         lora: The adapters (and QLoRA's quantization), as in the LoRA recipe.
@@ -219,6 +221,7 @@ class _PreferenceConfig:
     data: DataConfig = field(default_factory=_preference_data)
     optim: OptimConfig = field(default_factory=_preference_optim)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     adapter: Literal["none", "lora", "qlora"] = "none"
     lora: LoRASettings = field(default_factory=LoRASettings)
     merge: bool = False
@@ -347,6 +350,7 @@ def _run_causal(cfg: _PreferenceConfig, objective: Objective, reference: Referen
         cfg.optim,
         cfg.run,
         config_to_save=cfg,
+        parallel=cfg.parallel,
         save_model=save,
         objective=objective,
     )
@@ -459,6 +463,7 @@ def rm(cfg: RewardConfig) -> TrainResult:
         cfg.optim,
         cfg.run,
         config_to_save=cfg,
+        parallel=cfg.parallel,
         save_model=save,
         objective=objective,
     )

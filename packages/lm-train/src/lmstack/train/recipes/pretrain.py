@@ -15,6 +15,7 @@ import torch
 from lmstack.core import CausalLM, ModelConfig, Tokenizer, train_bpe_tokenizer
 from lmstack.train._dist import barrier, init_distributed
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
+from lmstack.train._parallel_config import ParallelConfig
 from lmstack.train.data import iter_samples, resolve_data_files
 from lmstack.train.data._config import DataConfig
 
@@ -57,6 +58,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(format="text", train_on="all"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def _tokenizer(cfg: PretrainConfig) -> Tokenizer:
@@ -110,4 +112,6 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     model = CausalLM(config)
     model.reset_parameters(std=a.init_std)
     logger.info("pretraining a %s model with %d parameters", a.model_type, model.num_parameters())
-    return train_loop(model, tokenizer, cfg.data, cfg.optim, cfg.run, config_to_save=cfg)
+    return train_loop(
+        model, tokenizer, cfg.data, cfg.optim, cfg.run, config_to_save=cfg, parallel=cfg.parallel
+    )

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from lmstack.core import Tokenizer, load_pretrained
 from lmstack.train._loop import OptimConfig, RunConfig, TrainResult, train_loop
+from lmstack.train._parallel_config import ParallelConfig
 from lmstack.train.data._config import DataConfig
 from lmstack.train.data._errors import TrainConfigError
 
@@ -23,6 +24,7 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=5, weight_decay=0.0))
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def sft(cfg: SFTConfig) -> TrainResult:
@@ -31,4 +33,6 @@ def sft(cfg: SFTConfig) -> TrainResult:
         raise TrainConfigError("sft needs model: the Hugging Face directory to finetune.", field="model")
     model = load_pretrained(cfg.model, dtype="float32")
     tokenizer = Tokenizer.from_pretrained(cfg.model)
-    return train_loop(model, tokenizer, cfg.data, cfg.optim, cfg.run, config_to_save=cfg)
+    return train_loop(
+        model, tokenizer, cfg.data, cfg.optim, cfg.run, config_to_save=cfg, parallel=cfg.parallel
+    )

@@ -1,0 +1,333 @@
+"""Training over a 5-D device mesh: tensor, sequence and pipeline parallelism beside FSDP2.
+
+The loop (:mod:`lmstack.train._loop`) hands a model and the recipe's ``parallel:`` section
+(:class:`~lmstack.train._parallel_config.ParallelConfig`) to :class:`MeshModel`, which applies
+lmstack-core's parallel plans in torchtitan's order:
+
+1. tensor parallelism over ``tp`` (DTensor ``parallelize_module``: heads, feed-forward width and
+   vocabulary split; the norms sequence-sharded; the loss computed on vocabulary shards);
+2. pipeline stages over ``pp`` (``torch.distributed.pipelining``; each rank keeps its layers under
+   their original names);
+3. FSDP2 over ``dp_shard x sp`` (sequence-parallel ranks compute gradients of the same weights on
+   different tokens, so they shard and reduce like data-parallel ranks), HSDP across ``dp_replicate``.
+
+Each step's micro-batches are read by the ``dp`` coordinate (every tp, sp and pp rank of a data-parallel
+rank reads the same bins); sequence parallelism then gives each ``sp`` rank a slice of every bin's
+tokens, with next-token targets made on the whole bin first. Gradients are normalised as in one process:
+every rank's loss is its token cross-entropy sum times ``dp x sp / step loss tokens``, and FSDP2's
+gradient average over those ranks undoes the factor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmstack.core import CausalLM
+from lmstack.core.parallel import ParallelMesh, SequenceLayout
+from lmstack.train._dist import DistInfo
+from lmstack.train._objectives import LanguageModeling, MetricSums, Objective
+from lmstack.train._parallel_config import ParallelConfig
+from lmstack.train.data import IGNORE_INDEX
+from lmstack.train.data._errors import TrainConfigError
+
+__all__ = ["MeshModel"]
+
+logger = logging.getLogger(__name__)
+
+
+class MeshModel:
+    """A model spread over a :class:`~lmstack.core.parallel.ParallelMesh`, as the loop drives it.
+
+    Args:
+        model: The model (on this rank's device); parallelised in place.
+        config: The recipe's ``parallel:`` section (not the default: that is plain data parallelism).
+        info: This process's place in the run.
+        objective: What the steps minimise.
+        activation_checkpointing: Recompute activations in backward.
+
+    Raises:
+        TrainConfigError: The layout does not fit the world size or the model, the objective is not
+            language modelling (the preference recipes run data parallel), or the model has frozen
+            parameters (LoRA, QLoRA).
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        config: ParallelConfig,
+        info: DistInfo,
+        objective: Objective,
+        *,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        config.check()
+        if any(not p.requires_grad for p in model.parameters()):
+            raise TrainConfigError(
+                "a parallel: layout beyond data parallelism trains full weights, and this model has frozen "
+                "parameters (LoRA or QLoRA); train adapters with run.data_parallel: ddp and no parallel: "
+                "section.",
+                field="parallel",
+            )
+        try:
+            self.mesh: ParallelMesh = config.dims.build_mesh(info.device.type)
+        except Exception as exc:
+            raise TrainConfigError(str(exc), field="parallel") from exc
+        dims = self.mesh.dims
+        self.config, self.info, self.model = config, info, model
+        self.lm = isinstance(objective, LanguageModeling)
+        if not self.lm:
+            raise TrainConfigError(
+                f"a parallel: layout trains language-modelling recipes (pretrain, sft); the "
+                f"{objective.name} recipe runs data parallel: drop the parallel: section and use "
+                "run.data_parallel ddp or fsdp.",
+                field="parallel",
+            )
+        if dims.sp > 1 and (dims.tp > 1 or dims.pp > 1):
+            raise TrainConfigError(
+                "parallel.sp combines with dp_replicate and dp_shard only (not yet with tp or pp); "
+                "choose sp or tp/pp.",
+                field="parallel.sp",
+            )
+        if dims.tp > 1 and isinstance(objective, LanguageModeling) and objective.fused:
+            # The fused head multiplies whole weights; under tensor parallelism the vocabulary-sharded
+            # logits with torch's loss_parallel do the same job without gathering them.
+            objective.fused = False
+        self.loss_parallel = dims.tp > 1 and self.lm
+        from lmstack.core.parallel import apply_fsdp, apply_tensor_parallel, pipeline_split
+
+        if dims.tp > 1:
+            apply_tensor_parallel(
+                model,
+                self.mesh["tp"],
+                sequence_parallel=config.sequence_parallel,
+                loss_parallel=self.loss_parallel,
+            )
+        self.parts: list[nn.Module] = [model]
+        if dims.pp > 1:
+            # Each rank keeps its stages (the layers under their whole-model names); the rest of the
+            # model is dropped with the reference to it.
+            self.parts = list(
+                pipeline_split(model, self.mesh["pp"], stages_per_rank=config.pp_stages_per_rank)
+            )
+        if activation_checkpointing:
+            for part in self.parts:
+                part.enable_activation_checkpointing()  # type: ignore[operator]
+        self._pipeline: Any = None
+        self.sharded = self.mesh.size("dp_shard_sp") * dims.dp_replicate > 1
+        if self.sharded:
+            fsdp_mesh = self.mesh.fsdp_mesh()
+            for part in self.parts:
+                apply_fsdp(part, fsdp_mesh)  # type: ignore[arg-type]
+        logger.info("training on the mesh %s (%s)", dims.describe(), info.device.type)
+
+    # -- layout ---------------------------------------------------------------------------------------
+
+    @property
+    def data_rank(self) -> int:
+        """Which batches this rank reads."""
+        return self.mesh.dp_rank
+
+    @property
+    def data_size(self) -> int:
+        """How many different batches a step reads."""
+        return self.mesh.dp_size
+
+    @property
+    def loss_factor(self) -> int:
+        """Ranks whose gradients FSDP2 averages (``dp x sp``): each rank's loss is scaled by it."""
+        return self.mesh.size("dp_sp")
+
+    @property
+    def duplicates(self) -> int:
+        """Ranks holding the same step totals (``tp x sp x pp``): a world sum divides by it."""
+        dims = self.mesh.dims
+        return dims.tp * dims.sp * dims.pp
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters (all parts), each once."""
+        seen: set[int] = set()
+        for part in self.parts:
+            for p in part.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    # -- the step -------------------------------------------------------------------------------------
+
+    def _set_gradient_sync(self, enabled: bool) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for part in self.parts:
+            if isinstance(part, FSDPModule):
+                part.set_requires_gradient_sync(enabled)
+
+    def _loss_context(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.loss_parallel:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+
+    def micro_step(
+        self,
+        objective: Objective,
+        batch: Any,
+        totals: dict[str, float],
+        *,
+        last: bool,
+        autocast: bool,
+    ) -> tuple[Tensor, MetricSums]:
+        """Forward and backward of one micro-batch (not under pipeline parallelism).
+
+        Returns:
+            The loss this rank added (already scaled by :attr:`loss_factor` / the step's total) and the
+            objective's metric sums.
+        """
+        self._set_gradient_sync(last)
+        device = self.info.device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), self._loss_context():
+            if self.mesh.dims.sp > 1:
+                loss = self._sequence_parallel_loss(batch) * (self.loss_factor / totals["loss_tokens"])
+                sums: MetricSums = {}
+            else:
+                loss, sums = objective.loss(self.model, batch, totals, self.loss_factor)
+            loss.backward()
+        value = loss.detach()
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(value, DTensor):  # the loss over vocabulary-sharded logits: the same on every tp rank
+            value = value.full_tensor()
+        return value, sums
+
+    def _sequence_parallel_loss(self, batch: Any) -> Tensor:
+        """The summed token cross-entropy of this rank's slice of every bin."""
+        from lmstack.core.parallel import RingAttention, UlyssesAttention, next_token_targets, shard_sequence
+
+        sp, rank = self.mesh.dims.sp, self.mesh.local_rank("sp")
+        layout: SequenceLayout = "zigzag" if self.config.sp_attention == "ring" else "contiguous"
+        # Shifted on the whole bin, so the targets across a slice edge are kept.
+        targets = next_token_targets(batch.labels)
+        ids, positions, local_targets = (
+            shard_sequence(t, rank, sp, dim=1, layout=layout)
+            for t in (batch.input_ids, batch.position_ids, targets)
+        )
+        backend_cls = RingAttention if self.config.sp_attention == "ring" else UlyssesAttention
+        attn = backend_cls(batch.cu_seqlens, self.mesh["sp"], layout=layout)
+        flat = local_targets.reshape(-1)
+        rows = (flat != IGNORE_INDEX).nonzero().flatten()
+        logits = self.model(ids, positions, attn, logits_indices=rows)
+        return F.cross_entropy(logits.float(), flat[rows], reduction="sum")
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the decoder layers are cut into pipeline stages."""
+        return self.mesh.dims.pp > 1
+
+    def pipeline_step(self, window: Sequence[Any], totals: dict[str, float], *, autocast: bool) -> Tensor:
+        """Forward and backward of a whole step's micro-batches through the pipeline schedule.
+
+        The step's bins are one pipeline batch with one bin per pipeline microbatch (at least ``pp``
+        of them for 1F1B: raise ``run.batch_size`` or ``run.grad_accum`` otherwise).
+
+        Returns:
+            The loss this rank added (0 outside the last stage), scaled as in :meth:`micro_step`.
+        """
+        from lmstack.core.parallel import build_pipeline_schedule, pipeline_step
+
+        ids = torch.cat([b.input_ids for b in window])
+        positions = torch.cat([b.position_ids for b in window])
+        labels = torch.cat([b.labels for b in window])
+        rows = ids.shape[0]
+        if self._pipeline is None or self._pipeline.n_microbatches != rows:
+            try:
+                self._pipeline = build_pipeline_schedule(
+                    self.parts,  # type: ignore[arg-type]
+                    n_microbatches=rows,
+                    schedule=self.config.pp_schedule,
+                    device=self.info.device,
+                )
+            except Exception as exc:
+                raise TrainConfigError(
+                    f"{exc} (a step's bins, run.batch_size x run.grad_accum = {rows}, are the pipeline's "
+                    "microbatches)",
+                    field="parallel.pp",
+                ) from exc
+        with (
+            torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=autocast),
+            self._loss_context(),
+        ):
+            return pipeline_step(
+                self._pipeline,
+                ids,
+                positions,
+                labels,
+                num_loss_tokens=totals["loss_tokens"] / self.loss_factor,
+                broadcast_loss=False,
+            )
+
+    def whole_model(self, scratch: Path) -> CausalLM | None:
+        """The trained model with whole weights on rank 0's CPU (None elsewhere); a collective.
+
+        Every rank writes its shards to ``scratch`` as a distributed checkpoint, which rank 0 reads
+        back into a plain model: no rank ever gathers the weights of stages it does not hold.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        main = self.info.is_main
+        if main and scratch.exists():
+            shutil.rmtree(scratch)
+        dist.barrier()
+        state: dict[str, Any] = {}
+        for part in self.parts:
+            state.update(get_model_state_dict(part))
+        names = {name for part in self.parts for name, _ in part.named_parameters()}
+        dcp.save({k: v for k, v in state.items() if k in names}, checkpoint_id=scratch)
+        dist.barrier()
+        if not main:
+            return None
+        plain = CausalLM(self.model.config, device="meta").to_empty(device="cpu")
+        wanted = dict(plain.named_parameters())  # a tied head once, under the embedding's name
+        dcp.load(wanted, checkpoint_id=scratch, no_dist=True)
+        plain.tie_weights()
+        shutil.rmtree(scratch, ignore_errors=True)
+        return plain.eval()
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Clip the gradients of every part to ``max_norm`` together; returns the norm before clipping.
+
+        Sharded gradients (DTensors) and whole ones (a norm weight that tensor parallelism without
+        sequence parallelism leaves replicated) are normed apart, since torch's fused kernels take one
+        kind at a time, and combined; pipeline stages add their squares over the ``pp`` group.
+        """
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.parameters() if p.grad is not None]
+        groups = [
+            [p for p in params if isinstance(p.grad, DTensor)],
+            [p for p in params if not isinstance(p.grad, DTensor)],
+        ]
+        squared = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        for group in groups:
+            if group:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)  # type: ignore[misc]
+                if isinstance(norm, DTensor):  # reduced over the gradients' mesh
+                    norm = norm.full_tensor()
+                squared += norm.double() ** 2
+        if self.mesh.dims.pp > 1:  # each stage holds different parameters: their squares add up
+            dist.all_reduce(squared, group=self.mesh["pp"].get_group())
+        total = squared.sqrt().float()
+        for group in groups:
+            if group:
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
+        return float(total)

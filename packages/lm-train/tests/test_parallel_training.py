@@ -1,0 +1,155 @@
+"""Training under ``parallel:`` layouts (tp, sp, pp and their combinations) equals one process, step for step.
+
+Each layout trains the same tiny Llama (4 layers, GQA, untied head) from the same seed on the same global
+batch (4 bins of 64 tokens, 2 micro-batches a step) as one process does; the losses of every step and the
+final weights must match. fp32 throughout; the tolerances cover the summation order that splitting heads,
+the vocabulary, the sequence or the batch changes (one step alone agrees to ~1e-6; four AdamW steps at a
+high learning rate amplify that to ~1e-5).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmstack.core import Tokenizer, load_pretrained
+
+CASES = Path(__file__).parent / "parallel_cases" / "train_layouts.py"
+
+
+def _driver() -> Any:
+    """The torchrun driver module, whose run_case is also the one-process reference."""
+    spec = importlib.util.spec_from_file_location("train_layouts", CASES)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TWO = [
+    {"name": "tp2", "parallel": {"tp": 2}, "batch_size": 4},
+    {"name": "tp2_no_sp", "parallel": {"tp": 2, "sequence_parallel": False}, "batch_size": 4},
+    {"name": "sp2_ulysses", "parallel": {"sp": 2}, "batch_size": 4},
+    {"name": "sp2_ring", "parallel": {"sp": 2, "sp_attention": "ring"}, "batch_size": 4},
+    {"name": "pp2", "parallel": {"pp": 2}, "batch_size": 4},
+    # A checkpoint written at tp=2 resumes sharded over the data instead.
+    {"name": "tp2_to_dp2", "parallel": {"dp_shard": 2}, "batch_size": 2, "resume_from": "tp2"},
+]
+FOUR = [
+    {"name": "dp2_tp2", "parallel": {"dp_shard": 2, "tp": 2}, "batch_size": 2},
+    {"name": "tp2_pp2", "parallel": {"tp": 2, "pp": 2}, "batch_size": 4},
+    {"name": "dp2_sp2", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
+    {"name": "pp2_interleaved", "parallel": {"pp": 2, "dp_shard": 2, "pp_schedule": "interleaved",
+                                             "pp_stages_per_rank": 2}, "batch_size": 2},
+]  # fmt: skip
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every layout above under torchrun (2 and 4 processes), and one process as the reference."""
+    root = tmp_path_factory.mktemp("layouts")
+    data = root / "docs.jsonl"
+    _driver().write_docs(data)
+    tokenizer.save_pretrained(root / "tokenizer")
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    args = [str(CASES), str(data), str(root / "tokenizer"), str(root)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for world, cases in ((2, TWO), (4, FOUR)):
+        procs.append(
+            subprocess.Popen(
+                [*base, str(world), *args, json.dumps(cases)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+            )
+        )  # fmt: skip
+        _, stderr = procs[-1].communicate(timeout=900)  # one at a time: two cores here
+        assert procs[-1].returncode == 0, stderr[-6000:]
+    _driver().run_case(tokenizer, data, root / "single", None, 4)
+    return root
+
+
+ALL = [c["name"] for c in TWO + FOUR]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_layout_matches_one_process_step_for_step(runs: Path, name: str) -> None:
+    one, other = _losses(runs / "single"), _losses(runs / name)
+    assert sorted(other) == [1, 2, 3, 4]
+    for step in one:
+        assert other[step] == pytest.approx(one[step], rel=2e-5), (name, step)
+    a = load_pretrained(runs / "single" / "final").state_dict()
+    b = load_pretrained(runs / name / "final").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
+
+
+def test_layouts_write_distributed_checkpoints_and_report_the_mesh(runs: Path) -> None:
+    for name in ALL:
+        ckpt = runs / name / "checkpoints" / "step-00000002"
+        assert (ckpt / "dcp" / ".metadata").is_file(), name
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        assert state["format"] == "dcp" and state["step"] == 2
+        result: dict[str, Any] = json.loads((runs / name / "result.json").read_text())
+        assert result["mode"] == "mesh"
+    # The single process keeps the whole-tensor format.
+    assert not (runs / "single" / "checkpoints" / "step-00000002" / "dcp").exists()
+
+
+def test_a_tp_checkpoint_resumes_under_another_layout(runs: Path) -> None:
+    result = json.loads((runs / "tp2_to_dp2" / "result.json").read_text())
+    assert result["start_step"] == 2
+    tp, resumed = _losses(runs / "tp2"), _losses(runs / "tp2_to_dp2")
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(tp[step], rel=2e-5)
+
+
+# -- configuration errors (one process) ---------------------------------------------------------------
+
+
+def test_parallel_section_parses_from_yaml_and_overrides(tmp_path: Path) -> None:
+    from lmstack.train import ParallelConfig, load_train_config
+    from lmstack.train.recipes import SFTConfig
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("model: m\nparallel:\n  tp: 2\n  sp_attention: ring\n")
+    cfg = load_train_config(SFTConfig, path, ["--parallel.dp_shard", "2"])
+    assert cfg.parallel == ParallelConfig(dp_shard=2, tp=2, sp_attention="ring")
+    assert not cfg.parallel.is_default and ParallelConfig().is_default
+    assert cfg.parallel.dims.resolve(4).describe() == "dp_replicate=1 dp_shard=2 sp=1 tp=2 pp=1"
+
+
+@pytest.mark.parametrize(
+    ("parallel", "message"),
+    [
+        ({"tp": 2}, "needs at least 2 processes but the world size is 1"),
+        ({"pp": 2, "pp_schedule": "interleaved"}, "needs parallel.pp_stages_per_rank of 2 or more"),
+        ({"pp": 2, "pp_stages_per_rank": 2}, "needs pp_schedule: interleaved"),
+    ],
+)
+def test_layouts_that_cannot_run_are_refused_before_training(
+    tokenizer: Tokenizer, tmp_path: Path, parallel: dict[str, Any], message: str
+) -> None:
+    from lmstack.train import TrainConfigError
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the model {i} layer."}) + "\n" for i in range(40)))
+    run_case = _driver().run_case
+    with pytest.raises(TrainConfigError, match=message):
+        run_case(tokenizer, data, tmp_path / "run", parallel, 4)
