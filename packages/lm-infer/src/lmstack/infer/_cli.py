@@ -24,7 +24,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     if not prompts:
         print("error: give at least one --prompt (or --prompts-file)", file=sys.stderr)
         return 2
-    llm = LLM(args.path, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.path, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
     params = SamplingParams(
         n=args.n,
         max_tokens=args.max_tokens,
@@ -34,10 +35,13 @@ def _run_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop or None,
     )
-    if args.chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-    else:
-        outputs = llm.generate(prompts, params)
+    try:
+        if args.chat:
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        else:
+            outputs = llm.generate(prompts, params)
+    finally:
+        llm.close()  # stops tensor-parallel workers at once
     for prompt, out in zip(prompts, outputs, strict=True):
         if args.json:
             completions = [
@@ -72,5 +76,7 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="weight dtype (default: the checkpoint's)")
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1,
+                   metavar="N", help="shard the model over N processes (default: 1)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=_run_generate)

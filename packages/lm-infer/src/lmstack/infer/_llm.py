@@ -18,6 +18,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmstack.core import CausalLM, Tokenizer, load_pretrained
+from lmstack.core import CausalLM, ConfigError, Tokenizer, load_pretrained
 from lmstack.infer._errors import InferError, InvalidRequestError
 from lmstack.infer._inputs import (
     Message,
@@ -308,10 +309,18 @@ class LLM:
         **engine_options: Fields of :class:`~lmstack.infer.engine.EngineConfig` (``block_size``,
             ``num_kv_blocks``, ``kv_cache_memory``, ``max_num_seqs``, ``max_num_batched_tokens``,
             ``max_model_len``, ``enable_prefix_caching``, ``enable_chunked_prefill``,
-            ``kv_cache_dtype``, ``kernels``, ``fuse_weights``).
+            ``kv_cache_dtype``, ``kernels``, ``fuse_weights``, ``tensor_parallel_size``).
 
     A checkpoint whose ``config.json`` has a ``quantization_config`` (AutoAWQ GEMM, GPTQ, or what
     ``lmstack quantize`` writes) is loaded with its weight-only quantized layers.
+
+    ``tensor_parallel_size=N`` (N > 1, a checkpoint path) runs the engine across N processes: this
+    one keeps the scheduler and the sampler and holds a shard of the model, and it starts N - 1
+    worker processes holding the other shards (gloo on CPU; NCCL on CUDA, rank ``r`` on ``cuda:r``).
+    Greedy outputs are those of one process. :meth:`close` (or leaving a ``with`` block) stops the
+    workers; so does the end of the interpreter. Scoring (:meth:`loglikelihood`,
+    :meth:`loglikelihood_rolling`, :meth:`prompt_logprobs`) and quantized checkpoints are not
+    supported with it yet, and are refused with an error saying so.
 
     Example:
         >>> llm = LLM("out/quickstart/tiny-model")  # doctest: +SKIP
@@ -332,7 +341,27 @@ class LLM:
         if tool_call_parser is not None:
             get_tool_parser(tool_call_parser)  # an unknown name fails before the model loads
         self.tool_call_parser = tool_call_parser
-        if isinstance(model, CausalLM):
+        config = EngineConfig(**engine_options)  # a bad option fails before the model loads
+        group = None
+        if config.tensor_parallel_size > 1:
+            if isinstance(model, CausalLM):
+                raise ConfigError(
+                    f"tensor_parallel_size={config.tensor_parallel_size} needs a checkpoint path (every "
+                    "process loads its shard from it), not a model object; save it with "
+                    "lmstack.core.save_pretrained and pass the directory.",
+                    field="tensor_parallel_size",
+                )
+            from lmstack.infer.engine._tensor_parallel import TensorParallelGroup
+
+            group, net = TensorParallelGroup.launch(
+                model, dataclasses.asdict(config), dtype=dtype, device=device
+            )
+            try:
+                tokenizer = tokenizer or Tokenizer.from_pretrained(model)
+            except BaseException:
+                group.close()
+                raise
+        elif isinstance(model, CausalLM):
             if tokenizer is None:
                 raise InvalidRequestError("LLM(model) with a model object needs tokenizer=...")
             net = model
@@ -343,7 +372,12 @@ class LLM:
             load = load_quantized if is_quantized_checkpoint(model) else load_pretrained
             net = load(model, dtype=dtype, device=device)
             tokenizer = tokenizer or Tokenizer.from_pretrained(model)
-        self.engine = LLMEngine(net, tokenizer, EngineConfig(**engine_options))
+        try:
+            self.engine = LLMEngine(net, tokenizer, config, tensor_parallel=group)
+        except BaseException:
+            if group is not None:  # the workers must not outlive a failed start
+                group.close()
+            raise
         # The engine lock: held by whoever touches the engine (the engine thread for a turn, a
         # synchronous generate for one step). Never taken on an event loop.
         self._lock = threading.RLock()
@@ -783,8 +817,26 @@ class LLM:
                 self._send(sink, sink.view(out))
         self._flush()
 
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _refuse_scoring(self, what: str) -> None:
+        """Scoring runs the model outside the engine's steps, which tensor-parallel workers never see."""
+        tp = self.engine.config.tensor_parallel_size
+        if tp > 1:
+            raise InvalidRequestError(
+                f"{what} is not supported with tensor_parallel_size={tp} yet (scoring runs the model "
+                "outside the engine's steps); score with an LLM of tensor_parallel_size=1."
+            )
+
     def close(self) -> None:
-        """Stop the background thread; pending streams end with an error and their blocks are freed."""
+        """Stop the background thread; pending streams end with an error and their blocks are freed.
+
+        Under tensor parallelism this also stops the worker processes; the LLM cannot run afterwards.
+        """
         with self._wake:
             self._closed = True
             pending = list(self._inbox)
@@ -803,6 +855,8 @@ class LLM:
             self._abort_all_locked(reason)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        with self._turnstile, self._lock:  # after the engine thread's last turn
+            self.engine.close()
 
     # -- protocol: scoring -------------------------------------------------------------------------------
     def loglikelihood(
@@ -830,6 +884,7 @@ class LLM:
             InvalidRequestError: if a pair is malformed, its continuation empty or too long, or its
                 token ids outside the vocabulary (nothing is scored then).
         """
+        self._refuse_scoring("loglikelihood")
         pairs = [split_pair(self.engine, ctx, cont) for ctx, cont in requests]
         disable = None if use_tqdm is None else not use_tqdm
         with tqdm(total=len(pairs), desc="Scoring", unit="req", disable=disable) as bar:
@@ -872,6 +927,7 @@ class LLM:
             InvalidRequestError: ``max_length`` below 2 or above ``max_model_len``, an item that is
                 neither text nor token ids, or ids outside the vocabulary (nothing is scored then).
         """
+        self._refuse_scoring("loglikelihood_rolling")
         limit = self.engine.max_model_len
         length = check_max_length(max_length, limit) or limit
         token_lists = rolling_token_lists(texts, self.tokenizer, self.engine.vocab_size)
@@ -904,6 +960,7 @@ class LLM:
             InvalidRequestError: if the prompt is empty, too long or holds ids outside the vocabulary,
                 or ``top_k`` is out of range.
         """
+        self._refuse_scoring("prompt_logprobs (echo with logprobs)")
         ids = check_prompt(self.engine, token_ids, top_k)
         if len(ids) < 2:
             return [None]

@@ -7,7 +7,8 @@
   recipe's config; :func:`save_config` and :func:`config_to_dict` write one back.
 * Scale-out (:class:`ParallelConfig`, every recipe's ``parallel:`` section): tensor, sequence and
   pipeline parallelism beside FSDP2/HSDP over lmstack-core's device mesh, with distributed checkpoints
-  that resume under another layout.
+  that resume under another layout; :mod:`lmstack.train.plan` (``lmstack plan``) predicts memory and step
+  time of candidate layouts.
 * The loop (:func:`train_loop`, :class:`OptimConfig`, :class:`RunConfig`, :class:`TrainResult`):
   AdamW with warmup and cosine/linear decay, gradient accumulation, clipping, bf16 autocast,
   activation checkpointing, NaN/inf stop, atomic checkpoints with exact O(1) resume, DDP or FSDP2

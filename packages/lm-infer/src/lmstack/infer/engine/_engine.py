@@ -45,6 +45,12 @@ from lmstack.infer.engine._paged_attention import KVCache, PagedAttention, kv_by
 from lmstack.infer.engine._sampler import Sampler, SamplingState, make_generator
 from lmstack.infer.engine._scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from lmstack.infer.engine._sequence import Sequence, SequenceStatus
+from lmstack.infer.engine._tensor_parallel import (
+    ModelStep,
+    TensorParallelGroup,
+    check_tensor_parallel_model,
+    local_model_config,
+)
 from lmstack.infer.kernels import PagedKV, QuantizedKVLayout, apply_kernels, resolve_kernels
 
 __all__ = ["EngineConfig", "LLMEngine"]
@@ -83,6 +89,12 @@ class EngineConfig:
             ``"auto"``.
         fuse_weights: Fuse q/k/v and gate/up and lay weights out for this device at load, in place
             (:meth:`~lmstack.core.CausalLM.prepare_for_inference`); checkpoints keep the HF layout.
+            Skipped under tensor parallelism (the shards keep the training layout).
+        tensor_parallel_size: Processes the model is sharded over (heads, feed-forward width and
+            vocabulary; see :mod:`~lmstack.infer.engine._tensor_parallel`). Above 1 the KV cache of
+            each rank holds its own kv heads, so the byte budget (``kv_cache_memory``, per rank) holds
+            that many times the tokens; ``kernels`` must be ``"auto"`` (torch) or ``"torch"``. Set it
+            through ``LLM(path, tensor_parallel_size=N)``, which starts the worker processes.
     """
 
     block_size: int = 16
@@ -96,6 +108,7 @@ class EngineConfig:
     kv_cache_dtype: torch.dtype | str | None = None
     kernels: str = "auto"
     fuse_weights: bool = True
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         for name in (
@@ -104,6 +117,7 @@ class EngineConfig:
             "max_num_batched_tokens",
             "num_kv_blocks",
             "max_model_len",
+            "tensor_parallel_size",
         ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -155,34 +169,62 @@ class LLMEngine:
     access for its async streams).
 
     Args:
-        model: The model (its parameters' device and dtype are used).
+        model: The model (its parameters' device and dtype are used). With
+            ``config.tensor_parallel_size > 1``, rank 0's shard of a tensor-parallel model.
         tokenizer: Its tokenizer.
         config: Cache and batching settings.
+        tensor_parallel: Rank 0's handle on the other ranks' processes: each step's inputs are
+            broadcast to them before the forward. Without it a tensor-parallel engine is a worker's
+            replica, which only runs the steps it receives.
     """
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        config: EngineConfig | None = None,
+        *,
+        tensor_parallel: TensorParallelGroup | None = None,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
-        if config.fuse_weights:  # one GEMM for q/k/v and for gate/up, weights packed for this device
+        tp = config.tensor_parallel_size
+        if tp > 1:
+            check_tensor_parallel_model(model, tp)
+            if config.kernels == "triton":
+                raise ConfigError(
+                    "kernels='triton' is not supported with tensor_parallel_size > 1 yet; use 'torch'.",
+                    field="kernels",
+                )
+        if tensor_parallel is not None and tensor_parallel.size != tp:
+            raise ConfigError(
+                f"the tensor-parallel group has {tensor_parallel.size} ranks but "
+                f"EngineConfig.tensor_parallel_size is {tp}.",
+                field="tensor_parallel_size",
+            )
+        self._tp = tensor_parallel
+        if config.fuse_weights and tp == 1:  # one GEMM for q/k/v and for gate/up, packed for this device
             model.prepare_for_inference()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         # Triton or torch, once: norms, rotary and activation switch modules; attention switches backend.
-        self.kernels = resolve_kernels(config.kernels, self.device)
+        self.kernels = resolve_kernels(config.kernels if tp == 1 else "torch", self.device)
         if self.kernels == "triton":
             apply_kernels(model)
         mc = model.config
+        # What attention sees on this rank: its share of the heads (the KV cache holds only those).
+        local = local_model_config(mc, tp)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         _check_context(mc, self.max_model_len)
         self.vocab_size = mc.vocab_size
         kv_dtype, kv_bits = _kv_cache_kind(config.kv_cache_dtype, self.dtype)
-        assert mc.num_key_value_heads is not None and mc.head_dim is not None
-        kv_layout = None if kv_bits is None else QuantizedKVLayout(kv_bits, mc.head_dim)
+        assert local.num_key_value_heads is not None and local.head_dim is not None
+        kv_layout = None if kv_bits is None else QuantizedKVLayout(kv_bits, local.head_dim)
         if kv_layout is None:
-            per_block = kv_bytes_per_block(mc, config.block_size, kv_dtype)
+            per_block = kv_bytes_per_block(local, config.block_size, kv_dtype)
         else:
-            per_token = kv_layout.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads)
+            per_token = kv_layout.bytes_per_token(local.num_hidden_layers, local.num_key_value_heads)
             per_block = per_token * config.block_size
         #: KV-cache bytes one token takes, across layers, keys and values (codes and scales included).
         self.kv_bytes_per_token = per_block // config.block_size
@@ -200,12 +242,12 @@ class LLMEngine:
                 field="kv_cache_memory",
             )
         if kv_layout is None:
-            self.cache: KVCache | None = KVCache(mc, num_blocks, config.block_size, kv_dtype, self.device)
+            self.cache: KVCache | None = KVCache(local, num_blocks, config.block_size, kv_dtype, self.device)
             self.kv = PagedKV(self.cache.keys, self.cache.values)
         else:
             self.cache = None  # only the kernels' backend reads a quantized cache
             self.kv = kv_layout.allocate(
-                mc.num_hidden_layers, num_blocks * config.block_size, mc.num_key_value_heads, self.device
+                mc.num_hidden_layers, num_blocks * config.block_size, local.num_key_value_heads, self.device
             )
         # Which attention backend a step uses: None = PagedAttention (the CPU float path, which reads
         # decoding sequences in place); else KernelPagedAttention with the kernels or their references.
@@ -255,6 +297,8 @@ class LLMEngine:
             per_block * num_blocks / 1e6,
             self.kernels,
         )
+        if tensor_parallel is not None:  # the workers built the same engine: wait for them, compare
+            tensor_parallel.check_ready(num_blocks)
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(
@@ -498,25 +542,22 @@ class LLMEngine:
             rows = [batch.row_of(item.seq) for item in scheduled]
         inputs = batch.prepare(scheduled, rows)  # type: ignore[arg-type]  # every row is set now
         sampled = inputs.sampled
-        query_lens = [s.num_tokens for s in scheduled]
-        context_lens = [s.seq.num_computed_tokens + s.num_tokens for s in scheduled]
-        tables = [s.seq.block_table for s in scheduled]
-        attn: PagedAttention | KernelPagedAttention
-        if self._kernel_attention is None:
-            assert self.cache is not None
-            attn = PagedAttention(self.cache, inputs.slot_mapping, query_lens, context_lens, tables,
-                                  window_sizes=self._windows)  # fmt: skip
-        else:
-            attn = KernelPagedAttention(self.kv, self.config.block_size, inputs.slot_mapping, query_lens,
-                                        context_lens, tables, self._kernel_attention)  # fmt: skip
-        device = self.device
-        logits = self.model(
-            inputs.token_ids[None],
-            inputs.positions[None],
-            attn,
-            rope_seq_lens=_rope_seq_lens(scheduled, self.model.config, device),
-            logits_indices=inputs.sample_at,
+        step = ModelStep(
+            token_ids=inputs.token_ids,
+            positions=inputs.positions,
+            slot_mapping=inputs.slot_mapping,
+            query_lens=[s.num_tokens for s in scheduled],
+            context_lens=[s.seq.num_computed_tokens + s.num_tokens for s in scheduled],
+            block_tables=[s.seq.block_table for s in scheduled],
+            rope_seq_lens=_rope_seq_lens(scheduled, self.model.config, self.device),
+            sample_at=inputs.sample_at,
         )
+        if self._tp is None:
+            logits = self._execute(step)
+        else:  # every rank runs this forward: send them its inputs first
+            self._tp.broadcast_step(step)
+            with self._tp.guard():
+                logits = self._execute(step)
         if not sampled:
             return set()
         seqs = [s.seq for s in sampled]
@@ -545,6 +586,26 @@ class LLMEngine:
                 kept_tokens.append(draw.token_id)
         batch.record(kept_rows, kept_tokens)
         return finished
+
+    def _execute(self, step: ModelStep) -> torch.Tensor:
+        """One forward over a step's flattened batch, with this rank's paged KV cache; the logits."""
+        attn: PagedAttention | KernelPagedAttention
+        if self._kernel_attention is None:
+            assert self.cache is not None
+            attn = PagedAttention(self.cache, step.slot_mapping, step.query_lens, step.context_lens,
+                                  step.block_tables, window_sizes=self._windows)  # fmt: skip
+        else:
+            attn = KernelPagedAttention(self.kv, self.config.block_size, step.slot_mapping,
+                                        step.query_lens, step.context_lens, step.block_tables,
+                                        self._kernel_attention)  # fmt: skip
+        logits: torch.Tensor = self.model(
+            step.token_ids[None],
+            step.positions[None],
+            attn,
+            rope_seq_lens=step.rope_seq_lens,
+            logits_indices=step.sample_at,
+        )
+        return logits
 
     def _join(self, seq: Sequence, touched: dict[str, _Request]) -> None:
         """Give a sequence scheduled for the first time its row; fail its request if it cannot join.
@@ -666,7 +727,17 @@ class LLMEngine:
             num_cached_tokens=max((s.num_cached_prompt_tokens for s in req.seqs), default=0),
         )
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine cannot step afterwards); idempotent."""
+        if self._tp is not None:
+            self._tp.close()
+
     # -- introspection -----------------------------------------------------------------------------
+    @property
+    def tensor_parallel(self) -> TensorParallelGroup | None:
+        """Rank 0's handle on the tensor-parallel workers, or None (one process)."""
+        return self._tp
+
     @property
     def num_free_blocks(self) -> int:
         """KV blocks free now (cached-but-unreferenced prefix blocks count as free)."""

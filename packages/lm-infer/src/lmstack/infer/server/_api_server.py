@@ -159,6 +159,9 @@ def create_app(llm: LLM, config: ServerConfig | None = None, *, close_llm: bool 
     async def health() -> Response:
         if state.draining:
             return json_response({"status": "shutting down"}, 503)
+        group = state.llm.engine.tensor_parallel
+        if group is not None and group.failure is not None:  # a tensor-parallel worker is gone: restart
+            return json_response({"status": "unhealthy", "detail": group.failure}, 503)
         return json_response({"status": "ok"})
 
     @app.get("/metrics")

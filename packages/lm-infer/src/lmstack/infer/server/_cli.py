@@ -44,6 +44,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     engine: dict[str, object] = {
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
     for name in ("max_model_len", "kv_cache_memory", "block_size", "kv_cache_dtype", "kernels"):
         value = getattr(args, name)
@@ -92,6 +93,11 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--dtype", default=None, help="weight dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="device, e.g. cuda (default: cpu)")
+    p.add_argument(
+        "--tp", "--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=1, metavar="N",
+        help="run the engine across N processes, the model sharded over them (CUDA: rank r on cuda:r; "
+        "default: 1)",
+    )  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-model-len", type=int, help="longest sequence (default: the model's)")
