@@ -119,6 +119,7 @@ class MeshModel:
             self.parts = list(
                 pipeline_split(model, self.mesh["pp"], stages_per_rank=config.pp_stages_per_rank)
             )
+            _drop_unowned(model, self.parts)
         if activation_checkpointing:
             for part in self.parts:
                 part.enable_activation_checkpointing()  # type: ignore[operator]
@@ -331,3 +332,22 @@ class MeshModel:
             if group:
                 torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
         return float(total)
+
+
+def _drop_unowned(model: CausalLM, parts: list[nn.Module]) -> None:
+    """Free what other pipeline ranks hold from ``model`` (the loop keeps it for its config).
+
+    The stages share their modules with ``model``; replacing the layers, embedding and head no stage of
+    this rank owns by parameter-less stand-ins lets their weights go, so a rank holds its stages only.
+    """
+    owned = {id(m) for part in parts for m in part.modules()}
+    layers = model.model.layers
+    for i in range(len(layers)):
+        if id(layers[i]) not in owned:
+            layers[i] = nn.Identity()
+    if id(model.model.embed_tokens) not in owned:
+        model.model.embed_tokens = nn.Identity()  # type: ignore[assignment]
+    if id(model.lm_head) not in owned:
+        model.lm_head = nn.Identity()  # type: ignore[assignment]
+    if id(model.model.norm) not in owned:
+        model.model.norm = nn.Identity()  # type: ignore[assignment]
