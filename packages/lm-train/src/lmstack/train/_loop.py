@@ -513,9 +513,9 @@ class _Training:
         objective = self.objective
         if not objective.needs_reference or objective.reference is not None:
             return
-        run = self.run_config
+        run, mm = self.run_config, self.mesh_model
         objective.reference = prepare_reference(
-            self.model,
+            self.model if mm is None else mm.scorer,
             self.dataset,
             paired=objective.primary == "pairs",
             mode=objective.reference_mode,
@@ -524,9 +524,10 @@ class _Training:
             batch_size=run.batch_size,
             device=self.device,
             precision=run.precision,
-            rank=self.info.rank,
-            world_size=self.info.world_size,
+            rank=self.data_rank,
+            world_size=self.data_size,
             chunk_size=getattr(objective, "chunk_size", None),
+            duplicates=1 if mm is None else mm.duplicates,
         )
 
     def _resume(self) -> None:

@@ -228,7 +228,8 @@ def sequence_logps(
     ``[completion tokens, vocab]``, never ``[B * T, vocab]``.
 
     Args:
-        module: The causal LM (or its data-parallel wrapper).
+        module: The causal LM (or its data-parallel wrapper, or a module with a ``sequence_logps``
+            method of this signature, which then scores the batch).
         batch: A preference or KTO batch, packed or padded.
         layout: Its :func:`segment_layout`.
         chunk_size: Compute the log-softmax in chunks of this many rows (see :func:`token_logps`).
@@ -236,6 +237,12 @@ def sequence_logps(
     Returns:
         ``(logps [S], tokens [S])``: fp32 sums with gradient, and int64 counts.
     """
+    # A module that scores batches its own way (sequence parallelism: each rank holds a slice of the
+    # tokens) says so with a ``sequence_logps`` method.
+    own = getattr(module, "sequence_logps", None)
+    if callable(own):
+        result: tuple[Tensor, Tensor] = own(batch, layout, chunk_size=chunk_size)
+        return result
     indices, targets = loss_targets(batch.labels)
     logits = module(batch.input_ids, batch.position_ids, batch.attention(), logits_indices=indices)
     logp = token_logps(logits, targets, chunk_size=chunk_size)

@@ -56,8 +56,8 @@ class MeshModel:
         activation_checkpointing: Recompute activations in backward.
 
     Raises:
-        TrainConfigError: The layout does not fit the world size or the model, the objective is not
-            language modelling (the preference recipes run data parallel), or the model has frozen
+        TrainConfigError: The layout does not fit the world size or the model, a preference objective
+            meets pipeline parallelism, a reward model meets any layout, or the model has frozen
             parameters (LoRA, QLoRA).
     """
 
@@ -78,6 +78,7 @@ class MeshModel:
                 "section.",
                 field="parallel",
             )
+        _check_objective(objective, model, config.dims)
         try:
             self.mesh: ParallelMesh = config.dims.build_mesh(info.device.type)
         except Exception as exc:
@@ -85,13 +86,6 @@ class MeshModel:
         dims = self.mesh.dims
         self.config, self.info, self.model = config, info, model
         self.lm = isinstance(objective, LanguageModeling)
-        if not self.lm:
-            raise TrainConfigError(
-                f"a parallel: layout trains language-modelling recipes (pretrain, sft); the "
-                f"{objective.name} recipe runs data parallel: drop the parallel: section and use "
-                "run.data_parallel ddp or fsdp.",
-                field="parallel",
-            )
         if dims.sp > 1 and (dims.tp > 1 or dims.pp > 1):
             raise TrainConfigError(
                 "parallel.sp combines with dp_replicate and dp_shard only (not yet with tp or pp); "
@@ -102,6 +96,8 @@ class MeshModel:
             # The fused head multiplies whole weights; under tensor parallelism the vocabulary-sharded
             # logits with torch's loss_parallel do the same job without gathering them.
             objective.fused = False
+        # Language modelling keeps the logits sharded on the vocabulary into its loss; the preference
+        # objectives gather the logits of their completion tokens (a small share of a bin's tokens).
         self.loss_parallel = dims.tp > 1 and self.lm
         from lmstack.core.parallel import apply_fsdp, apply_tensor_parallel, pipeline_split
 
@@ -129,6 +125,9 @@ class MeshModel:
             fsdp_mesh = self.mesh.fsdp_mesh()
             for part in self.parts:
                 apply_fsdp(part, fsdp_mesh)  # type: ignore[arg-type]
+        #: What the objective's forward runs through: the model, or under sequence parallelism a
+        #: scorer that gives every sp rank the whole sequences' log-probs from its slice of the tokens.
+        self.scorer: nn.Module = model if dims.sp == 1 else _SequenceShardedScorer(model, self)
         logger.info("training on the mesh %s (%s)", dims.describe(), info.device.type)
 
     # -- layout ---------------------------------------------------------------------------------------
@@ -197,13 +196,19 @@ class MeshModel:
         self._set_gradient_sync(last)
         device = self.info.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), self._loss_context():
-            if self.mesh.dims.sp > 1:
+            sums: MetricSums = {}
+            if self.lm and self.mesh.dims.sp > 1:
                 loss = self._sequence_parallel_loss(batch) * (self.loss_factor / totals["loss_tokens"])
-                sums: MetricSums = {}
             else:
-                loss, sums = objective.loss(self.model, batch, totals, self.loss_factor)
+                loss, sums = objective.loss(self.scorer, batch, totals, self.loss_factor)
             loss.backward()
         value = loss.detach()
+        if not self.lm and self.mesh.dims.sp > 1:
+            # Every sp rank computed the whole loss from the reduced log-probs: the loop's world sum
+            # should count it once per data-parallel rank, as it counts a language-modelling slice.
+            sp = self.mesh.dims.sp
+            value = value / sp
+            sums = {name: v / sp for name, v in sums.items()}
         from torch.distributed.tensor import DTensor
 
         if isinstance(value, DTensor):  # the loss over vocabulary-sharded logits: the same on every tp rank
@@ -332,6 +337,81 @@ class MeshModel:
             if group:
                 torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
         return float(total)
+
+
+def _check_objective(objective: Objective, model: nn.Module, dims: Any) -> None:
+    """Refuse objective and layout pairs the mesh does not train (yet), naming what does."""
+    if not isinstance(model, CausalLM):
+        raise TrainConfigError(
+            f"a parallel: layout trains causal language models; the {objective.name} recipe's "
+            f"{type(model).__name__} runs data parallel: drop the parallel: section and use "
+            "run.data_parallel ddp or fsdp.",
+            field="parallel",
+        )
+    if not isinstance(objective, LanguageModeling) and dims.pp > 1:
+        raise TrainConfigError(
+            f"the {objective.name} recipe takes parallel: dp_replicate, dp_shard, tp and sp, not pp yet "
+            "(its loss needs each pair's chosen and rejected log-probs on one stage); drop parallel.pp.",
+            field="parallel.pp",
+        )
+
+
+class _SequenceShardedScorer(nn.Module):
+    """The model as a preference objective sees it under sequence parallelism.
+
+    :func:`~lmstack.train._objectives.sequence_logps` finds :meth:`sequence_logps` here and lets it
+    score the batch: each sp rank runs the forward on its slice of every bin's tokens, sums its tokens'
+    log-probs per sequence, and the partial sums are added up over the sp group. The sum's gradient is
+    passed back to each rank unchanged (every rank holds the same loss of the whole sums), so each rank's
+    backward gives its own tokens' share and FSDP2's reduction over ``dp_shard x sp`` adds the shares.
+    """
+
+    def __init__(self, model: CausalLM, mesh_model: MeshModel) -> None:
+        super().__init__()
+        self.model = model
+        self._mesh = mesh_model.mesh
+        self._attention = mesh_model.config.sp_attention
+
+    def sequence_logps(self, batch: Any, layout: Any, *, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        """``(logps [S], tokens [S])`` of every sequence of a packed preference or KTO batch."""
+        from lmstack.core.parallel import RingAttention, UlyssesAttention, next_token_targets, shard_sequence
+        from lmstack.train._preference_losses import token_logps
+
+        if getattr(batch, "cu_seqlens", None) is None:
+            raise TrainConfigError(
+                "parallel.sp splits packed sequences; this preference batch is padded. Set data.packing: "
+                "true, or drop parallel.sp.",
+                field="parallel.sp",
+            )
+        sp, rank = self._mesh.dims.sp, self._mesh.local_rank("sp")
+        kind: SequenceLayout = "zigzag" if self._attention == "ring" else "contiguous"
+        targets = next_token_targets(batch.labels)
+        # The segment each target belongs to: that of the next position (labels are -100 on every
+        # sequence's first token, so a target never crosses a boundary).
+        segments = layout.segment_ids.reshape(batch.labels.shape)
+        next_segments = torch.cat([segments[:, 1:], segments[:, -1:]], dim=1)
+        ids, positions, local_targets, local_segments = (
+            shard_sequence(t, rank, sp, dim=1, layout=kind)
+            for t in (batch.input_ids, batch.position_ids, targets, next_segments)
+        )
+        backend = RingAttention if self._attention == "ring" else UlyssesAttention
+        attn = backend(batch.cu_seqlens, self._mesh["sp"], layout=kind)
+        flat = local_targets.reshape(-1)
+        rows = (flat != IGNORE_INDEX).nonzero().flatten()
+        logits = self.model(ids, positions, attn, logits_indices=rows)
+        logp = token_logps(logits, flat[rows], chunk_size=chunk_size)
+        segment = local_segments.reshape(-1)[rows]
+        sums = torch.zeros(layout.num_segments, dtype=torch.float32, device=logp.device).index_add(
+            0, segment, logp
+        )
+        counts = torch.zeros(layout.num_segments, dtype=torch.int64, device=logp.device)
+        counts = counts.index_add(0, segment, torch.ones_like(segment))
+        group = self._mesh["sp"].get_group()
+        whole = sums.detach().clone()
+        dist.all_reduce(whole, group=group)
+        dist.all_reduce(counts, group=group)
+        # The reduced value forward, this rank's own partial sums' gradient backward.
+        return sums + (whole - sums.detach()), counts
 
 
 def _drop_unowned(model: CausalLM, parts: list[nn.Module]) -> None:

@@ -210,6 +210,7 @@ def _compute_table(
     rank: int,
     world_size: int,
     chunk_size: int | None,
+    duplicates: int = 1,
 ) -> np.ndarray:
     from lmstack.train._objectives import segment_layout, sequence_logps
 
@@ -224,7 +225,12 @@ def _compute_table(
     was_training = model.training
     model.eval()
     try:
-        bar = tqdm(total=rounds, desc="Reference log-probs", unit="batch", disable=rank != 0 or None)
+        bar = tqdm(
+            total=rounds,
+            desc="Reference log-probs",
+            unit="batch",
+            disable=(dist.is_initialized() and dist.get_rank() != 0) or None,
+        )
         for r in range(rounds):
             index = r * world_size + rank
             mine = index < len(chunks)
@@ -247,6 +253,9 @@ def _compute_table(
     if dist.is_initialized():
         dist.all_reduce(values)
         dist.all_reduce(filled)
+        if duplicates > 1:  # ranks of one data-parallel coordinate scored the same bins
+            values /= duplicates
+            filled /= duplicates
     kept = np.asarray(dataset._plan.unit, dtype=np.int64)
     counts = filled.cpu().numpy()
     if not (counts[kept] == 1).all() or counts.sum() != kept.shape[0]:
@@ -273,6 +282,7 @@ def prepare_reference(
     rank: int,
     world_size: int,
     chunk_size: int | None = None,
+    duplicates: int = 1,
 ) -> ReferenceLogps:
     """The reference log-probs of a run: read from the cache, computed (and cached), or live.
 
@@ -289,9 +299,11 @@ def prepare_reference(
         batch_size: Bins (or padded units) per forward of the reference pass.
         device: The training device.
         precision: ``float32`` or ``bfloat16`` (the reference is scored as the policy is).
-        rank: This process's rank.
-        world_size: The number of processes.
+        rank: Which share of the bins this process scores (its data-parallel rank).
+        world_size: How many shares there are (the data-parallel size).
         chunk_size: Log-softmax chunk rows.
+        duplicates: Processes that score each share together (tensor, sequence parallel ranks): the
+            table, summed over every process, is divided by it.
 
     Returns:
         The :class:`ReferenceLogps` the objective reads.
@@ -317,8 +329,9 @@ def prepare_reference(
             rank=rank,
             world_size=world_size,
             chunk_size=chunk_size,
+            duplicates=duplicates,
         )
-        if rank == 0:
+        if not dist.is_initialized() or dist.get_rank() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             buffer = io.BytesIO()
             np.save(buffer, table)
