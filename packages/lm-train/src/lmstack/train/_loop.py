@@ -407,9 +407,9 @@ class _Training:
             and any(not p.requires_grad for p in model.parameters())
         ):
             raise TrainError(
-                "run.data_parallel='fsdp' supports full-weight training (pretrain, sft) only, and this "
-                "model has frozen parameters (a LoRA or QLoRA base); use run.data_parallel='ddp' for "
-                "adapters."
+                "run.data_parallel='fsdp' shards full-weight training only, and this model has frozen "
+                "parameters (a LoRA or QLoRA base); shard LoRA with a parallel: {dp_shard: N} section, "
+                "or use run.data_parallel='ddp' (QLoRA trains with ddp only)."
             )
         tensorboard = use_tensorboard(run.tensorboard)  # before any work, so a missing package fails fast
         self.tb_dir = self.out / "tensorboard" if tensorboard else None

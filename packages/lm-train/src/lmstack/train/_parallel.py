@@ -21,11 +21,12 @@ gradient average over those ranks undoes the factor.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -57,8 +58,8 @@ class MeshModel:
 
     Raises:
         TrainConfigError: The layout does not fit the world size or the model, a preference objective
-            meets pipeline parallelism, a reward model meets any layout, or the model has frozen
-            parameters (LoRA, QLoRA).
+            meets pipeline parallelism, a reward model meets any layout, LoRA adapters meet tensor
+            parallelism, or a 4-bit (QLoRA) base meets any layout.
     """
 
     def __init__(
@@ -71,14 +72,11 @@ class MeshModel:
         activation_checkpointing: bool = False,
     ) -> None:
         config.check()
-        if any(not p.requires_grad for p in model.parameters()):
-            raise TrainConfigError(
-                "a parallel: layout beyond data parallelism trains full weights, and this model has frozen "
-                "parameters (LoRA or QLoRA); train adapters with run.data_parallel: ddp and no parallel: "
-                "section.",
-                field="parallel",
-            )
         _check_objective(objective, model, config.dims)
+        _check_adapters(model, config.dims)
+        # The model's structure (adapters included) with its parameters on the meta device, taken before
+        # any sharding: whole_model() fills it from the shards.
+        self._skeleton = _meta_copy(model)
         try:
             self.mesh: ParallelMesh = config.dims.build_mesh(info.device.type)
         except Exception as exc:
@@ -302,7 +300,7 @@ class MeshModel:
         dist.barrier()
         if not main:
             return None
-        plain = CausalLM(self.model.config, device="meta").to_empty(device="cpu")
+        plain = cast(CausalLM, self._skeleton.to_empty(device="cpu"))
         wanted = dict(plain.named_parameters())  # a tied head once, under the embedding's name
         dcp.load(wanted, checkpoint_id=scratch, no_dist=True)
         plain.tie_weights()
@@ -337,6 +335,34 @@ class MeshModel:
             if group:
                 torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
         return float(total)
+
+
+def _check_adapters(model: nn.Module, dims: Any) -> None:
+    """Refuse adapter runs the mesh does not train: a 4-bit base anywhere, LoRA under tensor parallelism."""
+    if not any(not p.requires_grad for p in model.parameters()):
+        return
+    if any("4bit" in type(m).__name__ for m in model.modules()):
+        raise TrainConfigError(
+            "a QLoRA base is stored in bitsandbytes' packed 4-bit format, which a parallel: layout "
+            "cannot shard; train QLoRA with run.data_parallel: ddp and no parallel: section, or LoRA "
+            "on the full-precision base with parallel: dp_shard.",
+            field="parallel",
+        )
+    if dims.tp > 1:
+        raise TrainConfigError(
+            "parallel.tp shards plain linear layers, and LoRA wraps them; train adapters with dp_shard, "
+            "dp_replicate, sp or pp (or merge the adapters and train the full weights under tp).",
+            field="parallel.tp",
+        )
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters are on the meta device (buffers are copied as they are)."""
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    return copy.deepcopy(model, memo)
 
 
 def _check_objective(objective: Objective, model: nn.Module, dims: Any) -> None:

@@ -1,11 +1,14 @@
-"""The preference recipes under ``parallel:`` layouts equal one process, step for step.
+"""The preference and LoRA recipes under ``parallel:`` layouts equal one process, step for step.
 
 DPO, ORPO, SimPO and KTO train the same tiny Llama from the same checkpoint on the same global batch
 (4 packed bins of 128 tokens per micro-batch, 2 micro-batches a step) under tensor parallelism (the
 completion tokens' logits gathered from the vocabulary shards), sequence parallelism (Ulysses and ring:
 each rank scores its slice of every bin and the per-sequence log-prob sums are added over the sp group)
 and their combinations with FSDP2; every step's loss and reward metrics, the reference table computed
-before the first step, and the final weights must match the one-process run. fp32; the tolerances
+before the first step, and the final weights must match the one-process run. LoRA adapters (full-precision
+base, no dropout) train under FSDP2 (the frozen base sharded with them), HSDP, pipeline and sequence
+parallelism, alone and as DPO's policy with the adapters-off base as the reference; their merged final
+models and adapter files must match too. fp32; the tolerances
 cover the summation order that splitting heads, the vocabulary or the tokens changes.
 """
 
@@ -25,7 +28,7 @@ import torch
 
 from lmstack.core import CausalLM, ModelConfig, Tokenizer, load_pretrained, save_pretrained
 
-CASES = Path(__file__).parent / "parallel_cases" / "preference_layouts.py"
+CASES = Path(__file__).parent / "parallel_cases" / "recipe_layouts.py"
 
 TWO = [
     {"name": "dpo_tp2", "method": "dpo", "parallel": {"tp": 2}, "batch_size": 4},
@@ -35,10 +38,16 @@ TWO = [
     # KTO's reference point z0 is a mean over the ranks' micro-batches: with one data-parallel rank it is
     # the one process's, so KTO is compared without data parallelism.
     {"name": "kto_sp2_ring", "method": "kto", "parallel": {"sp": 2, "sp_attention": "ring"}, "batch_size": 4},
+    {"name": "lora_dp2", "method": "lora", "parallel": {"dp_shard": 2}, "batch_size": 2},
+    {"name": "lora_pp2", "method": "lora", "parallel": {"pp": 2}, "batch_size": 4},
+    {"name": "lora_sp2", "method": "lora", "parallel": {"sp": 2}, "batch_size": 4},
+    {"name": "dpo_lora_dp2", "method": "dpo_lora", "parallel": {"dp_shard": 2}, "batch_size": 2},
 ]  # fmt: skip
 FOUR = [
     {"name": "dpo_dp2_tp2", "method": "dpo", "parallel": {"dp_shard": 2, "tp": 2}, "batch_size": 2},
     {"name": "simpo_dp2_sp2", "method": "simpo", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
+    {"name": "lora_hsdp", "method": "lora", "parallel": {"dp_replicate": 2, "dp_shard": 2}, "batch_size": 1},
+    {"name": "dpo_lora_dp2_sp2", "method": "dpo_lora", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
 ]
 METHODS = sorted({c["method"] for c in TWO + FOUR})
 SUBJECTS = ["the river", "the city", "paris", "london", "zorbia", "the mountain", "the sun", "quill"]
@@ -47,7 +56,7 @@ BAD = ["no", "what", "the teeth the teeth", "minus minus"]
 
 
 def _driver() -> Any:
-    spec = importlib.util.spec_from_file_location("preference_layouts", CASES)
+    spec = importlib.util.spec_from_file_location("recipe_layouts", CASES)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -75,7 +84,7 @@ def _records(run: Path) -> dict[int, dict[str, Any]]:
 @pytest.fixture(scope="module")
 def runs(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every layout above under torchrun (2 and 4 processes), and one process per method as the reference."""
-    root = tmp_path_factory.mktemp("preference_layouts")
+    root = tmp_path_factory.mktemp("recipe_layouts")
     torch.manual_seed(0)
     config = ModelConfig(
         model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96,
@@ -90,8 +99,14 @@ def runs(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path
         rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
         rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
     unpaired.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chats = root / "chats.jsonl"
+    messages = [
+        {"messages": [*r["prompt"], {"role": "assistant", "content": r["chosen"]}]}
+        for r in _pairs(48, seed=2)
+    ]
+    chats.write_text("".join(json.dumps(m) + "\n" for m in messages))
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    args = [str(CASES), str(root / "model"), str(pairs), str(unpaired), str(root)]
+    args = [str(CASES), str(root / "model"), str(pairs), str(unpaired), str(chats), str(root)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for world, cases in ((2, TWO), (4, FOUR)):
         proc = subprocess.run(
@@ -101,7 +116,7 @@ def runs(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path
         assert proc.returncode == 0, proc.stderr[-6000:]
     driver = _driver()
     for method in METHODS:
-        driver.run_case(root / "model", pairs, unpaired, root / f"single_{method}", method, None, 4)
+        driver.run_case(root / "model", pairs, unpaired, chats, root / f"single_{method}", method, None, 4)
     return root
 
 
@@ -116,15 +131,22 @@ def test_preference_layout_matches_one_process_step_for_step(runs: Path, case: d
                 assert other[step].get(key) is None, (name, step, key)
                 continue
             assert other[step][key] == pytest.approx(one[step][key], rel=5e-5, abs=1e-6), (name, step, key)
-        assert (
-            other[step]["pairs" if method != "kto" else "samples"]
-            == one[step]["pairs" if method != "kto" else "samples"]
-        )
-    a = load_pretrained(runs / f"single_{method}" / "final").state_dict()
-    b = load_pretrained(runs / name / "final").state_dict()
+        unit = {"kto": "samples", "lora": "loss_tokens"}.get(method, "pairs")
+        assert other[step][unit] == one[step][unit], (name, step)
+    final = "final/merged" if "lora" in method else "final"
+    a = load_pretrained(runs / f"single_{method}" / final).state_dict()
+    b = load_pretrained(runs / name / final).state_dict()
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
+    if "lora" in method:
+        from safetensors.torch import load_file
+
+        adapter = "final/adapter/adapter_model.safetensors"
+        a, b = load_file(runs / f"single_{method}" / adapter), load_file(runs / name / adapter)
+        assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
     assert json.loads((runs / name / "result.json").read_text())["mode"] == "mesh"
 
 
@@ -146,14 +168,20 @@ def test_reference_table_under_a_layout_equals_one_process(runs: Path, case: dic
     [
         ("dpo", {"pp": 2}, "takes parallel: dp_replicate, dp_shard, tp and sp, not pp yet"),
         ("rm", {"tp": 2}, "RewardModel runs data parallel"),
+        ("lora", {"tp": 2}, "parallel.tp shards plain linear layers, and LoRA wraps them"),
+        (
+            "qlora",
+            {"dp_shard": 2},
+            "a parallel: layout cannot shard; train QLoRA with run.data_parallel: ddp",
+        ),
     ],
 )
-def test_preference_layouts_that_cannot_run_are_refused_before_training(
+def test_layouts_that_cannot_run_are_refused_before_training(
     tokenizer: Tokenizer, tmp_path: Path, method: str, parallel: dict[str, Any], message: str
 ) -> None:
     from lmstack.train import DataConfig, ParallelConfig, TrainConfigError
     from lmstack.train._loop import RunConfig
-    from lmstack.train.recipes import DPOConfig, RewardConfig, dpo, rm
+    from lmstack.train.recipes import DPOConfig, LoRAConfig, LoRASettings, RewardConfig, dpo, lora, qlora, rm
 
     torch.manual_seed(0)
     config = ModelConfig(
@@ -161,14 +189,28 @@ def test_preference_layouts_that_cannot_run_are_refused_before_training(
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     )  # fmt: skip
     save_pretrained(CausalLM(config), tmp_path / "model", tokenizer=tokenizer)
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in _pairs(8, seed=0)))
-    cls, recipe = (DPOConfig, dpo) if method == "dpo" else (RewardConfig, rm)
+    rows = tmp_path / "rows.jsonl"
+    if method in ("lora", "qlora"):
+        chats = [
+            {"messages": [*r["prompt"], {"role": "assistant", "content": r["chosen"]}]} for r in _pairs(8, 0)
+        ]
+        rows.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    else:
+        rows.write_text("".join(json.dumps(r) + "\n" for r in _pairs(8, seed=0)))
+    cls, recipe, extra = {
+        "dpo": (DPOConfig, dpo, {}),
+        "rm": (RewardConfig, rm, {}),
+        "lora": (LoRAConfig, lora, {}),
+        "qlora": (LoRAConfig, qlora, {"lora": LoRASettings(quantize="nf4")}),
+    }[method]
     cfg = cls(
         model=str(tmp_path / "model"),
-        data=DataConfig(paths=[str(pairs)], format="preference", max_length=128),
+        data=DataConfig(
+            paths=[str(rows)], format="messages" if "lora" in method else "preference", max_length=128
+        ),
         run=RunConfig(output_dir=str(tmp_path / "run"), max_steps=1, device="cpu", tensorboard=False),
         parallel=ParallelConfig(**parallel),
+        **extra,
     )
     with pytest.raises(TrainConfigError, match=message):
         recipe(cfg)
