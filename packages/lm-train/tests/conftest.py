@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -152,3 +154,30 @@ sys.exit(main(sys.argv[2:]))
 def stop_after_script() -> str:
     """The source of a ``python -c`` program that runs ``lmstack`` and stops itself after a step."""
     return STOP_AFTER
+
+
+CASES = Path(__file__).parent / "parallel_cases"
+
+
+def _load_driver(name: str) -> ModuleType:
+    """A torchrun driver of ``parallel_cases/`` loaded as a module (``module.__file__``: the script)."""
+    spec = importlib.util.spec_from_file_location(name, CASES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def layout_driver() -> ModuleType:
+    """The driver of the ``parallel:`` layout tests (``train_layouts.py``).
+
+    Its ``run_case`` is also the tests' one-process reference.
+    """
+    return _load_driver("train_layouts")
+
+
+@pytest.fixture(scope="session")
+def recipe_driver() -> ModuleType:
+    """The driver of the preference and LoRA recipes under layouts (``recipe_layouts.py``)."""
+    return _load_driver("recipe_layouts")

@@ -8,7 +8,6 @@ down. The run must equal one process step for step, as the same layout does on o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -18,23 +17,12 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import pytest
 import torch
 
 from lmstack.core import Tokenizer, load_pretrained
-
-CASES = Path(__file__).parent / "parallel_cases" / "train_layouts.py"
-
-
-def _driver() -> Any:
-    """The torchrun driver module, whose run_case is also the one-process reference."""
-    spec = importlib.util.spec_from_file_location("train_layouts", CASES)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _ip(*args: str) -> None:
@@ -83,11 +71,11 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def test_tensor_parallel_across_two_network_namespaces_matches_one_process(
-    two_hosts: tuple[str, str, str], tokenizer: Tokenizer, tmp_path: Path
+    two_hosts: tuple[str, str, str], tokenizer: Tokenizer, layout_driver: ModuleType, tmp_path: Path
 ) -> None:
     ns_a, ns_b, master = two_hosts
     data = tmp_path / "docs.jsonl"
-    _driver().write_docs(data)
+    layout_driver.write_docs(data)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     cases = json.dumps([{"name": "tp2_hosts", "parallel": {"tp": 2}, "batch_size": 4}])
     procs = []
@@ -98,7 +86,7 @@ def test_tensor_parallel_across_two_network_namespaces_matches_one_process(
             "ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run",
             "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
             "--master-addr", master, "--master-port", "29531",
-            str(CASES), str(data), str(tmp_path / "tokenizer"), str(tmp_path), cases,
+            str(layout_driver.__file__), str(data), str(tmp_path / "tokenizer"), str(tmp_path), cases,
         ]  # fmt: skip
         procs.append(
             subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -106,7 +94,7 @@ def test_tensor_parallel_across_two_network_namespaces_matches_one_process(
     for proc in procs:
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-4000:]
-    _driver().run_case(tokenizer, data, tmp_path / "single", None, 4)
+    layout_driver.run_case(tokenizer, data, tmp_path / "single", None, 4)
     one, hosts = _losses(tmp_path / "single"), _losses(tmp_path / "tp2_hosts")
     assert sorted(hosts) == [1, 2, 3, 4]
     for step in one:

@@ -14,12 +14,12 @@ cover the summation order that splitting heads, the vocabulary or the tokens cha
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -27,8 +27,6 @@ import pytest
 import torch
 
 from lmstack.core import CausalLM, ModelConfig, Tokenizer, load_pretrained, save_pretrained
-
-CASES = Path(__file__).parent / "parallel_cases" / "recipe_layouts.py"
 
 TWO = [
     {"name": "dpo_tp2", "method": "dpo", "parallel": {"tp": 2}, "batch_size": 4},
@@ -55,14 +53,6 @@ GOOD = ["sure here is your answer", "thank you for the question", "the answer is
 BAD = ["no", "what", "the teeth the teeth", "minus minus"]
 
 
-def _driver() -> Any:
-    spec = importlib.util.spec_from_file_location("recipe_layouts", CASES)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _pairs(n: int, seed: int) -> list[dict[str, Any]]:
     import random
 
@@ -82,7 +72,7 @@ def _records(run: Path) -> dict[int, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def runs(tokenizer: Tokenizer, recipe_driver: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every layout above under torchrun (2 and 4 processes), and one process per method as the reference."""
     root = tmp_path_factory.mktemp("recipe_layouts")
     torch.manual_seed(0)
@@ -106,7 +96,14 @@ def runs(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path
     ]
     chats.write_text("".join(json.dumps(m) + "\n" for m in messages))
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    args = [str(CASES), str(root / "model"), str(pairs), str(unpaired), str(chats), str(root)]
+    args = [
+        str(recipe_driver.__file__),
+        str(root / "model"),
+        str(pairs),
+        str(unpaired),
+        str(chats),
+        str(root),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for world, cases in ((2, TWO), (4, FOUR)):
         proc = subprocess.run(
@@ -114,9 +111,10 @@ def runs(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, timeout=900,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-6000:]
-    driver = _driver()
     for method in METHODS:
-        driver.run_case(root / "model", pairs, unpaired, chats, root / f"single_{method}", method, None, 4)
+        recipe_driver.run_case(
+            root / "model", pairs, unpaired, chats, root / f"single_{method}", method, None, 4
+        )
     return root
 
 

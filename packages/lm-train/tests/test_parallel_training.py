@@ -9,30 +9,18 @@ high learning rate amplify that to ~1e-5).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 
 from lmstack.core import Tokenizer, load_pretrained
-
-CASES = Path(__file__).parent / "parallel_cases" / "train_layouts.py"
-
-
-def _driver() -> Any:
-    """The torchrun driver module, whose run_case is also the one-process reference."""
-    spec = importlib.util.spec_from_file_location("train_layouts", CASES)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 TWO = [
     {"name": "tp2", "parallel": {"tp": 2}, "batch_size": 4},
@@ -62,14 +50,14 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def runs(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def runs(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory, layout_driver: ModuleType) -> Path:
     """Every layout above under torchrun (2 and 4 processes), and one process as the reference."""
     root = tmp_path_factory.mktemp("layouts")
     data = root / "docs.jsonl"
-    _driver().write_docs(data)
+    layout_driver.write_docs(data)
     tokenizer.save_pretrained(root / "tokenizer")
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    args = [str(CASES), str(data), str(root / "tokenizer"), str(root)]
+    args = [str(layout_driver.__file__), str(data), str(root / "tokenizer"), str(root)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = []
     for world, cases in ((2, TWO), (4, FOUR)):
@@ -81,7 +69,7 @@ def runs(tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path
         )  # fmt: skip
         _, stderr = procs[-1].communicate(timeout=900)  # one at a time: two cores here
         assert procs[-1].returncode == 0, stderr[-6000:]
-    _driver().run_case(tokenizer, data, root / "single", None, 4)
+    layout_driver.run_case(tokenizer, data, root / "single", None, 4)
     return root
 
 
@@ -142,15 +130,16 @@ def test_parallel_section_parses_from_yaml_and_overrides(tmp_path: Path) -> None
         ({"tp": 2}, "needs at least 2 processes but the world size is 1"),
         ({"pp": 2, "pp_schedule": "interleaved"}, "needs parallel.pp_stages_per_rank of 2 or more"),
         ({"pp": 2, "pp_stages_per_rank": 2}, "needs pp_schedule: interleaved"),
+        ({"tp": 3}, "not divisible by 3.*Set parallel.tp to one of them"),
     ],
 )
 def test_layouts_that_cannot_run_are_refused_before_training(
-    tokenizer: Tokenizer, tmp_path: Path, parallel: dict[str, Any], message: str
+    tokenizer: Tokenizer, tmp_path: Path, layout_driver: ModuleType, parallel: dict[str, Any], message: str
 ) -> None:
     from lmstack.train import TrainConfigError
 
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": f"the model {i} layer."}) + "\n" for i in range(40)))
-    run_case = _driver().run_case
+    run_case = layout_driver.run_case
     with pytest.raises(TrainConfigError, match=message):
         run_case(tokenizer, data, tmp_path / "run", parallel, 4)

@@ -21,15 +21,14 @@ from lmstack.core._cli import main
 from lmstack.train.plan import (
     Layout,
     PlanError,
-    Precision,
     Workload,
-    count_parameters,
     estimate,
     load_cluster,
     model_preset,
     parse_cluster,
     resolve_model,
 )
+from lmstack.train.plan._cost import Precision, count_parameters
 from lmstack.train.plan._search import candidate_layouts, plan
 
 CASES = Path(__file__).parent / "plan_cases"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from lmstack.core.parallel import DIM_NAMES, ParallelDims
+from lmstack.core.parallel import ParallelDims
+from lmstack.core.parallel._mesh import DIM_NAMES
 
 dims = ParallelDims(**json.loads(sys.argv[1]))
 out = Path(sys.argv[2])

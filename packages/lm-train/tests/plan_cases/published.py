@@ -23,16 +23,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from lmstack.train.plan import (
-    Cluster,
-    Layout,
-    PlanError,
-    Precision,
-    Workload,
-    estimate,
-    model_preset,
-    parse_cluster,
-)
+from lmstack.train.plan import Cluster, Layout, PlanError, Workload, estimate, model_preset, parse_cluster
+from lmstack.train.plan._cost import Precision
 from lmstack.train.plan._search import plan
 
 _GIB = 2**30

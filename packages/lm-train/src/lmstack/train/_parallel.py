@@ -33,8 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.core import CausalLM
-from lmstack.core.parallel import ParallelMesh, SequenceLayout
+from lmstack.core import CausalLM, ConfigError
+from lmstack.core.parallel import ParallelMesh, SequenceLayout, check_tensor_parallel
 from lmstack.train._dist import DistInfo
 from lmstack.train._objectives import LanguageModeling, MetricSums, Objective
 from lmstack.train._parallel_config import ParallelConfig
@@ -74,6 +74,15 @@ class MeshModel:
         config.check()
         _check_objective(objective, model, config.dims)
         _check_adapters(model, config.dims)
+        if config.tp > 1:  # before the mesh: the widths decide which degrees can work at all
+            try:
+                check_tensor_parallel(model.config, config.tp)
+            except ConfigError as exc:
+                raise TrainConfigError(
+                    f"{exc} Set parallel.tp to one of them and give the other ranks to dp_shard or "
+                    "dp_replicate.",
+                    field="parallel.tp",
+                ) from exc
         # The model's structure (adapters included) with its parameters on the meta device, taken before
         # any sharding: whole_model() fills it from the shards.
         self._skeleton = _meta_copy(model)

@@ -8,68 +8,46 @@ on CUDA. Nothing is home-made but the plans that say how lmstack's model is cut.
   ``sp``, ``pp`` and the named 5-D device mesh built from them.
 * :func:`apply_tensor_parallel`: heads, feed-forward width and vocabulary split over ``tp`` (with the
   norms sequence-sharded, and a loss on vocabulary shards: :func:`tp_cross_entropy`);
+  :func:`check_tensor_parallel` says beforehand whether a model's widths divide by a degree;
   :func:`apply_fsdp`: FSDP2 (or HSDP on a 2-D mesh) per decoder layer.
 * :class:`UlyssesAttention` / :class:`RingAttention`: sequence-parallel attention backends over packed
-  batches whose tokens are split over ``sp`` ranks (:func:`shard_sequence`).
-* :func:`pipeline_split` / :func:`build_pipeline_schedule` / :func:`pipeline_step`: the decoder stack
-  cut into stages under torch's 1F1B, interleaved 1F1B or GPipe schedules.
+  batches whose tokens are split over ``sp`` ranks (:func:`shard_sequence` with a
+  :data:`SequenceLayout`; :func:`next_token_targets` shifts the labels on the full rows first).
+* :func:`pipeline_split` / :func:`build_pipeline_schedule` (a :class:`Pipeline`) /
+  :func:`pipeline_step`: the decoder stack cut into stages under torch's 1F1B, interleaved 1F1B or
+  GPipe schedules.
+
+The helpers behind these (slicing and gathering sequences, stage layer ranges, the pipeline loss, the
+mesh's dim names) live in the private modules ``_mesh``, ``_tensor``, ``_sequence``, ``_ring`` and
+``_pipeline``.
 """
 
 from lmstack.core.parallel._fsdp import apply_fsdp
-from lmstack.core.parallel._mesh import DIM_NAMES, ParallelDims, ParallelMesh, torchrun_world_size
-from lmstack.core.parallel._pipeline import (
-    Pipeline,
-    PipelineStageModule,
-    build_pipeline_schedule,
-    pipeline_lm_loss,
-    pipeline_split,
-    pipeline_step,
-    stage_layer_ranges,
-)
+from lmstack.core.parallel._mesh import ParallelDims, ParallelMesh
+from lmstack.core.parallel._pipeline import Pipeline, build_pipeline_schedule, pipeline_split, pipeline_step
 from lmstack.core.parallel._ring import RingAttention
 from lmstack.core.parallel._sequence import (
-    SequenceGroup,
     SequenceLayout,
     UlyssesAttention,
-    gather_sequence,
     next_token_targets,
-    sequence_chunks,
-    sequence_token_index,
     shard_sequence,
-    unshard_sequence,
 )
-from lmstack.core.parallel._tensor import (
-    apply_tensor_parallel,
-    check_sequence_length,
-    check_tensor_parallel,
-    tp_cross_entropy,
-)
+from lmstack.core.parallel._tensor import apply_tensor_parallel, check_tensor_parallel, tp_cross_entropy
 
 __all__ = [
-    "DIM_NAMES",
     "ParallelDims",
     "ParallelMesh",
     "Pipeline",
-    "PipelineStageModule",
     "RingAttention",
-    "SequenceGroup",
     "SequenceLayout",
     "UlyssesAttention",
     "apply_fsdp",
     "apply_tensor_parallel",
     "build_pipeline_schedule",
-    "check_sequence_length",
     "check_tensor_parallel",
-    "gather_sequence",
     "next_token_targets",
-    "pipeline_lm_loss",
     "pipeline_split",
     "pipeline_step",
-    "sequence_chunks",
-    "sequence_token_index",
     "shard_sequence",
-    "stage_layer_ranges",
-    "torchrun_world_size",
     "tp_cross_entropy",
-    "unshard_sequence",
 ]

@@ -32,9 +32,8 @@ from lmstack.core.parallel._sequence import (
     GroupLike,
     SequenceGroup,
     SequenceLayout,
-    _check_layout,
+    _backend_setup,
     _check_tokens,
-    _host_bounds,
     sequence_token_index,
 )
 
@@ -299,15 +298,13 @@ class RingAttention:
         block_size: int | None = None,
         host_cu_seqlens: Tensor | None = None,
     ) -> None:
-        _check_layout(layout)
         if block_size is not None and (
             isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
         ):
             raise LMStackError(f"block_size must be a positive integer, got {block_size!r}.")
-        self.group = SequenceGroup.of(group)
+        self.group, self._cu = _backend_setup(cu_seqlens, group, layout, host_cu_seqlens)
         self.layout: SequenceLayout = layout
         self.block_size = block_size
-        self._cu = _host_bounds(cu_seqlens, host_cu_seqlens)
         self._total = int(self._cu[-1])
         self._plans: dict[tuple[int, int, int | None, float, torch.device], _RingPlan] = {}
 

@@ -288,6 +288,23 @@ def _host_bounds(cu_seqlens: Tensor, host_cu_seqlens: Tensor | None) -> Tensor:
     return host
 
 
+def _backend_setup(
+    cu_seqlens: Tensor, group: GroupLike, layout: str, host_cu_seqlens: Tensor | None
+) -> tuple[SequenceGroup, Tensor]:
+    """The constructor checks both sequence-parallel backends share (Ulysses and ring).
+
+    Returns:
+        The resolved group and the global ``cu_seqlens`` as checked CPU int64.
+
+    Raises:
+        ConfigError: An unknown layout, or a device mesh with more than one dim.
+        LMStackError: ``cu_seqlens`` is not a strictly increasing ``[0, ...]`` vector.
+    """
+    _check_layout(layout)
+    resolved = SequenceGroup.of(group)
+    return resolved, _host_bounds(cu_seqlens, host_cu_seqlens)
+
+
 def _check_tokens(total: int, batch: int, local: int, sp: int) -> None:
     if batch * local * sp != total:
         raise LMStackError(
@@ -397,10 +414,8 @@ class UlyssesAttention:
         layout: SequenceLayout = "contiguous",
         host_cu_seqlens: Tensor | None = None,
     ) -> None:
-        _check_layout(layout)
-        self.group = SequenceGroup.of(group)
+        self.group, host = _backend_setup(cu_seqlens, group, layout, host_cu_seqlens)
         self.layout: SequenceLayout = layout
-        host = _host_bounds(cu_seqlens, host_cu_seqlens)
         self._total = int(host[-1])
         self.inner = PackedAttention(cu_seqlens, impl=impl, host_cu_seqlens=host)
         self._plans: dict[tuple[int, int, torch.device], _HeadPlan] = {}

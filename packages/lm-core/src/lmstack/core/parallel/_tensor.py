@@ -63,7 +63,8 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
 
     Raises:
         ConfigError: ``tp`` is not a positive integer, or a width is not divisible by it; the message
-            names the field and the degrees that would work.
+            names the field and the degrees that would work, and leaves how to choose one to the
+            caller (training's ``parallel.tp``, serving's ``tensor_parallel_size``).
     """
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise ConfigError(f"the tensor-parallel degree must be a positive integer, got {tp!r}.")
@@ -73,10 +74,9 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
             fits = [d for d in range(1, min(value, 64) + 1) if _divides_all(config, d)]
             raise ConfigError(
                 f"tensor parallelism over tp={tp} ranks splits {field} evenly, but {field}={value} is "
-                f"not divisible by {tp}; choose a tp that divides num_attention_heads="
+                f"not divisible by {tp}; the tensor-parallel degree must divide num_attention_heads="
                 f"{config.num_attention_heads}, num_key_value_heads={config.num_key_value_heads} and "
-                f"intermediate_size={config.intermediate_size} (here: {', '.join(map(str, fits))}), "
-                f"and put the other ranks on data parallelism.",
+                f"intermediate_size={config.intermediate_size} (here: {', '.join(map(str, fits))}).",
                 field=field,
             )
 

@@ -414,7 +414,15 @@ class TensorParallelGroup:
         tp = int(engine_options.get("tensor_parallel_size", 1))
         path = os.fspath(path)
         model_config = load_config(path)
-        check_tensor_parallel(model_config, tp)
+        try:
+            check_tensor_parallel(model_config, tp)
+        except ConfigError as exc:
+            if exc.field is None:
+                raise
+            # Core names the degrees that divide the model; here the degree is a serving option.
+            raise ConfigError(
+                f"{exc} Serve with one of them as tensor_parallel_size (lmstack serve --tp).", field=exc.field
+            ) from exc
         _check_unsupported(path, engine_options)
         if dist.is_initialized():
             raise ConfigError(
