@@ -44,6 +44,7 @@ TWO = [
 FOUR = [
     {"name": "dpo_dp2_tp2", "method": "dpo", "parallel": {"dp_shard": 2, "tp": 2}, "batch_size": 2},
     {"name": "simpo_dp2_sp2", "method": "simpo", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
+    {"name": "orpo_tp2_sp2", "method": "orpo", "parallel": {"tp": 2, "sp": 2}, "batch_size": 4},
     {"name": "lora_hsdp", "method": "lora", "parallel": {"dp_replicate": 2, "dp_shard": 2}, "batch_size": 1},
     {"name": "dpo_lora_dp2_sp2", "method": "dpo_lora", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
 ]

@@ -16,6 +16,13 @@ rank reads the same bins); sequence parallelism then gives each ``sp`` rank a sl
 tokens, with next-token targets made on the whole bin first. Gradients are normalised as in one process:
 every rank's loss is its token cross-entropy sum times ``dp x sp / step loss tokens``, and FSDP2's
 gradient average over those ranks undoes the factor.
+
+The preference objectives (DPO, ORPO, SimPO, KTO) run on the same mesh but for ``pp``: under ``tp`` their
+completion tokens' logits are gathered whole (they need each sequence's log-prob sum, not a
+cross-entropy over vocabulary shards); under ``sp`` a scorer gives every sp rank the whole sequences'
+log-prob sums from its slice of the tokens, so every sp rank computes the same loss. LoRA adapters train
+on any layout but ``tp``: FSDP2 shards the frozen base with them, and the final model is rebuilt from
+a meta-device copy of the adapted model taken before sharding.
 """
 
 from __future__ import annotations
@@ -93,10 +100,9 @@ class MeshModel:
         dims = self.mesh.dims
         self.config, self.info, self.model = config, info, model
         self.lm = isinstance(objective, LanguageModeling)
-        if dims.sp > 1 and (dims.tp > 1 or dims.pp > 1):
+        if dims.sp > 1 and dims.pp > 1:
             raise TrainConfigError(
-                "parallel.sp combines with dp_replicate and dp_shard only (not yet with tp or pp); "
-                "choose sp or tp/pp.",
+                "parallel.sp combines with dp_replicate, dp_shard and tp (not yet with pp); choose sp or pp.",
                 field="parallel.sp",
             )
         if dims.tp > 1 and isinstance(objective, LanguageModeling) and objective.fused:
@@ -319,17 +325,20 @@ class MeshModel:
     def clip_gradients(self, max_norm: float) -> float:
         """Clip the gradients of every part to ``max_norm`` together; returns the norm before clipping.
 
-        Sharded gradients (DTensors) and whole ones (a norm weight that tensor parallelism without
-        sequence parallelism leaves replicated) are normed apart, since torch's fused kernels take one
-        kind at a time, and combined; pipeline stages add their squares over the ``pp`` group.
+        Gradients are normed in groups of one kind, since torch's fused kernels take one at a time: whole
+        tensors, and DTensors by their device mesh (a norm weight that tensor parallelism without
+        sequence parallelism leaves replicated is whole, or under FSDP2 sharded on the data-parallel mesh
+        alone, beside the 2-D shards of the tensor-parallel weights); the squares are added, and
+        pipeline stages add theirs over the ``pp`` group.
         """
         from torch.distributed.tensor import DTensor
 
         params = [p for p in self.parameters() if p.grad is not None]
-        groups = [
-            [p for p in params if isinstance(p.grad, DTensor)],
-            [p for p in params if not isinstance(p.grad, DTensor)],
-        ]
+        by_mesh: dict[Any, list[nn.Parameter]] = {}
+        for p in params:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            by_mesh.setdefault(key, []).append(p)
+        groups = list(by_mesh.values())
         squared = torch.zeros((), dtype=torch.float64, device=self.info.device)
         for group in groups:
             if group:

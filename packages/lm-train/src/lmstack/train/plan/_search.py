@@ -8,7 +8,7 @@ sequence and the query heads left per tensor-parallel rank; ``pp x stages`` must
 (and a tied embedding cannot be split); the global batch must divide over the data-parallel ranks and
 the micro-batch over each rank's share; a pipeline needs at least ``pp`` micro-batches (and interleaved
 1F1B a whole number of rounds). Two limits of lmstack's loop today are kept too (see
-:data:`SP_WITH_TP_OR_PP`, :data:`PIPELINE_MICRO_BATCH`): ``sp`` only beside data parallelism, and a
+:data:`SP_WITH_PP`, :data:`PIPELINE_MICRO_BATCH`): ``sp`` not beside pipeline parallelism, and a
 pipeline micro-batch of one packed bin. Layouts whose predicted peak exceeds the usable memory are
 dropped; the rest are ranked by step time (the same as tokens per second per device: the device
 count is fixed), in steps of 1% (the model is no more accurate than that: within a step the smaller
@@ -41,9 +41,9 @@ SPEED_TOLERANCE = 0.01
 STAGES_PER_RANK = (1, 2, 4)
 
 #: What lmstack's training loop runs today (``lmstack.train._parallel``): sequence parallelism
-#: combines with data parallelism only, not with tensor or pipeline parallelism; a pipeline's
+#: combines with data and tensor parallelism, not with pipeline parallelism; a pipeline's
 #: micro-batch is one packed bin. The cost model estimates any layout; the search proposes only these.
-SP_WITH_TP_OR_PP = False
+SP_WITH_PP = False
 PIPELINE_MICRO_BATCH = 1
 
 
@@ -72,7 +72,7 @@ def _parallel_degrees(
             for sp in _divisors(world // (pp * tp)):
                 if workload.seq_len % sp or (config.num_attention_heads // tp) % sp:
                     continue
-                if sp > 1 and (tp > 1 or pp > 1) and not SP_WITH_TP_OR_PP:
+                if sp > 1 and pp > 1 and not SP_WITH_PP:
                     continue
                 yield pp, tp, sp
 
