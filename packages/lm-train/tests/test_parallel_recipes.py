@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmstack.core import CausalLM, ModelConfig, Tokenizer, load_pretrained, save_pretrained
 
@@ -36,6 +37,8 @@ TWO = [
     # KTO's reference point z0 is a mean over the ranks' micro-batches: with one data-parallel rank it is
     # the one process's, so KTO is compared without data parallelism.
     {"name": "kto_sp2_ring", "method": "kto", "parallel": {"sp": 2, "sp_attention": "ring"}, "batch_size": 4},
+    {"name": "rm_tp2", "method": "rm", "parallel": {"tp": 2}, "batch_size": 4},
+    {"name": "rm_sp2_ring", "method": "rm", "parallel": {"sp": 2, "sp_attention": "ring"}, "batch_size": 4},
     {"name": "lora_dp2", "method": "lora", "parallel": {"dp_shard": 2}, "batch_size": 2},
     {"name": "lora_pp2", "method": "lora", "parallel": {"pp": 2}, "batch_size": 4},
     {"name": "lora_sp2", "method": "lora", "parallel": {"sp": 2}, "batch_size": 4},
@@ -45,6 +48,7 @@ FOUR = [
     {"name": "dpo_dp2_tp2", "method": "dpo", "parallel": {"dp_shard": 2, "tp": 2}, "batch_size": 2},
     {"name": "simpo_dp2_sp2", "method": "simpo", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
     {"name": "orpo_tp2_sp2", "method": "orpo", "parallel": {"tp": 2, "sp": 2}, "batch_size": 4},
+    {"name": "rm_dp2_sp2", "method": "rm", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
     {"name": "lora_hsdp", "method": "lora", "parallel": {"dp_replicate": 2, "dp_shard": 2}, "batch_size": 1},
     {"name": "dpo_lora_dp2_sp2", "method": "dpo_lora", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
 ]
@@ -130,22 +134,25 @@ def test_preference_layout_matches_one_process_step_for_step(runs: Path, case: d
                 assert other[step].get(key) is None, (name, step, key)
                 continue
             assert other[step][key] == pytest.approx(one[step][key], rel=5e-5, abs=1e-6), (name, step, key)
-        unit = {"kto": "samples", "lora": "loss_tokens"}.get(method, "pairs")
+        unit = {"kto": "samples", "lora": "loss_tokens"}.get(method, "pairs")  # rm: pairs
         assert other[step][unit] == one[step][unit], (name, step)
+    # The final weights: a causal LM (merged with its adapters), or the reward model's classifier files.
     final = "final/merged" if "lora" in method else "final"
-    a = load_pretrained(runs / f"single_{method}" / final).state_dict()
-    b = load_pretrained(runs / name / final).state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
-    if "lora" in method:
-        from safetensors.torch import load_file
-
-        adapter = "final/adapter/adapter_model.safetensors"
-        a, b = load_file(runs / f"single_{method}" / adapter), load_file(runs / name / adapter)
-        assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    files = ["final/adapter/adapter_model.safetensors"] if "lora" in method else []
+    if method == "rm":
+        files = [f"final/{f.name}" for f in (runs / f"single_{method}" / "final").glob("*.safetensors")]
+        assert files
+    else:
+        a = load_pretrained(runs / f"single_{method}" / final).state_dict()
+        b = load_pretrained(runs / name / final).state_dict()
+        assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {key}")
+    for file in files:
+        a, b = load_file(runs / f"single_{method}" / file), load_file(runs / name / file)
+        assert a.keys() == b.keys() and (method == "rm" or any("lora_B" in k for k in a))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=f"{name}: {file}: {key}")
     assert json.loads((runs / name / "result.json").read_text())["mode"] == "mesh"
 
 
@@ -166,7 +173,7 @@ def test_reference_table_under_a_layout_equals_one_process(runs: Path, case: dic
     ("method", "parallel", "message"),
     [
         ("dpo", {"pp": 2}, "takes parallel: dp_replicate, dp_shard, tp and sp, not pp yet"),
-        ("rm", {"tp": 2}, "RewardModel runs data parallel"),
+        ("rm", {"pp": 2}, "the rm recipe takes parallel: dp_replicate, dp_shard, tp and sp, not pp yet"),
         ("lora", {"tp": 2}, "parallel.tp shards plain linear layers, and LoRA wraps them"),
         (
             "qlora",

@@ -342,8 +342,12 @@ class PairwisePreference(Objective):
         assert layout.second is not None
         pairs = totals["pairs"] / world_size  # so that the ranks' gradient average gives the step mean
         if self.method == "rm":
-            attn = batch.attention()
-            rewards = module(batch.input_ids, batch.position_ids, attn, indices=layout.last_token)
+            own = getattr(module, "sequence_rewards", None)  # sequence parallelism (as sequence_logps)
+            if callable(own):
+                rewards = own(batch, layout)
+            else:
+                attn = batch.attention()
+                rewards = module(batch.input_ids, batch.position_ids, attn, indices=layout.last_token)
             chosen_r, rejected_r = rewards[layout.first], rewards[layout.second]
             loss, metrics = reward_model_loss(
                 chosen_r,

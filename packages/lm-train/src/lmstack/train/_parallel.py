@@ -17,10 +17,11 @@ tokens, with next-token targets made on the whole bin first. Gradients are norma
 every rank's loss is its token cross-entropy sum times ``dp x sp / step loss tokens``, and FSDP2's
 gradient average over those ranks undoes the factor.
 
-The preference objectives (DPO, ORPO, SimPO, KTO) run on the same mesh but for ``pp``: under ``tp`` their
-completion tokens' logits are gathered whole (they need each sequence's log-prob sum, not a
-cross-entropy over vocabulary shards); under ``sp`` a scorer gives every sp rank the whole sequences'
-log-prob sums from its slice of the tokens, so every sp rank computes the same loss. LoRA adapters train
+The preference objectives (DPO, ORPO, SimPO, KTO, reward models) run on the same mesh but for
+``pp``: under ``tp`` their completion tokens' logits are gathered whole (they need each sequence's
+log-prob sum, not a cross-entropy over vocabulary shards; a reward model's body is sharded and its
+scalar head kept whole); under ``sp`` a scorer gives every sp rank the whole sequences' log-prob sums
+(or rewards) from its slice of the tokens, so every sp rank computes the same loss. LoRA adapters train
 on any layout but ``tp``: FSDP2 shards the frozen base with them, and the final model is rebuilt from
 a meta-device copy of the adapted model taken before sharding.
 """
@@ -65,7 +66,7 @@ class MeshModel:
 
     Raises:
         TrainConfigError: The layout does not fit the world size or the model, a preference objective
-            meets pipeline parallelism, a reward model meets any layout, LoRA adapters meet tensor
+            or a reward model meets pipeline parallelism, LoRA adapters meet tensor
             parallelism, or a 4-bit (QLoRA) base meets any layout.
     """
 
@@ -116,7 +117,7 @@ class MeshModel:
 
         if dims.tp > 1:
             apply_tensor_parallel(
-                model,
+                model,  # a reward model's body only (its scalar head stays whole)
                 self.mesh["tp"],
                 sequence_parallel=config.sequence_parallel,
                 loss_parallel=self.loss_parallel,
@@ -318,7 +319,8 @@ class MeshModel:
         plain = cast(CausalLM, self._skeleton.to_empty(device="cpu"))
         wanted = dict(plain.named_parameters())  # a tied head once, under the embedding's name
         dcp.load(wanted, checkpoint_id=scratch, no_dist=True)
-        plain.tie_weights()
+        if isinstance(plain, CausalLM):
+            plain.tie_weights()
         shutil.rmtree(scratch, ignore_errors=True)
         return plain.eval()
 
@@ -385,10 +387,12 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 
 def _check_objective(objective: Objective, model: nn.Module, dims: Any) -> None:
     """Refuse objective and layout pairs the mesh does not train (yet), naming what does."""
-    if not isinstance(model, CausalLM):
+    from lmstack.train._reward import RewardModel
+
+    if not isinstance(model, (CausalLM, RewardModel)):
         raise TrainConfigError(
-            f"a parallel: layout trains causal language models; the {objective.name} recipe's "
-            f"{type(model).__name__} runs data parallel: drop the parallel: section and use "
+            f"a parallel: layout trains causal language models and reward models; the {objective.name} "
+            f"recipe's {type(model).__name__} runs data parallel: drop the parallel: section and use "
             "run.data_parallel ddp or fsdp.",
             field="parallel",
         )
@@ -456,6 +460,40 @@ class _SequenceShardedScorer(nn.Module):
         dist.all_reduce(counts, group=group)
         # The reduced value forward, this rank's own partial sums' gradient backward.
         return sums + (whole - sums.detach()), counts
+
+    def sequence_rewards(self, batch: Any, layout: Any) -> Tensor:
+        """``[S]`` a reward model's reward of every sequence of a packed batch, read at its last token.
+
+        The rank holding a sequence's last token scores it; the rewards are added over the sp group as
+        :meth:`sequence_logps` adds log-probs.
+        """
+        from lmstack.core.parallel import RingAttention, UlyssesAttention, shard_sequence
+
+        if getattr(batch, "cu_seqlens", None) is None:
+            raise TrainConfigError(
+                "parallel.sp splits packed sequences; this preference batch is padded. Set data.packing: "
+                "true, or drop parallel.sp.",
+                field="parallel.sp",
+            )
+        sp, rank = self._mesh.dims.sp, self._mesh.local_rank("sp")
+        kind: SequenceLayout = "zigzag" if self._attention == "ring" else "contiguous"
+        # Each token's sequence where it is a sequence's last token, -1 elsewhere.
+        last = torch.full((batch.input_ids.numel(),), -1, dtype=torch.long, device=batch.input_ids.device)
+        last[layout.last_token] = torch.arange(layout.num_segments, device=last.device)
+        ids, positions, local_last = (
+            shard_sequence(t, rank, sp, dim=1, layout=kind)
+            for t in (batch.input_ids, batch.position_ids, last.reshape(batch.input_ids.shape))
+        )
+        backend = RingAttention if self._attention == "ring" else UlyssesAttention
+        attn = backend(batch.cu_seqlens, self._mesh["sp"], layout=kind)
+        flat = local_last.reshape(-1)
+        rows = (flat >= 0).nonzero().flatten()
+        scores = self.model(ids, positions, attn, indices=rows)
+        rewards = torch.zeros(layout.num_segments, dtype=torch.float32, device=scores.device)
+        rewards = rewards.index_add(0, flat[rows], scores.float())
+        whole = rewards.detach().clone()
+        dist.all_reduce(whole, group=self._mesh["sp"].get_group())
+        return rewards + (whole - rewards.detach())
 
 
 def _drop_unowned(model: CausalLM, parts: list[nn.Module]) -> None:

@@ -94,7 +94,8 @@ def _layer_plan(model: CausalLM, sequence_parallel: bool) -> dict[str, ParallelS
     """The plan of one decoder layer, relative to it; linear styles come from the model's tp_plan."""
     plan: dict[str, ParallelStyle] = {}
     prefix = "model.layers.*."
-    for pattern, style in model.tp_plan().items():
+    # The decoder layers are the same in every family (and in a reward model's body): CausalLM's plan.
+    for pattern, style in CausalLM.tp_plan(model).items():
         if not pattern.startswith(prefix):
             continue  # the embedding and the head are planned in apply_tensor_parallel
         name = pattern.removeprefix(prefix)
@@ -147,7 +148,9 @@ def apply_tensor_parallel(
 
     Args:
         model: A training-layout model (not :meth:`~CausalLM.prepare_for_inference`'d), on the
-            mesh's device type.
+            mesh's device type. A module with the same body (``model``, ``config``) and no ``lm_head``
+            (a reward model with its own scalar head) is sharded in its body only; its head stays
+            whole on every rank, reading the body's rows whole.
         tp_mesh: A 1-D device mesh, e.g. ``parallel_mesh["tp"]``.
         sequence_parallel: Shard the residual stream and the norms on the sequence dim.
         loss_parallel: Keep the logits sharded on the vocabulary (see above).
@@ -169,7 +172,7 @@ def apply_tensor_parallel(
     check_tensor_parallel(model.config, tp)
     if getattr(model, "_tensor_parallel", None) is not None:
         raise ConfigError("this model is already tensor-parallel; apply_tensor_parallel once per model.")
-    if model.inference_layout is not None:
+    if getattr(model, "inference_layout", None) is not None:
         raise ConfigError(
             "apply_tensor_parallel needs the training layout, but the model was prepared for inference; "
             "shard it before prepare_for_inference (or not at all for serving)."
@@ -186,7 +189,10 @@ def apply_tensor_parallel(
                 f"apply_tensor_parallel needs an nn.Embedding at {name}, got {type(module).__name__}."
             )
 
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    # A model without an output head (a reward model's body with its own small scalar head) gets the
+    # body's plan only; its head stays whole on every rank, reading the body's gathered rows.
+    lm_head: nn.Module | None = getattr(model, "lm_head", None)
+    tied = lm_head is not None and lm_head.weight is model.model.embed_tokens.weight
     seq = Shard(1)
     body: dict[str, ParallelStyle] = {
         # Vocab-parallel lookup: each rank embeds the ids in its slice, zeros elsewhere, and the
@@ -216,7 +222,8 @@ def apply_tensor_parallel(
         if loss_parallel
         else ColwiseParallel(output_layouts=Replicate())
     )
-    parallelize_module(model.lm_head, tp_mesh, head_style)
+    if lm_head is not None:
+        parallelize_module(lm_head, tp_mesh, head_style)
     if tied:
         # parallelize_module replaced each module's parameter with its own DTensor; both are the
         # same [V, C] matrix sharded on dim 0, so one of them serves both again.
@@ -225,7 +232,8 @@ def apply_tensor_parallel(
     model._tensor_parallel = "sequence" if sequence_parallel else "tensor"
     if sequence_parallel:
         model.model.register_forward_pre_hook(_SequenceCheck(tp))
-    model.register_forward_pre_hook(_refuse_head, with_kwargs=True)
+    if lm_head is not None:
+        model.register_forward_pre_hook(_refuse_head, with_kwargs=True)
     logger.info(
         "tensor-parallel over %d ranks (sequence parallel %s, loss parallel %s%s)",
         tp,

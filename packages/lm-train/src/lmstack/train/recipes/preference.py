@@ -211,7 +211,7 @@ class _PreferenceConfig:
         optim: AdamW and its schedule.
         run: Steps, batching (``batch_size`` packed bins, or padded pairs), checkpoints.
         parallel: Data, tensor and sequence parallelism under torchrun (see ``ParallelConfig``; not
-            ``pp``, and the reward model runs data parallel only).
+            ``pp``).
         adapter: ``none`` trains every weight; ``lora`` and ``qlora`` train peft adapters (on a
             4-bit base for ``qlora``) as ``lmstack train lora`` does, and write ``final/adapter``.
         lora: The adapters (and QLoRA's quantization), as in the LoRA recipe.
