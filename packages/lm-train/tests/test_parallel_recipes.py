@@ -8,7 +8,8 @@ and their combinations with FSDP2; every step's loss and reward metrics, the ref
 before the first step, and the final weights must match the one-process run. LoRA adapters (full-precision
 base, no dropout) train under FSDP2 (the frozen base sharded with them), HSDP, pipeline and sequence
 parallelism, alone and as DPO's policy with the adapters-off base as the reference; their merged final
-models and adapter files must match too. fp32; the tolerances
+models and adapter files must match too; under tp each adapter is split as its projection is (``B``
+of a column-wise projection on its outputs, ``A`` of a row-wise one on its inputs). fp32; the tolerances
 cover the summation order that splitting heads, the vocabulary or the tokens changes.
 """
 
@@ -41,6 +42,9 @@ TWO = [
     {"name": "rm_sp2_ring", "method": "rm", "parallel": {"sp": 2, "sp_attention": "ring"}, "batch_size": 4},
     {"name": "lora_dp2", "method": "lora", "parallel": {"dp_shard": 2}, "batch_size": 2},
     {"name": "lora_pp2", "method": "lora", "parallel": {"pp": 2}, "batch_size": 4},
+    {"name": "lora_tp2", "method": "lora", "parallel": {"tp": 2}, "batch_size": 4},
+    {"name": "lora_tp2_no_sp", "method": "lora", "parallel": {"tp": 2, "sequence_parallel": False},
+     "batch_size": 4},
     {"name": "lora_sp2", "method": "lora", "parallel": {"sp": 2}, "batch_size": 4},
     {"name": "dpo_lora_dp2", "method": "dpo_lora", "parallel": {"dp_shard": 2}, "batch_size": 2},
 ]  # fmt: skip
@@ -50,6 +54,7 @@ FOUR = [
     {"name": "orpo_tp2_sp2", "method": "orpo", "parallel": {"tp": 2, "sp": 2}, "batch_size": 4},
     {"name": "rm_dp2_sp2", "method": "rm", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
     {"name": "lora_hsdp", "method": "lora", "parallel": {"dp_replicate": 2, "dp_shard": 2}, "batch_size": 1},
+    {"name": "dpo_lora_dp2_tp2", "method": "dpo_lora", "parallel": {"dp_shard": 2, "tp": 2}, "batch_size": 2},
     {"name": "dpo_lora_dp2_sp2", "method": "dpo_lora", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
 ]
 METHODS = sorted({c["method"] for c in TWO + FOUR})
@@ -174,7 +179,11 @@ def test_reference_table_under_a_layout_equals_one_process(runs: Path, case: dic
     [
         ("dpo", {"pp": 2}, "takes parallel: dp_replicate, dp_shard, tp and sp, not pp yet"),
         ("rm", {"pp": 2}, "the rm recipe takes parallel: dp_replicate, dp_shard, tp and sp, not pp yet"),
-        ("lora", {"tp": 2}, "parallel.tp shards plain linear layers, and LoRA wraps them"),
+        (
+            "lora",
+            {"tp": 2},
+            "parallel.tp splits the output head over the vocabulary, and lora.target_modules",
+        ),
         (
             "qlora",
             {"dp_shard": 2},
@@ -206,7 +215,7 @@ def test_layouts_that_cannot_run_are_refused_before_training(
     cls, recipe, extra = {
         "dpo": (DPOConfig, dpo, {}),
         "rm": (RewardConfig, rm, {}),
-        "lora": (LoRAConfig, lora, {}),
+        "lora": (LoRAConfig, lora, {"lora": LoRASettings(target_modules=["q_proj", "lm_head"])}),
         "qlora": (LoRAConfig, qlora, {"lora": LoRASettings(quantize="nf4")}),
     }[method]
     cfg = cls(

@@ -22,8 +22,9 @@ The preference objectives (DPO, ORPO, SimPO, KTO, reward models) run on the same
 log-prob sum, not a cross-entropy over vocabulary shards; a reward model's body is sharded and its
 scalar head kept whole); under ``sp`` a scorer gives every sp rank the whole sequences' log-prob sums
 (or rewards) from its slice of the tokens, so every sp rank computes the same loss. LoRA adapters train
-on any layout but ``tp``: FSDP2 shards the frozen base with them, and the final model is rebuilt from
-a meta-device copy of the adapted model taken before sharding.
+on every layout: FSDP2 shards the frozen base with them, tensor parallelism splits each adapter as its
+projection is, and the final model is rebuilt from a meta-device copy of the adapted model taken
+before sharding.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class MeshModel:
 
     Raises:
         TrainConfigError: The layout does not fit the world size or the model, a preference objective
-            or a reward model meets pipeline parallelism, LoRA adapters meet tensor
+            or a reward model meets pipeline parallelism, a LoRA output head meets tensor
             parallelism, or a 4-bit (QLoRA) base meets any layout.
     """
 
@@ -358,7 +359,7 @@ class MeshModel:
 
 
 def _check_adapters(model: nn.Module, dims: Any) -> None:
-    """Refuse adapter runs the mesh does not train: a 4-bit base anywhere, LoRA under tensor parallelism."""
+    """Refuse adapter runs the mesh does not train: a 4-bit base anywhere, a LoRA head under tp."""
     if not any(not p.requires_grad for p in model.parameters()):
         return
     if any("4bit" in type(m).__name__ for m in model.modules()):
@@ -368,10 +369,11 @@ def _check_adapters(model: nn.Module, dims: Any) -> None:
             "on the full-precision base with parallel: dp_shard.",
             field="parallel",
         )
-    if dims.tp > 1:
+    lm_head = getattr(model, "lm_head", None)
+    if dims.tp > 1 and lm_head is not None and type(lm_head) is not nn.Linear:
         raise TrainConfigError(
-            "parallel.tp shards plain linear layers, and LoRA wraps them; train adapters with dp_shard, "
-            "dp_replicate, sp or pp (or merge the adapters and train the full weights under tp).",
+            "parallel.tp splits the output head over the vocabulary, and lora.target_modules adapts it; "
+            "leave lm_head out of the targets, or drop parallel.tp.",
             field="parallel.tp",
         )
 

@@ -150,7 +150,9 @@ def apply_tensor_parallel(
         model: A training-layout model (not :meth:`~CausalLM.prepare_for_inference`'d), on the
             mesh's device type. A module with the same body (``model``, ``config``) and no ``lm_head``
             (a reward model with its own scalar head) is sharded in its body only; its head stays
-            whole on every rank, reading the body's rows whole.
+            whole on every rank, reading the body's rows whole. LoRA layers (peft's layout) on the
+            decoder projections are split with them; parameters that do not require gradients (a
+            frozen base) still do not afterwards.
         tp_mesh: A 1-D device mesh, e.g. ``parallel_mesh["tp"]``.
         sequence_parallel: Shard the residual stream and the norms on the sequence dim.
         loss_parallel: Keep the logits sharded on the vocabulary (see above).
@@ -160,7 +162,8 @@ def apply_tensor_parallel(
 
     Raises:
         ConfigError: The mesh is not 1-D, the model was already sharded or prepared for inference,
-            a projection is not a plain ``nn.Linear`` (merge LoRA adapters first), or a width is not
+            a projection is neither a plain ``nn.Linear`` nor peft's LoRA layer over one (LoRA on the
+            output head, a quantized linear), or a width is not
             divisible by the tp degree (see :func:`check_tensor_parallel`).
     """
     if tp_mesh.ndim != 1:
@@ -179,16 +182,20 @@ def apply_tensor_parallel(
         )
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in _PROJECTIONS and type(module) is not nn.Linear:
+        if leaf in _PROJECTIONS and type(module) is not nn.Linear and not _is_lora(module, leaf):
             raise ConfigError(
-                f"apply_tensor_parallel shards plain nn.Linear projections, but {name} is "
-                f"{type(module).__name__}; merge adapters (or dequantize) first."
+                f"apply_tensor_parallel shards plain nn.Linear projections (or LoRA adapters on a decoder "
+                f"layer's projections), but {name} is {type(module).__name__}; merge adapters (or "
+                "dequantize) first."
             )
         if leaf == "embed_tokens" and type(module) is not nn.Embedding:
             raise ConfigError(
                 f"apply_tensor_parallel needs an nn.Embedding at {name}, got {type(module).__name__}."
             )
 
+    # parallelize_module makes new Parameters, trainable whatever the old ones were: a frozen base (LoRA)
+    # must stay frozen.
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     # A model without an output head (a reward model's body with its own small scalar head) gets the
     # body's plan only; its head stays whole on every rank, reading the body's gathered rows.
     lm_head: nn.Module | None = getattr(model, "lm_head", None)
@@ -207,7 +214,7 @@ def apply_tensor_parallel(
     plan = _layer_plan(model, sequence_parallel)
     for layer in model.model.layers:
         assert isinstance(layer, DecoderLayer)
-        parallelize_module(layer, tp_mesh, plan)
+        parallelize_module(layer, tp_mesh, _with_adapters(layer, plan, sequence_parallel))
     if sequence_parallel:
         # The body hands out whole rows again, which logits_indices, hidden_states and the head need.
         parallelize_module(
@@ -229,6 +236,9 @@ def apply_tensor_parallel(
         # same [V, C] matrix sharded on dim 0, so one of them serves both again.
         model.lm_head.weight = model.model.embed_tokens.weight
 
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
     model._tensor_parallel = "sequence" if sequence_parallel else "tensor"
     if sequence_parallel:
         model.model.register_forward_pre_hook(_SequenceCheck(tp))
@@ -242,6 +252,55 @@ def apply_tensor_parallel(
         ", tied embedding shared" if tied else "",
     )
     return model
+
+
+def _is_lora(module: nn.Module, leaf: str) -> bool:
+    """Whether ``module`` is a LoRA layer over a plain linear on a decoder projection (not the head).
+
+    peft's layout: a ``base_layer`` linear and ``lora_A``/``lora_B`` dicts of linears, by adapter name.
+    """
+    base, lora_a, lora_b = (getattr(module, n, None) for n in ("base_layer", "lora_A", "lora_B"))
+    if leaf == "lm_head" or type(base) is not nn.Linear:
+        return False
+    if not isinstance(lora_a, nn.ModuleDict) or not isinstance(lora_b, nn.ModuleDict):
+        return False
+    return all(type(m) is nn.Linear for m in (*lora_a.values(), *lora_b.values()))
+
+
+def _with_adapters(
+    layer: nn.Module, plan: dict[str, ParallelStyle], sequence_parallel: bool
+) -> dict[str, ParallelStyle]:
+    """``plan`` for one decoder layer, with each LoRA-wrapped projection's base and adapters planned.
+
+    The base linear takes the projection's style. A column-wise projection's ``B`` is split on its
+    outputs as the base is, and its ``A`` stays whole (its input is the whole row; its gradient comes
+    back whole through ``B``'s input, which the tensor-parallel backward all-reduces). A row-wise
+    projection's ``A`` is split on its inputs (the local heads or feed-forward slice) and reduced
+    as the base is; its ``B`` stays whole, and under sequence parallelism reads sequence shards, so
+    its weight is a replicated DTensor whose gradient is summed over the ranks.
+    """
+    out: dict[str, ParallelStyle] = {}
+    for name, style in plan.items():
+        module = layer.get_submodule(name) if name.rsplit(".", 1)[-1] in _PROJECTIONS else None
+        if module is None or not _is_lora(module, name.rsplit(".", 1)[-1]):
+            out[name] = style
+            continue
+        out[f"{name}.base_layer"] = style
+        for adapter in module.lora_A:  # type: ignore[union-attr]
+            if isinstance(style, ColwiseParallel):
+                # A reads the row as the base does, but as a plain tensor (under sequence parallelism
+                # the layer's input arrives as a replicated DTensor).
+                whole = (Replicate(),)
+                out[f"{name}.lora_A.{adapter}"] = PrepareModuleInput(
+                    input_layouts=whole, desired_input_layouts=whole, use_local_output=True
+                )
+                out[f"{name}.lora_B.{adapter}"] = ColwiseParallel()
+            else:
+                reduced = Shard(1) if sequence_parallel else Replicate()
+                out[f"{name}.lora_A.{adapter}"] = RowwiseParallel(output_layouts=reduced)
+                if sequence_parallel:
+                    out[f"{name}.lora_B.{adapter}"] = SequenceParallel(use_local_output=True)
+    return out
 
 
 # The modules apply_tensor_parallel shards (by attribute name), which must be plain nn.Linear.

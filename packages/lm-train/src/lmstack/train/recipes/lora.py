@@ -161,9 +161,9 @@ class LoRAConfig:
         data: The training data.
         optim: AdamW and its schedule (adapters like a higher learning rate than full finetuning).
         run: Steps, batching, checkpoints; the run writes ``final/adapter/`` (and ``final/merged/``).
-        parallel: Data (FSDP2 shards the frozen base and the adapters), sequence and pipeline
-            parallelism under torchrun (see ``ParallelConfig``); not ``tp`` (it shards plain linears,
-            which LoRA wraps), and QLoRA's 4-bit base trains with ``run.data_parallel: ddp`` only.
+        parallel: Data (FSDP2 shards the frozen base and the adapters), tensor (each adapter split as
+            its projection is), sequence and pipeline parallelism under torchrun (see
+            ``ParallelConfig``); QLoRA's 4-bit base trains with ``run.data_parallel: ddp`` only.
         lora: The adapters and, for QLoRA, the base's quantization.
         merge: Also write ``final/merged/``: base + adapters as a plain Hugging Face checkpoint.
     """
