@@ -40,6 +40,8 @@ FOUR = [
     # weights are then sharded by FSDP2 on the data mesh alone, beside 2-D tensor-parallel shards.
     {"name": "tp2_sp2_ring", "parallel": {"tp": 2, "sp": 2, "sp_attention": "ring",
                                           "sequence_parallel": False}, "batch_size": 4},
+    {"name": "sp2_pp2", "parallel": {"sp": 2, "pp": 2}, "batch_size": 4},
+    {"name": "sp2_ring_pp2", "parallel": {"sp": 2, "sp_attention": "ring", "pp": 2}, "batch_size": 4},
     {"name": "hsdp", "parallel": {"dp_replicate": 2, "dp_shard": 2}, "batch_size": 1},
     {"name": "pp2_interleaved", "parallel": {"pp": 2, "dp_shard": 2, "pp_schedule": "interleaved",
                                              "pp_stages_per_rank": 2}, "batch_size": 2},

@@ -102,11 +102,6 @@ class MeshModel:
         dims = self.mesh.dims
         self.config, self.info, self.model = config, info, model
         self.lm = isinstance(objective, LanguageModeling)
-        if dims.sp > 1 and dims.pp > 1:
-            raise TrainConfigError(
-                "parallel.sp combines with dp_replicate, dp_shard and tp (not yet with pp); choose sp or pp.",
-                field="parallel.sp",
-            )
         if dims.tp > 1 and isinstance(objective, LanguageModeling) and objective.fused:
             # The fused head multiplies whole weights; under tensor parallelism the vocabulary-sharded
             # logits with torch's loss_parallel do the same job without gathering them.
@@ -128,7 +123,13 @@ class MeshModel:
             # Each rank keeps its stages (the layers under their whole-model names); the rest of the
             # model is dropped with the reference to it.
             self.parts = list(
-                pipeline_split(model, self.mesh["pp"], stages_per_rank=config.pp_stages_per_rank)
+                pipeline_split(
+                    model,
+                    self.mesh["pp"],
+                    stages_per_rank=config.pp_stages_per_rank,
+                    sp_mesh=self.mesh["sp"] if dims.sp > 1 else None,
+                    sp_attention=config.sp_attention,
+                )
             )
             _drop_unowned(model, self.parts)
         if activation_checkpointing:
@@ -269,6 +270,19 @@ class MeshModel:
         positions = torch.cat([b.position_ids for b in window])
         labels = torch.cat([b.labels for b in window])
         rows = ids.shape[0]
+        whole_positions: Tensor | None = None
+        if self.mesh.dims.sp > 1:
+            # Each sp rank runs the stages on its slice of every bin; the targets are made on whole
+            # bins first, and the stages read the samples' bounds from the whole bins' positions.
+            from lmstack.core.parallel import next_token_targets, shard_sequence
+
+            sp, rank = self.mesh.dims.sp, self.mesh.local_rank("sp")
+            kind: SequenceLayout = "zigzag" if self.config.sp_attention == "ring" else "contiguous"
+            whole_positions = positions
+            ids, positions, labels = (
+                shard_sequence(t, rank, sp, dim=1, layout=kind)
+                for t in (ids, positions, next_token_targets(labels))
+            )
         if self._pipeline is None or self._pipeline.n_microbatches != rows:
             try:
                 self._pipeline = build_pipeline_schedule(
@@ -294,6 +308,7 @@ class MeshModel:
                 labels,
                 num_loss_tokens=totals["loss_tokens"] / self.loss_factor,
                 broadcast_loss=False,
+                sequence_positions=whole_positions,
             )
 
     def whole_model(self, scratch: Path) -> CausalLM | None:

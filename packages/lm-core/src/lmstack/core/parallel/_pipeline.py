@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmstack.core._errors import ConfigError, LMStackError
 from lmstack.core.model import _transformer
-from lmstack.core.model._attention import PackedAttention, PackedImpl
+from lmstack.core.model._attention import AttentionBackend, PackedAttention, PackedImpl
 from lmstack.core.model._transformer import CausalLM, DecoderLayer
 
 if TYPE_CHECKING:
@@ -185,6 +185,9 @@ class PipelineStageModule(nn.Module):
         pp_mesh: The 1-D pipeline mesh the stage communicates over (None only for a stage that
             never runs in a schedule, as in single-process tests).
         attention_impl: The :class:`PackedAttention` implementation to build on every stage.
+        sp_mesh: With sequence parallelism, the 1-D ``sp`` mesh: each rank then runs the stage on its
+            slice of every row (see :meth:`forward`), attention communicating over it.
+        sp_attention: ``ulysses`` (rows sliced contiguously) or ``ring`` (zigzag slices).
 
     Attributes:
         config: The model's configuration.
@@ -206,6 +209,8 @@ class PipelineStageModule(nn.Module):
         pp_mesh: DeviceMesh | None = None,
         *,
         attention_impl: PackedImpl = "auto",
+        sp_mesh: DeviceMesh | None = None,
+        sp_attention: Literal["ulysses", "ring"] = "ulysses",
     ) -> None:
         super().__init__()
         num_stages = len(layer_ranges)
@@ -218,6 +223,10 @@ class PipelineStageModule(nn.Module):
         self.layer_ids: tuple[int, ...] = tuple(layer_ranges[stage_index])
         self.pp_mesh = pp_mesh
         self.attention_impl: PackedImpl = attention_impl
+        self.sp_mesh = sp_mesh if sp_mesh is not None and sp_mesh.size() > 1 else None
+        if sp_attention not in ("ulysses", "ring"):
+            raise ConfigError(f"sp_attention must be ulysses or ring, got {sp_attention!r}.")
+        self.sp_attention = sp_attention
         first, last = stage_index == 0, stage_index == num_stages - 1
         self.model = _StageBody(model, layer_ranges[stage_index], first, last)
         self.lm_head: nn.Module | None = model.lm_head if last else None
@@ -244,13 +253,14 @@ class PipelineStageModule(nn.Module):
         """Recompute each decoder layer's activations in backward instead of storing them."""
         self.model.activation_checkpointing = enabled
 
-    def _rows_only(self, attn: PackedAttention, rows: Tensor, tokens: int) -> bool:
+    def _rows_only(self, attn: AttentionBackend, rows: Tensor, tokens: int) -> bool:
         """Whether the last layer may run on the loss rows alone (``CausalLM._rows_only``'s rule)."""
         if not 0 < rows.numel() <= _transformer.ROWS_ONLY_MAX_SHARE * tokens:
             return False
         if self._tensor_parallel == "sequence":
             return False
-        if not attn.supports_rows() or rows.device.type != "cpu":
+        supports_rows = getattr(attn, "supports_rows", None)  # sequence-parallel backends have no rows path
+        if supports_rows is None or not supports_rows() or rows.device.type != "cpu":
             return False
         # A compiled layer would see a rows tensor of a new length every microbatch and recompile.
         return getattr(self.model.layers[self.layer_ids[-1]], "_compiled_call_impl", None) is None
@@ -262,8 +272,15 @@ class PipelineStageModule(nn.Module):
         positions: Tensor,
         labels: Tensor | None = None,
         rope_seq_lens: Tensor | None = None,
+        sequence_positions: Tensor | None = None,
     ) -> Tensor:
         """Run this stage on one microbatch (see the class docstring for shapes).
+
+        With sequence parallelism (``sp_mesh``) every per-token tensor is this rank's slice of the
+        rows (``T / sp`` tokens, cut by :func:`~lmstack.core.parallel.shard_sequence`), ``labels`` are
+        the slice of the next-token targets made on the whole rows
+        (:func:`~lmstack.core.parallel.next_token_targets`), and ``sequence_positions`` are the whole
+        rows' positions, from which the packed samples' boundaries are read.
 
         Args:
             x: Token ids ``[B, T]`` (first stage) or hidden states ``[B, T, C]``.
@@ -271,12 +288,35 @@ class PipelineStageModule(nn.Module):
             labels: ``[B, T]`` unshifted labels (:data:`IGNORE_INDEX` for no loss): the last stage then
                 returns the logits of the loss rows only. Ignored by the other stages.
             rope_seq_lens: For dynamic NTK RoPE, each token's sequence length ``[B, T]``.
+            sequence_positions: Sequence parallelism only: the whole rows' positions ``[B, T * sp]``.
+
+        Raises:
+            ConfigError: A sequence-parallel stage without ``sequence_positions``.
         """
         body = self.model
         h = body.embed_tokens(x) if body.embed_tokens is not None else x  # [B, T, C]
         cos, sin = body.rotary(positions, rope_seq_lens, dtype=h.dtype)
-        attn = PackedAttention.from_positions(positions, impl=self.attention_impl)
-        rows = loss_rows(labels) if self.is_last and labels is not None else None
+        attn: AttentionBackend
+        if self.sp_mesh is None:
+            attn = PackedAttention.from_positions(positions, impl=self.attention_impl)
+            rows = loss_rows(labels) if self.is_last and labels is not None else None
+        else:
+            if sequence_positions is None:
+                raise ConfigError(
+                    "a sequence-parallel pipeline stage needs sequence_positions (the whole rows' "
+                    "positions) to find the packed samples; pass them to pipeline_step."
+                )
+            from lmstack.core.parallel._ring import RingAttention
+            from lmstack.core.parallel._sequence import UlyssesAttention
+
+            cu = PackedAttention.from_positions(sequence_positions).cu_seqlens
+            if self.sp_attention == "ring":
+                attn = RingAttention(cu, self.sp_mesh, layout="zigzag")
+            else:
+                attn = UlyssesAttention(cu, self.sp_mesh, layout="contiguous", impl=self.attention_impl)
+            rows = None
+            if self.is_last and labels is not None:  # next-token targets already
+                rows = (labels.reshape(-1) != IGNORE_INDEX).nonzero().flatten()
         rows_only = rows is not None and self._rows_only(attn, rows, positions.numel())
         last = self.layer_ids[-1]
         for i in self.layer_ids:
@@ -324,6 +364,8 @@ def pipeline_split(
     stages_per_rank: int = 1,
     layers_per_stage: Sequence[int] | None = None,
     attention_impl: PackedImpl = "auto",
+    sp_mesh: DeviceMesh | None = None,
+    sp_attention: Literal["ulysses", "ring"] = "ulysses",
 ) -> list[PipelineStageModule]:
     """Cut ``model`` into ``pp * stages_per_rank`` stages and return this rank's, in stage order.
 
@@ -339,6 +381,9 @@ def pipeline_split(
         stages_per_rank: Stages each rank holds (virtual stages of the interleaved schedule).
         layers_per_stage: Explicit decoder-layer counts per stage (see :func:`stage_layer_ranges`).
         attention_impl: The :class:`PackedAttention` implementation the stages build.
+        sp_mesh: Sequence parallelism within each stage: the 1-D ``sp`` mesh (see
+            :class:`PipelineStageModule`).
+        sp_attention: ``ulysses`` or ``ring`` attention over ``sp_mesh``.
 
     Raises:
         ConfigError: Tied embeddings with more than one stage, too few layers, bad explicit counts,
@@ -351,7 +396,15 @@ def pipeline_split(
     pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
     ranges = stage_layer_ranges(len(model.model.layers), pp * stages_per_rank, layers_per_stage)
     stages = [
-        PipelineStageModule(model, s, ranges, pp_mesh, attention_impl=attention_impl)
+        PipelineStageModule(
+            model,
+            s,
+            ranges,
+            pp_mesh,
+            attention_impl=attention_impl,
+            sp_mesh=sp_mesh,
+            sp_attention=sp_attention,
+        )
         for s in stages_of_rank(rank, pp, stages_per_rank)
     ]
     logger.info(
@@ -377,7 +430,9 @@ def loss_rows(labels: Tensor) -> Tensor:
     return rows * labels.shape[1] + cols
 
 
-def pipeline_lm_loss(output: Tensor, labels: Tensor, *, num_loss_tokens: float) -> Tensor:
+def pipeline_lm_loss(
+    output: Tensor, labels: Tensor, *, num_loss_tokens: float, shifted: bool = False
+) -> Tensor:
     """The summed next-token cross-entropy of one microbatch, divided by the step's loss tokens.
 
     Summed over a step's microbatches (torch's schedules add their gradients when built with
@@ -386,13 +441,15 @@ def pipeline_lm_loss(output: Tensor, labels: Tensor, *, num_loss_tokens: float) 
     Args:
         output: The last stage's logits: ``[N, V]`` for the :func:`loss_rows` of ``labels`` or
             ``[B, T, V]`` for every position.
-        labels: ``[B, T]`` unshifted labels of the microbatch.
+        labels: ``[B, T]`` unshifted labels of the microbatch, or with ``shifted`` its next-token
+            targets (sequence parallelism: a slice of the targets made on the whole rows).
         num_loss_tokens: The step's total loss-token count (over every microbatch, and every
             data-parallel rank divided by the data-parallel degree when gradients are averaged over it).
+        shifted: ``labels`` are next-token targets already.
     """
-    target = labels[:, 1:]
+    target = labels if shifted else labels[:, 1:]
     if output.dim() == 3:
-        logits = output[:, :-1].reshape(-1, output.shape[-1])
+        logits = (output if shifted else output[:, :-1]).reshape(-1, output.shape[-1])
         summed = F.cross_entropy(
             logits.float(), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )
@@ -539,6 +596,7 @@ def pipeline_step(
     num_loss_tokens: float | None = None,
     rope_seq_lens: Tensor | None = None,
     broadcast_loss: bool = True,
+    sequence_positions: Tensor | None = None,
 ) -> Tensor:
     """One forward and backward of a packed batch through the pipeline; gradients accumulate.
 
@@ -559,6 +617,10 @@ def pipeline_step(
             batch's: pass it when positions may pass the trained context.
         broadcast_loss: Send the loss from the last stage to every pipeline rank (a broadcast over
             the pp group); otherwise ranks without the last stage return zero.
+        sequence_positions: Stages built with an ``sp_mesh`` only (then required, as is
+            ``num_loss_tokens``): the whole rows' positions ``[B, T * sp]``; ``input_ids``,
+            ``positions`` and ``labels`` are then this rank's slices, ``labels`` of the next-token
+            targets made on the whole rows (:func:`~lmstack.core.parallel.next_token_targets`).
 
     Returns:
         The batch's loss (detached, a 0-d float32 tensor on the pipeline's device).
@@ -581,6 +643,12 @@ def pipeline_step(
             f"batch size that is a multiple of n_microbatches (the shapes that travel between stages "
             f"are fixed per schedule)."
         )
+    sequence = pipeline.modules[0].sp_mesh is not None
+    if sequence and (sequence_positions is None or num_loss_tokens is None):
+        raise ConfigError(
+            "sequence-parallel pipeline stages need sequence_positions (the whole rows' positions) and "
+            "num_loss_tokens (the step's total: a rank holds a slice of the targets)."
+        )
     if num_loss_tokens is None:
         num_loss_tokens = float((labels[:, 1:] != IGNORE_INDEX).sum())
         if num_loss_tokens == 0:
@@ -596,6 +664,9 @@ def pipeline_step(
     kwargs: dict[str, Tensor] = {"positions": positions, "labels": labels}
     if rope_seq_lens is not None:
         kwargs["rope_seq_lens"] = rope_seq_lens
+    if sequence:
+        assert sequence_positions is not None
+        kwargs["sequence_positions"] = sequence_positions
     args = (input_ids,) if pipeline.has_first_stage else ()
     losses: list[Tensor] = []
     pipeline.schedule.step(
@@ -603,7 +674,7 @@ def pipeline_step(
         target=labels if pipeline.has_last_stage else None,
         losses=losses if pipeline.has_last_stage else None,
         return_outputs=False,
-        loss_kwargs={"num_loss_tokens": float(num_loss_tokens)},
+        loss_kwargs={"num_loss_tokens": float(num_loss_tokens), **({"shifted": True} if sequence else {})},
         **kwargs,
     )
     loss = torch.zeros((), dtype=torch.float32, device=pipeline.device)

@@ -7,12 +7,11 @@ and divide the query heads, the key/value heads and the feed-forward width; ``sp
 sequence and the query heads left per tensor-parallel rank; ``pp x stages`` must divide the layers
 (and a tied embedding cannot be split); the global batch must divide over the data-parallel ranks and
 the micro-batch over each rank's share; a pipeline needs at least ``pp`` micro-batches (and interleaved
-1F1B a whole number of rounds). Two limits of lmstack's loop today are kept too (see
-:data:`SP_WITH_PP`, :data:`PIPELINE_MICRO_BATCH`): ``sp`` not beside pipeline parallelism, and a
-pipeline micro-batch of one packed bin. Layouts whose predicted peak exceeds the usable memory are
-dropped; the rest are ranked by step time (the same as tokens per second per device: the device
-count is fixed), in steps of 1% (the model is no more accurate than that: within a step the smaller
-peak memory comes first).
+1F1B a whole number of rounds). One limit of lmstack's loop today is kept too
+(:data:`PIPELINE_MICRO_BATCH`): a pipeline micro-batch of one packed bin. Layouts whose predicted
+peak exceeds the usable memory are dropped; the rest are ranked by step time (the same as tokens per
+second per device: the device count is fixed), in steps of 1% (the model is no more accurate than
+that: within a step the smaller peak memory comes first).
 """
 
 from __future__ import annotations
@@ -40,10 +39,8 @@ SPEED_TOLERANCE = 0.01
 #: Pipeline stages per rank tried (interleaved 1F1B above 1).
 STAGES_PER_RANK = (1, 2, 4)
 
-#: What lmstack's training loop runs today (``lmstack.train._parallel``): sequence parallelism
-#: combines with data and tensor parallelism, not with pipeline parallelism; a pipeline's
-#: micro-batch is one packed bin. The cost model estimates any layout; the search proposes only these.
-SP_WITH_PP = False
+#: What lmstack's training loop runs today (``lmstack.train._parallel``): a pipeline's micro-batch is
+#: one packed bin. The cost model estimates any layout; the search proposes only these.
 PIPELINE_MICRO_BATCH = 1
 
 
@@ -71,8 +68,6 @@ def _parallel_degrees(
                 continue
             for sp in _divisors(world // (pp * tp)):
                 if workload.seq_len % sp or (config.num_attention_heads // tp) % sp:
-                    continue
-                if sp > 1 and pp > 1 and not SP_WITH_PP:
                     continue
                 yield pp, tp, sp
 
