@@ -142,7 +142,7 @@ class MeshModel:
             for part in self.parts:
                 apply_fsdp(part, fsdp_mesh)  # type: ignore[arg-type]
         #: What the objective's forward runs through: the model, or under sequence parallelism a
-        #: scorer that gives every sp rank the whole sequences' log-probs from its slice of the tokens.
+        #: scorer that runs each rank on its slice of the tokens (see _SequenceShardedScorer).
         self.scorer: nn.Module = model if dims.sp == 1 else _SequenceShardedScorer(model, self)
         logger.info("training on the mesh %s (%s)", dims.describe(), info.device.type)
 
@@ -213,8 +213,8 @@ class MeshModel:
         device = self.info.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), self._loss_context():
             sums: MetricSums = {}
-            if self.lm and self.mesh.dims.sp > 1:
-                loss = self._sequence_parallel_loss(batch) * (self.loss_factor / totals["loss_tokens"])
+            if self.lm and isinstance(self.scorer, _SequenceShardedScorer):
+                loss = self.scorer.token_loss(batch) * (self.loss_factor / totals["loss_tokens"])
             else:
                 loss, sums = objective.loss(self.scorer, batch, totals, self.loss_factor)
             loss.backward()
@@ -230,25 +230,6 @@ class MeshModel:
         if isinstance(value, DTensor):  # the loss over vocabulary-sharded logits: the same on every tp rank
             value = value.full_tensor()
         return value, sums
-
-    def _sequence_parallel_loss(self, batch: Any) -> Tensor:
-        """The summed token cross-entropy of this rank's slice of every bin."""
-        from lmstack.core.parallel import RingAttention, UlyssesAttention, next_token_targets, shard_sequence
-
-        sp, rank = self.mesh.dims.sp, self.mesh.local_rank("sp")
-        layout: SequenceLayout = "zigzag" if self.config.sp_attention == "ring" else "contiguous"
-        # Shifted on the whole bin, so the targets across a slice edge are kept.
-        targets = next_token_targets(batch.labels)
-        ids, positions, local_targets = (
-            shard_sequence(t, rank, sp, dim=1, layout=layout)
-            for t in (batch.input_ids, batch.position_ids, targets)
-        )
-        backend_cls = RingAttention if self.config.sp_attention == "ring" else UlyssesAttention
-        attn = backend_cls(batch.cu_seqlens, self.mesh["sp"], layout=layout)
-        flat = local_targets.reshape(-1)
-        rows = (flat != IGNORE_INDEX).nonzero().flatten()
-        logits = self.model(ids, positions, attn, logits_indices=rows)
-        return F.cross_entropy(logits.float(), flat[rows], reduction="sum")
 
     @property
     def pipelined(self) -> bool:
@@ -422,95 +403,96 @@ def _check_objective(objective: Objective, model: nn.Module, dims: Any) -> None:
 
 
 class _SequenceShardedScorer(nn.Module):
-    """The model as a preference objective sees it under sequence parallelism.
+    """The model as an objective sees it under sequence parallelism.
 
-    :func:`~lmstack.train._objectives.sequence_logps` finds :meth:`sequence_logps` here and lets it
-    score the batch: each sp rank runs the forward on its slice of every bin's tokens, sums its tokens'
-    log-probs per sequence, and the partial sums are added up over the sp group. The sum's gradient is
-    passed back to each rank unchanged (every rank holds the same loss of the whole sums), so each rank's
-    backward gives its own tokens' share and FSDP2's reduction over ``dp_shard x sp`` adds the shares.
+    Each sp rank runs the forward on its slice of every bin's tokens. For language modelling the loss
+    is each rank's own tokens' cross-entropy. The preference objectives find :meth:`sequence_logps`
+    (:func:`~lmstack.train._objectives.sequence_logps`) and :meth:`sequence_rewards` here: each rank sums
+    its tokens' log-probs (or scores the sequences whose last token it holds) per sequence, and the
+    partial sums are added up over the sp group. The sum's gradient is passed back to each rank
+    unchanged (every rank holds the same loss of the whole sums), so each rank's backward gives its own
+    tokens' share and FSDP2's reduction over ``dp_shard x sp`` adds the shares.
     """
 
-    def __init__(self, model: CausalLM, mesh_model: MeshModel) -> None:
+    def __init__(self, model: nn.Module, mesh_model: MeshModel) -> None:
         super().__init__()
         self.model = model
         self._mesh = mesh_model.mesh
         self._attention = mesh_model.config.sp_attention
 
-    def sequence_logps(self, batch: Any, layout: Any, *, chunk_size: int | None) -> tuple[Tensor, Tensor]:
-        """``(logps [S], tokens [S])`` of every sequence of a packed preference or KTO batch."""
-        from lmstack.core.parallel import RingAttention, UlyssesAttention, next_token_targets, shard_sequence
-        from lmstack.train._preference_losses import token_logps
-
-        if getattr(batch, "cu_seqlens", None) is None:
-            raise TrainConfigError(
-                "parallel.sp splits packed sequences; this preference batch is padded. Set data.packing: "
-                "true, or drop parallel.sp.",
-                field="parallel.sp",
-            )
-        sp, rank = self._mesh.dims.sp, self._mesh.local_rank("sp")
-        kind: SequenceLayout = "zigzag" if self._attention == "ring" else "contiguous"
-        targets = next_token_targets(batch.labels)
-        # The segment each target belongs to: that of the next position (labels are -100 on every
-        # sequence's first token, so a target never crosses a boundary).
-        segments = layout.segment_ids.reshape(batch.labels.shape)
-        next_segments = torch.cat([segments[:, 1:], segments[:, -1:]], dim=1)
-        ids, positions, local_targets, local_segments = (
-            shard_sequence(t, rank, sp, dim=1, layout=kind)
-            for t in (batch.input_ids, batch.position_ids, targets, next_segments)
-        )
-        backend = RingAttention if self._attention == "ring" else UlyssesAttention
-        attn = backend(batch.cu_seqlens, self._mesh["sp"], layout=kind)
-        flat = local_targets.reshape(-1)
-        rows = (flat != IGNORE_INDEX).nonzero().flatten()
-        logits = self.model(ids, positions, attn, logits_indices=rows)
-        logp = token_logps(logits, flat[rows], chunk_size=chunk_size)
-        segment = local_segments.reshape(-1)[rows]
-        sums = torch.zeros(layout.num_segments, dtype=torch.float32, device=logp.device).index_add(
-            0, segment, logp
-        )
-        counts = torch.zeros(layout.num_segments, dtype=torch.int64, device=logp.device)
-        counts = counts.index_add(0, segment, torch.ones_like(segment))
-        group = self._mesh["sp"].get_group()
-        whole = sums.detach().clone()
-        dist.all_reduce(whole, group=group)
-        dist.all_reduce(counts, group=group)
-        # The reduced value forward, this rank's own partial sums' gradient backward.
-        return sums + (whole - sums.detach()), counts
-
-    def sequence_rewards(self, batch: Any, layout: Any) -> Tensor:
-        """``[S]`` a reward model's reward of every sequence of a packed batch, read at its last token.
-
-        The rank holding a sequence's last token scores it; the rewards are added over the sp group as
-        :meth:`sequence_logps` adds log-probs.
-        """
+    def _slices(self, batch: Any, *per_token: Tensor) -> tuple[Tensor, Tensor, list[Tensor], Any]:
+        """This rank's slice of the ids, positions and each ``[B, T]`` tensor, and the attention."""
         from lmstack.core.parallel import RingAttention, UlyssesAttention, shard_sequence
 
         if getattr(batch, "cu_seqlens", None) is None:
             raise TrainConfigError(
-                "parallel.sp splits packed sequences; this preference batch is padded. Set data.packing: "
-                "true, or drop parallel.sp.",
+                "parallel.sp splits packed sequences, and this batch is padded; set data.pack: true, or "
+                "drop parallel.sp.",
                 field="parallel.sp",
             )
         sp, rank = self._mesh.dims.sp, self._mesh.local_rank("sp")
         kind: SequenceLayout = "zigzag" if self._attention == "ring" else "contiguous"
+        ids, positions, *rest = (
+            shard_sequence(t, rank, sp, dim=1, layout=kind)
+            for t in (batch.input_ids, batch.position_ids, *per_token)
+        )
+        backend = RingAttention if self._attention == "ring" else UlyssesAttention
+        return ids, positions, rest, backend(batch.cu_seqlens, self._mesh["sp"], layout=kind)
+
+    def _summed(self, partial: Tensor) -> Tensor:
+        """``partial`` added up over the sp group: the sum forward, this rank's own gradient backward."""
+        whole = partial.detach().clone()
+        dist.all_reduce(whole, group=self._mesh["sp"].get_group())
+        return partial + (whole - partial.detach())
+
+    def token_loss(self, batch: Any) -> Tensor:
+        """The summed token cross-entropy of this rank's slice of every bin (language modelling)."""
+        from lmstack.core.parallel import next_token_targets
+
+        # Shifted on the whole bin, so the targets across a slice edge are kept.
+        ids, positions, (targets,), attn = self._slices(batch, next_token_targets(batch.labels))
+        flat = targets.reshape(-1)
+        rows = (flat != IGNORE_INDEX).nonzero().flatten()
+        logits = self.model(ids, positions, attn, logits_indices=rows)
+        return F.cross_entropy(logits.float(), flat[rows], reduction="sum")
+
+    def sequence_logps(self, batch: Any, layout: Any, *, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        """``(logps [S], tokens [S])`` of every sequence of a packed preference or KTO batch."""
+        from lmstack.core.parallel import next_token_targets
+        from lmstack.train._preference_losses import token_logps
+
+        # The segment each target belongs to: that of the next position (labels are -100 on every
+        # sequence's first token, so a target never crosses a boundary).
+        segments = layout.segment_ids.reshape(batch.labels.shape)
+        next_segments = torch.cat([segments[:, 1:], segments[:, -1:]], dim=1)
+        ids, positions, (targets, local_segments), attn = self._slices(
+            batch, next_token_targets(batch.labels), next_segments
+        )
+        flat = targets.reshape(-1)
+        rows = (flat != IGNORE_INDEX).nonzero().flatten()
+        logits = self.model(ids, positions, attn, logits_indices=rows)
+        logp = token_logps(logits, flat[rows], chunk_size=chunk_size)
+        segment = local_segments.reshape(-1)[rows]
+        sums = torch.zeros(layout.num_segments, dtype=torch.float32, device=logp.device)
+        counts = torch.zeros(layout.num_segments, dtype=torch.int64, device=logp.device)
+        counts = counts.index_add(0, segment, torch.ones_like(segment))
+        dist.all_reduce(counts, group=self._mesh["sp"].get_group())
+        return self._summed(sums.index_add(0, segment, logp)), counts
+
+    def sequence_rewards(self, batch: Any, layout: Any) -> Tensor:
+        """``[S]`` a reward model's reward of every sequence of a packed batch, read at its last token.
+
+        The rank holding a sequence's last token scores it; the rewards are added over the sp group.
+        """
         # Each token's sequence where it is a sequence's last token, -1 elsewhere.
         last = torch.full((batch.input_ids.numel(),), -1, dtype=torch.long, device=batch.input_ids.device)
         last[layout.last_token] = torch.arange(layout.num_segments, device=last.device)
-        ids, positions, local_last = (
-            shard_sequence(t, rank, sp, dim=1, layout=kind)
-            for t in (batch.input_ids, batch.position_ids, last.reshape(batch.input_ids.shape))
-        )
-        backend = RingAttention if self._attention == "ring" else UlyssesAttention
-        attn = backend(batch.cu_seqlens, self._mesh["sp"], layout=kind)
+        ids, positions, (local_last,), attn = self._slices(batch, last.reshape(batch.input_ids.shape))
         flat = local_last.reshape(-1)
         rows = (flat >= 0).nonzero().flatten()
         scores = self.model(ids, positions, attn, indices=rows)
         rewards = torch.zeros(layout.num_segments, dtype=torch.float32, device=scores.device)
-        rewards = rewards.index_add(0, flat[rows], scores.float())
-        whole = rewards.detach().clone()
-        dist.all_reduce(whole, group=self._mesh["sp"].get_group())
-        return rewards + (whole - rewards.detach())
+        return self._summed(rewards.index_add(0, flat[rows], scores.float()))
 
 
 def _drop_unowned(model: CausalLM, parts: list[nn.Module]) -> None:
