@@ -268,7 +268,7 @@ from lmstack.core import CausalLM, ModelConfig
 from lmstack.train import DataConfig
 from lmstack.train._loop import OptimConfig, RunConfig, train_loop
 
-def fsdp_case(tokenizer, data, out, mode, batch):
+def fsdp_case(tokenizer, data, out, mode, batch, precision="float32"):
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=48,
                       intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -276,7 +276,7 @@ def fsdp_case(tokenizer, data, out, mode, batch):
         CausalLM(cfg), tokenizer, DataConfig(paths=[str(data)], format="text", train_on="all", max_length=64),
         OptimConfig(lr=1e-3, warmup_steps=2),
         RunConfig(output_dir=str(out), max_steps=6, batch_size=batch, grad_accum=2, save_every=3,
-                  data_parallel=mode, device="cpu", tensorboard=False),
+                  data_parallel=mode, device="cpu", tensorboard=False, precision=precision),
     )
 """
 
@@ -295,6 +295,8 @@ if init_distributed("cpu").is_main:
     shutil.copytree(root / "fsdp" / step3, root / "resumed" / step3)
 barrier()
 fsdp_case(tokenizer, data, root / "resumed", "fsdp", 2)
+# FSDP2 mixed precision: bf16 weights gathered and computed with, fp32 reduction and master weights.
+fsdp_case(tokenizer, data, root / "mixed", "fsdp", 2, "bfloat16-mp")
 """
 
 
@@ -355,6 +357,20 @@ def test_fsdp_resume_continues_the_curve(fsdp_runs: Path) -> None:
     b = load_pretrained(fsdp_runs / "resumed" / "final").state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fsdp_mixed_precision_follows_the_fp32_curve_with_fp32_weights(fsdp_runs: Path) -> None:
+    one, mixed = _losses(fsdp_runs / "single"), _losses(fsdp_runs / "mixed")
+    assert sorted(mixed) == list(range(1, 7))
+    # Step 1 has the same weights, computed in bf16: close to fp32 and not equal to it.
+    assert mixed[1] == pytest.approx(one[1], rel=1e-2) and mixed[1] != one[1]
+    for step in one:
+        assert mixed[step] == pytest.approx(one[step], rel=3e-2), step
+    weights = load_pretrained(fsdp_runs / "mixed" / "final").state_dict()
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    # fp32 master weights: finer than bf16 can hold.
+    finer = sum(int((w.to(torch.bfloat16).float() != w).sum()) for w in weights.values())
+    assert finer > 0.99 * sum(w.numel() for w in weights.values())
 
 
 def test_fsdp_refuses_frozen_parameters(tokenizer: Tokenizer, text_data: Path, tmp_path: Path) -> None:

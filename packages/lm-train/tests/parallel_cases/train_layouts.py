@@ -1,8 +1,8 @@
 """torchrun driver: train the same tiny model under several ``parallel:`` layouts in one process group.
 
 argv: data.jsonl, tokenizer dir, output root, JSON list of cases. A case is ``{"name", "parallel",
-"batch_size"}`` and optionally ``"resume_from"`` (another case's name: its run directory is copied up
-to its step-2 checkpoint and continued under this case's layout).
+"batch_size"}`` and optionally ``"precision"`` and ``"resume_from"`` (another case's name: its run
+directory is copied up to its step-2 checkpoint and continued under this case's layout).
 """
 
 import json
@@ -37,16 +37,25 @@ def write_docs(path):
             f.write(json.dumps({"id": i, "text": words.capitalize() + "."}) + "\n")
 
 
-def run_case(tokenizer, data, out, parallel, batch_size):
+def run_case(tokenizer, data, out, parallel, batch_size, precision="float32", seen=None):
+    """Train 4 steps; ``seen`` (a dict) receives the dtype of a projection's weight as its forward sees it."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, **MODEL)
+    model = CausalLM(cfg)
+    if seen is not None:
+
+        def record(module, args):  # returns None: the forward's inputs stay as they are
+            seen.setdefault("forward_weight", str(module.weight.dtype))
+
+        model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(record)
     return train_loop(
-        CausalLM(cfg),
+        model,
         tokenizer,
         DataConfig(paths=[str(data)], format="text", train_on="all", max_length=64),
         OptimConfig(lr=3e-3, warmup_steps=1),
         RunConfig(output_dir=str(out), max_steps=4, batch_size=batch_size, grad_accum=2, save_every=2,
-                  keep_last=3, device="cpu", tensorboard=False, measure_activations=False),
+                  keep_last=3, device="cpu", tensorboard=False, measure_activations=False,
+                  precision=precision),
         parallel=ParallelConfig(**parallel) if parallel is not None else None,
     )  # fmt: skip
 
@@ -62,10 +71,12 @@ if __name__ == "__main__":
             source = root / case["resume_from"]
             shutil.copytree(source, out, ignore=shutil.ignore_patterns("final", "step-00000004"))
         barrier()
-        result = run_case(tokenizer, data, out, case["parallel"], case["batch_size"])
+        seen = {}
+        result = run_case(tokenizer, data, out, case["parallel"], case["batch_size"],
+                          case.get("precision", "float32"), seen)  # fmt: skip
         if info.is_main:
             (out / "result.json").write_text(
                 json.dumps({"start_step": result.start_step, "world": result.world_size,
-                            "mode": result.data_parallel, "summary": result.summary()})
+                            "mode": result.data_parallel, "summary": result.summary(), **seen})
             )  # fmt: skip
         barrier()

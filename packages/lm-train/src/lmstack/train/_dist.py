@@ -23,7 +23,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -175,7 +175,9 @@ class DataParallel:
         yield
 
 
-def wrap_data_parallel(model: CausalLM, info: DistInfo, mode: Literal["ddp", "fsdp"]) -> DataParallel:
+def wrap_data_parallel(
+    model: CausalLM, info: DistInfo, mode: Literal["ddp", "fsdp"], *, mixed_precision: bool = False
+) -> DataParallel:
     """Spread ``model`` (already on ``info.device``) over the ranks; a no-op for one process.
 
     With ``fsdp`` the model is sharded in place (its class becomes an FSDP subclass and its
@@ -185,6 +187,8 @@ def wrap_data_parallel(model: CausalLM, info: DistInfo, mode: Literal["ddp", "fs
         model: The model to train.
         info: This process's place in the run.
         mode: ``ddp`` or ``fsdp``.
+        mixed_precision: ``fsdp`` only: FSDP2 mixed precision (bf16 weights gathered and computed
+            with, gradients reduced in fp32 into the fp32 shards the optimizer steps).
 
     Returns:
         The model as the loop drives it.
@@ -198,10 +202,15 @@ def wrap_data_parallel(model: CausalLM, info: DistInfo, mode: Literal["ddp", "fs
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mixed_precision:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # One unit per decoder layer bounds the unsharded memory to one layer at a time; the root unit
     # picks up what is left (embeddings, final norm, output head; a tied head shares one shard).
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
     logger.info("sharded the model with FSDP2 over %d ranks (%s)", info.world_size, info.device.type)
     return DataParallel(model, "fsdp")

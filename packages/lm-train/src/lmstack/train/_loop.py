@@ -106,7 +106,12 @@ class RunConfig:
         resume: ``auto`` continues from the newest checkpoint in ``output_dir``; ``never`` refuses
             to start when one exists.
         log_every: Steps between progress-bar updates (metrics.jsonl gets every step).
-        precision: ``float32``, or ``bfloat16`` autocast where the device supports it.
+        precision: ``float32``; ``bfloat16``: autocast over fp32 weights where the device supports it
+            (each projection casts its weight to bf16 on use, and the casts are kept for backward);
+            ``bfloat16-mp``: FSDP2's mixed precision, as torchtitan trains: the weights are gathered
+            and computed with in bf16 (half the all-gather bytes and no per-use casts), gradients
+            are reduced in fp32 into the fp32 shards that AdamW steps. ``bfloat16-mp`` needs FSDP2:
+            ``run.data_parallel: fsdp`` under torchrun, or a ``parallel:`` layout that shards.
         activation_checkpointing: Recompute activations in backward to save memory.
         device: ``cpu``, ``cuda`` or ``auto`` (under torchrun: this rank's ``cuda:LOCAL_RANK``).
         data_parallel: How ``torchrun`` ranks share the model (no effect in one process). ``ddp``
@@ -141,7 +146,7 @@ class RunConfig:
     keep_last: int = 2
     resume: Literal["auto", "never"] = "auto"
     log_every: int = 10
-    precision: Literal["float32", "bfloat16"] = "float32"
+    precision: Literal["float32", "bfloat16", "bfloat16-mp"] = "float32"
     activation_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
@@ -416,6 +421,16 @@ class _Training:
         self.out.mkdir(parents=True, exist_ok=True)
         self.info = init_distributed(run.device)
         self.device = self.info.device
+        if (
+            run.precision == "bfloat16-mp"
+            and self.parallel is None
+            and (run.data_parallel != "fsdp" or self.info.world_size == 1)
+        ):
+            raise TrainError(
+                "run.precision: bfloat16-mp is FSDP2's mixed precision and needs sharded weights: run "
+                "under torchrun with run.data_parallel: fsdp (or a parallel: layout that shards), or use "
+                "run.precision: bfloat16 (autocast) here."
+            )
         if config_to_save is not None and self.info.is_main:
             save_config(config_to_save, self.out / "config.yaml")
         torch.manual_seed(run.seed)
@@ -435,6 +450,7 @@ class _Training:
                 self.info,
                 self.objective,
                 activation_checkpointing=run.activation_checkpointing,
+                mixed_precision=run.precision == "bfloat16-mp",
             )
             self.data_rank, self.data_size = self.mesh_model.data_rank, self.mesh_model.data_size
         self.loader: ResumableLoader[Any] = self._new_loader()
@@ -453,7 +469,9 @@ class _Training:
         if self.mesh_model is not None:
             self.dp = DataParallel(model, "mesh")
         else:
-            self.dp = wrap_data_parallel(model, self.info, run.data_parallel)
+            self.dp = wrap_data_parallel(
+                model, self.info, run.data_parallel, mixed_precision=run.precision == "bfloat16-mp"
+            )
         self._setup_optimizer()
         self._setup_reference()  # before resuming: the model must still be the reference
         self._resume()

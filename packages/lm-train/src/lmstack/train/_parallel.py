@@ -64,6 +64,8 @@ class MeshModel:
         info: This process's place in the run.
         objective: What the steps minimise.
         activation_checkpointing: Recompute activations in backward.
+        mixed_precision: FSDP2 mixed precision (``run.precision: bfloat16-mp``): bf16 weights gathered
+            and computed with, gradients reduced in fp32 into fp32 shards; the layout must shard.
 
     Raises:
         TrainConfigError: The layout does not fit the world size or the model, a preference objective
@@ -79,6 +81,7 @@ class MeshModel:
         objective: Objective,
         *,
         activation_checkpointing: bool = False,
+        mixed_precision: bool = False,
     ) -> None:
         config.check()
         _check_objective(objective, model, config.dims)
@@ -137,10 +140,20 @@ class MeshModel:
                 part.enable_activation_checkpointing()  # type: ignore[operator]
         self._pipeline: Any = None
         self.sharded = self.mesh.size("dp_shard_sp") * dims.dp_replicate > 1
+        if mixed_precision and not self.sharded:
+            raise TrainConfigError(
+                f"run.precision: bfloat16-mp is FSDP2's mixed precision, and the layout {dims.describe()} "
+                "shards nothing (dp_replicate x dp_shard x sp is 1); give ranks to dp_shard, or use "
+                "run.precision: bfloat16 (autocast).",
+                field="run.precision",
+            )
         if self.sharded:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
             fsdp_mesh = self.mesh.fsdp_mesh()
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for part in self.parts:
-                apply_fsdp(part, fsdp_mesh)  # type: ignore[arg-type]
+                apply_fsdp(part, fsdp_mesh, mp_policy=policy if mixed_precision else None)  # type: ignore[arg-type]
         #: What the objective's forward runs through: the model, or under sequence parallelism a
         #: scorer that runs each rank on its slice of the tokens (see _SequenceShardedScorer).
         self.scorer: nn.Module = model if dims.sp == 1 else _SequenceShardedScorer(model, self)

@@ -162,7 +162,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="bf16",
         help="bf16: autocast over fp32 weights, fp32 gradients and AdamW state, as lmstack's loop runs "
         "run.precision bfloat16 (default); bf16-mp: FSDP2 mixed precision (bf16 weights gathered for "
-        "compute, fp32 reduction, master weights and AdamW state), as torchtitan trains; fp32",
+        "compute, fp32 reduction, master weights and AdamW state), as torchtitan trains and run.precision "
+        "bfloat16-mp runs; fp32",
     )
     p.add_argument(
         "--activation-checkpointing",

@@ -143,7 +143,8 @@ class Workload:
         precision: ``bf16``: bf16 compute under autocast over fp32 weights, gradients and AdamW state,
             as lmstack's loop runs ``run.precision: bfloat16``; ``bf16-mp``: FSDP2 mixed precision
             (bf16 weights for compute, gathered and kept in bf16, fp32 gradient reduction; fp32
-            master weights and AdamW state), as torchtitan trains; ``fp32``.
+            master weights and AdamW state), as torchtitan trains and ``run.precision: bfloat16-mp``
+            runs; ``fp32``.
         grad_sync: When gradients are reduced: once per ``step`` (micro-batches accumulate unsharded
             gradients without communication, as lmstack's loop does) or every ``microbatch``.
         fused_loss: lmstack's fused output head + cross-entropy where it applies (``tp = 1``).
