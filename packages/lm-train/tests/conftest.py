@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -13,6 +14,12 @@ from typing import Any
 import pytest
 
 from lmstack.core import Tokenizer, train_bpe_tokenizer
+
+# pytest's importlib mode puts no test folder on sys.path; helpers beside the tests
+# (``_preference_rows``) are imported by name.
+_HERE = str(Path(__file__).parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 LLAMA3_STYLE_TEMPLATE = (
     "{{ bos_token }}"

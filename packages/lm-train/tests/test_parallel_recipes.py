@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _preference_rows import polite_pairs
 from safetensors.torch import load_file
 
 from lmstack.core import CausalLM, ModelConfig, Tokenizer, load_pretrained, save_pretrained
@@ -58,23 +59,6 @@ FOUR = [
     {"name": "dpo_lora_dp2_sp2", "method": "dpo_lora", "parallel": {"dp_shard": 2, "sp": 2}, "batch_size": 2},
 ]
 METHODS = sorted({c["method"] for c in TWO + FOUR})
-SUBJECTS = ["the river", "the city", "paris", "london", "zorbia", "the mountain", "the sun", "quill"]
-GOOD = ["sure here is your answer", "thank you for the question", "the answer is one"]
-BAD = ["no", "what", "the teeth the teeth", "minus minus"]
-
-
-def _pairs(n: int, seed: int) -> list[dict[str, Any]]:
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        subject = rng.choice(SUBJECTS)
-        prompt = [{"role": "user", "content": f"What is {subject} {rng.choice(['called', 'near', 'for'])}?"}]
-        chosen = f"{rng.choice(GOOD).capitalize()}: {subject} is {rng.choice(SUBJECTS)}."
-        rejected = " ".join(rng.choice(BAD) for _ in range(rng.randint(1, 6))).capitalize() + "."
-        rows.append({"id": i, "prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
 
 
 def _records(run: Path) -> dict[int, dict[str, Any]]:
@@ -93,16 +77,16 @@ def runs(tokenizer: Tokenizer, recipe_driver: ModuleType, tmp_path_factory: pyte
     )  # fmt: skip
     save_pretrained(CausalLM(config), root / "model", tokenizer=tokenizer)
     pairs, unpaired = root / "pairs.jsonl", root / "kto.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in _pairs(40, seed=0)))
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in polite_pairs(40, seed=0)))
     rows = []
-    for r in _pairs(24, seed=1):
+    for r in polite_pairs(24, seed=1):
         rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
         rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
     unpaired.write_text("".join(json.dumps(r) + "\n" for r in rows))
     chats = root / "chats.jsonl"
     messages = [
         {"messages": [*r["prompt"], {"role": "assistant", "content": r["chosen"]}]}
-        for r in _pairs(48, seed=2)
+        for r in polite_pairs(48, seed=2)
     ]
     chats.write_text("".join(json.dumps(m) + "\n" for m in messages))
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
@@ -207,11 +191,12 @@ def test_layouts_that_cannot_run_are_refused_before_training(
     rows = tmp_path / "rows.jsonl"
     if method in ("lora", "qlora"):
         chats = [
-            {"messages": [*r["prompt"], {"role": "assistant", "content": r["chosen"]}]} for r in _pairs(8, 0)
+            {"messages": [*r["prompt"], {"role": "assistant", "content": r["chosen"]}]}
+            for r in polite_pairs(8, 0)
         ]
         rows.write_text("".join(json.dumps(c) + "\n" for c in chats))
     else:
-        rows.write_text("".join(json.dumps(r) + "\n" for r in _pairs(8, seed=0)))
+        rows.write_text("".join(json.dumps(r) + "\n" for r in polite_pairs(8, seed=0)))
     cls, recipe, extra = {
         "dpo": (DPOConfig, dpo, {}),
         "rm": (RewardConfig, rm, {}),

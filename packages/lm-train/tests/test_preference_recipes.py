@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _preference_rows import polite_pairs
 
 from lmstack.core import CausalLM, ModelConfig, Tokenizer, load_pretrained, save_pretrained
 from lmstack.train import DataConfig, TrainConfigError, TrainError, TrainResult
@@ -41,25 +41,6 @@ from lmstack.train.recipes import (
     simpo,
 )
 
-SUBJECTS = ["the river", "the city", "paris", "london", "zorbia", "the mountain", "the sun", "quill"]
-GOOD = ["sure here is your answer", "thank you for the question", "the answer is one"]
-BAD = ["no", "what", "the teeth the teeth", "minus minus"]
-
-
-def _pairs(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Pairs with a learnable preference: polite, on-topic answers over short rude ones."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        subject = rng.choice(SUBJECTS)
-        prompt = [{"role": "user", "content": f"What is {subject} {rng.choice(['called', 'near', 'for'])}?"}]
-        if i % 3 == 0:
-            prompt.insert(0, {"role": "system", "content": "You answer questions."})
-        chosen = f"{rng.choice(GOOD).capitalize()}: {subject} is {rng.choice(SUBJECTS)}."
-        rejected = " ".join(rng.choice(BAD) for _ in range(rng.randint(1, 6))).capitalize() + "."
-        rows.append({"id": i, "prompt": prompt, "chosen": chosen, "rejected": rejected})
-    return rows
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> dict[str, Path]:
@@ -72,10 +53,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> dic
     )  # fmt: skip
     save_pretrained(CausalLM(config), root / "model", tokenizer=tokenizer)
     pairs = root / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in _pairs(64)))
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in polite_pairs(64)))
     unpaired = root / "kto.jsonl"
     rows = []
-    for r in _pairs(48, seed=1):
+    for r in polite_pairs(48, seed=1):
         rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
         rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
     unpaired.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -195,7 +176,7 @@ def test_score_preferences_before_and_after(
     np.testing.assert_allclose(before.rejected, table[before.index, 1], rtol=1e-5, atol=1e-5)
     assert len(before) == 64 and (before.chosen_tokens > 0).all()
     fresh = tmp_path / "fresh.jsonl"
-    fresh.write_text("".join(json.dumps(r) + "\n" for r in _pairs(40, seed=9)))
+    fresh.write_text("".join(json.dumps(r) + "\n" for r in polite_pairs(40, seed=9)))
     fresh_data = replace(data, paths=[str(fresh)], pack=False)
     start = score_preferences(setup["model"], fresh_data)
     after = score_preferences(dpo_run.model_dir, fresh_data)
@@ -310,7 +291,7 @@ def test_reward_model_learns_and_scores(setup: dict[str, Path], tmp_path: Path) 
     _, info = AutoModelForSequenceClassification.from_pretrained(result.model_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     scorer = RewardScorer.from_pretrained(result.model_dir)
-    rows = _pairs(24, seed=5)  # fresh pairs
+    rows = polite_pairs(24, seed=5)  # fresh pairs
     chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
     rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
     wins = sum(c > r for c, r in zip(chosen, rejected, strict=True))
@@ -332,7 +313,7 @@ def test_reward_model_with_lora(setup: dict[str, Path], tmp_path: Path) -> None:
     merged = load_reward_model(result.model_dir).state_dict()
     changed = [n for n in base if n in merged and not torch.equal(base[n], merged[n])]
     assert any("q_proj" in n for n in changed) and not any("norm" in n for n in changed)
-    rows = _pairs(24, seed=5)
+    rows = polite_pairs(24, seed=5)
     scorer = RewardScorer.from_pretrained(result.model_dir)
     chosen = scorer.score([r["prompt"] for r in rows], [r["chosen"] for r in rows])
     rejected = scorer.score([r["prompt"] for r in rows], [r["rejected"] for r in rows])
