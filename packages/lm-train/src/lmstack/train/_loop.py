@@ -451,6 +451,9 @@ class _Training:
                 self.objective,
                 activation_checkpointing=run.activation_checkpointing,
                 mixed_precision=run.precision == "bfloat16-mp",
+                # Pipeline stages hold a part of the model each: the reference is scored with the whole
+                # model before the split (every rank holds it until then), each rank a share of the bins.
+                before_split=self._setup_reference if self.parallel.pp > 1 else None,
             )
             self.data_rank, self.data_size = self.mesh_model.data_rank, self.mesh_model.data_size
         self.loader: ResumableLoader[Any] = self._new_loader()
@@ -736,7 +739,9 @@ class _Training:
         autocast = run.precision == "bfloat16"
         sums: dict[str, torch.Tensor] = {}
         if mm.pipelined:
-            total = mm.pipeline_step([b.to(device) for b in window], totals, autocast=autocast)
+            total, sums = mm.pipeline_step(
+                [b.to(device) for b in window], totals, autocast=autocast, objective=objective
+            )
         else:
             total = torch.zeros((), device=device)
             for i, micro in enumerate(window):

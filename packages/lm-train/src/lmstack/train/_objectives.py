@@ -62,6 +62,7 @@ __all__ = [
     "Objective",
     "PairwisePreference",
     "SegmentLayout",
+    "logps_from_logits",
     "loss_targets",
     "segment_layout",
     "sequence_logps",
@@ -243,8 +244,25 @@ def sequence_logps(
     if callable(own):
         result: tuple[Tensor, Tensor] = own(batch, layout, chunk_size=chunk_size)
         return result
-    indices, targets = loss_targets(batch.labels)
-    logits = module(batch.input_ids, batch.position_ids, batch.attention(), logits_indices=indices)
+    loss = loss_targets(batch.labels)
+    logits = module(batch.input_ids, batch.position_ids, batch.attention(), logits_indices=loss[0])
+    return logps_from_logits(logits, batch, layout, chunk_size=chunk_size, loss=loss)
+
+
+def logps_from_logits(
+    logits: Tensor,
+    batch: AnyPreferenceBatch,
+    layout: SegmentLayout,
+    *,
+    chunk_size: int | None = None,
+    loss: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sequence_logps` from the logits of the batch's :func:`loss_targets` positions, in order.
+
+    A pipeline's last stage computes those logits itself (``logits_indices`` is its loss rows).
+    ``loss`` is :func:`loss_targets` of the batch when the caller has it already.
+    """
+    indices, targets = loss if loss is not None else loss_targets(batch.labels)
     logp = token_logps(logits, targets, chunk_size=chunk_size)
     # The target at flat position i + 1 belongs to that position's segment; labels are -100 on every
     # sequence's first token, so a target never lies across a segment boundary.

@@ -17,8 +17,9 @@ tokens, with next-token targets made on the whole bin first. Gradients are norma
 every rank's loss is its token cross-entropy sum times ``dp x sp / step loss tokens``, and FSDP2's
 gradient average over those ranks undoes the factor.
 
-The preference objectives (DPO, ORPO, SimPO, KTO, reward models) run on the same mesh but for
-``pp``: under ``tp`` their completion tokens' logits are gathered whole (they need each sequence's
+The preference objectives (DPO, ORPO, SimPO, KTO, reward models) run on the same mesh (``pp`` for
+DPO, ORPO and SimPO: each bin is a pipeline microbatch, whose pairs' loss the last stage computes from
+that bin's logits): under ``tp`` their completion tokens' logits are gathered whole (they need each sequence's
 log-prob sum, not a cross-entropy over vocabulary shards; a reward model's body is sharded and its
 scalar head kept whole); under ``sp`` a scorer gives every sp rank the whole sequences' log-prob sums
 (or rewards) from its slice of the tokens, so every sp rank computes the same loss. LoRA adapters train
@@ -33,7 +34,7 @@ import contextlib
 import copy
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -66,10 +67,13 @@ class MeshModel:
         activation_checkpointing: Recompute activations in backward.
         mixed_precision: FSDP2 mixed precision (``run.precision: bfloat16-mp``): bf16 weights gathered
             and computed with, gradients reduced in fp32 into fp32 shards; the layout must shard.
+        before_split: Called once the layout is checked and before the model is changed (the loop
+            scores a pipeline run's reference log-probs there, with the whole model).
 
     Raises:
-        TrainConfigError: The layout does not fit the world size or the model, a preference objective
-            or a reward model meets pipeline parallelism, a LoRA output head meets tensor
+        TrainConfigError: The layout does not fit the world size or the model, KTO or a reward model
+            (or a preference objective with sp or a live reference) meets pipeline parallelism, a LoRA
+            output head meets tensor
             parallelism, or a 4-bit (QLoRA) base meets any layout.
     """
 
@@ -82,6 +86,7 @@ class MeshModel:
         *,
         activation_checkpointing: bool = False,
         mixed_precision: bool = False,
+        before_split: Callable[[], None] | None = None,
     ) -> None:
         config.check()
         _check_objective(objective, model, config.dims)
@@ -114,6 +119,8 @@ class MeshModel:
         self.loss_parallel = dims.tp > 1 and self.lm
         from lmstack.core.parallel import apply_fsdp, apply_tensor_parallel, pipeline_split
 
+        if before_split is not None:
+            before_split()
         if dims.tp > 1:
             apply_tensor_parallel(
                 model,  # a reward model's body only (its scalar head stays whole)
@@ -157,6 +164,7 @@ class MeshModel:
         #: What the objective's forward runs through: the model, or under sequence parallelism a
         #: scorer that runs each rank on its slice of the tokens (see _SequenceShardedScorer).
         self.scorer: nn.Module = model if dims.sp == 1 else _SequenceShardedScorer(model, self)
+        self._preference_loss = _PipelinePreferenceLoss(self)
         logger.info("training on the mesh %s (%s)", dims.describe(), info.device.type)
 
     # -- layout ---------------------------------------------------------------------------------------
@@ -249,21 +257,36 @@ class MeshModel:
         """Whether the decoder layers are cut into pipeline stages."""
         return self.mesh.dims.pp > 1
 
-    def pipeline_step(self, window: Sequence[Any], totals: dict[str, float], *, autocast: bool) -> Tensor:
+    def pipeline_step(
+        self, window: Sequence[Any], totals: dict[str, float], *, autocast: bool, objective: Objective
+    ) -> tuple[Tensor, MetricSums]:
         """Forward and backward of a whole step's micro-batches through the pipeline schedule.
 
         The step's bins are one pipeline batch with one bin per pipeline microbatch (at least ``pp``
-        of them for 1F1B: raise ``run.batch_size`` or ``run.grad_accum`` otherwise).
+        of them for 1F1B: raise ``run.batch_size`` or ``run.grad_accum`` otherwise). A preference
+        objective's loss is computed per bin on the last stage (pairs never cross bins).
 
         Returns:
-            The loss this rank added (0 outside the last stage), scaled as in :meth:`micro_step`.
+            The loss this rank added (0 outside the last stage), scaled as in :meth:`micro_step`, and
+            the objective's metric sums (zeros outside the last stage).
         """
         from lmstack.core.parallel import build_pipeline_schedule, pipeline_step
+        from lmstack.train.data._preference_packing import PreferenceBatch, preference_rows
 
         ids = torch.cat([b.input_ids for b in window])
         positions = torch.cat([b.position_ids for b in window])
         labels = torch.cat([b.labels for b in window])
         rows = ids.shape[0]
+        loss_targets: Tensor | None = None
+        if not self.lm:
+            if not all(isinstance(b, PreferenceBatch) for b in window):
+                raise TrainConfigError(
+                    "parallel.pp runs each packed bin as a microbatch, and these preference batches are "
+                    "padded; set data.pack: true.",
+                    field="parallel.pp",
+                )
+            self._preference_loss.start(objective, [r for b in window for r in preference_rows(b)], totals)
+            loss_targets = torch.arange(rows, device=ids.device).unsqueeze(1)  # each row's index
         whole_positions: Tensor | None = None
         if self.mesh.dims.sp > 1:
             # Each sp rank runs the stages on its slice of every bin; the targets are made on whole
@@ -284,6 +307,7 @@ class MeshModel:
                     n_microbatches=rows,
                     schedule=self.config.pp_schedule,
                     device=self.info.device,
+                    **({} if self.lm else {"loss_fn": self._preference_loss}),
                 )
             except Exception as exc:
                 raise TrainConfigError(
@@ -295,15 +319,17 @@ class MeshModel:
             torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=autocast),
             self._loss_context(),
         ):
-            return pipeline_step(
+            loss = pipeline_step(
                 self._pipeline,
                 ids,
                 positions,
                 labels,
-                num_loss_tokens=totals["loss_tokens"] / self.loss_factor,
+                num_loss_tokens=totals["loss_tokens"] / self.loss_factor if self.lm else 1.0,
                 broadcast_loss=False,
                 sequence_positions=whole_positions,
+                loss_targets=loss_targets,
             )
+        return loss, {} if self.lm else self._preference_loss.sums(objective, loss.device)
 
     def whole_model(self, scratch: Path) -> CausalLM | None:
         """The trained model with whole weights on rank 0's CPU (None elsewhere); a collective.
@@ -408,11 +434,68 @@ def _check_objective(objective: Objective, model: nn.Module, dims: Any) -> None:
             field="parallel",
         )
     if not isinstance(objective, LanguageModeling) and dims.pp > 1:
-        raise TrainConfigError(
-            f"the {objective.name} recipe takes parallel: dp_replicate, dp_shard, tp and sp, not pp yet "
-            "(its loss needs each pair's chosen and rejected log-probs on one stage); drop parallel.pp.",
-            field="parallel.pp",
+        from lmstack.train._objectives import PairwisePreference
+
+        pairwise = isinstance(objective, PairwisePreference) and objective.method != "rm"
+        if not pairwise or dims.sp > 1 or objective.reference_mode == "adapter_off":
+            raise TrainConfigError(
+                f"parallel.pp trains DPO, ORPO and SimPO (each bin a microbatch, its pairs' loss on the "
+                f"last stage), without sp and with a precomputed reference; the {objective.name} recipe "
+                "here takes dp_replicate, dp_shard, tp and sp: drop parallel.pp.",
+                field="parallel.pp",
+            )
+
+
+class _GivenLogits(nn.Module):
+    """A stand-in for the model whose forward the pipeline's last stage already ran: its logits."""
+
+    def __init__(self, logits: Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def sequence_logps(self, batch: Any, layout: Any, *, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        """The sequences' log-prob sums from the logits of the batch's loss positions."""
+        from lmstack.train._objectives import logps_from_logits
+
+        return logps_from_logits(self.logits, batch, layout, chunk_size=chunk_size)
+
+
+class _PipelinePreferenceLoss:
+    """The pipeline's ``loss_fn`` for a pairwise preference objective: one bin's loss on the last stage.
+
+    Each microbatch's target is its row's index; the objective computes that bin's pairs' loss from the
+    last stage's logits (its completion tokens') and the bin's own batch, and the metric sums add up.
+    torch's schedule also calls the loss once on placeholder outputs in its first step (to infer the
+    gradients' shapes), before the real call for that row: each row keeps its last call's sums.
+    """
+
+    def __init__(self, mesh_model: MeshModel) -> None:
+        self.mesh_model = mesh_model
+        self.objective: Objective | None = None
+        self.rows: list[Any] = []
+        self.totals: dict[str, float] = {}
+        self.row_sums: dict[int, MetricSums] = {}
+
+    def start(self, objective: Objective, rows: list[Any], totals: dict[str, float]) -> None:
+        """Set up a step: its objective, its bins as one batch each, and its totals."""
+        self.objective, self.rows, self.totals, self.row_sums = objective, rows, totals, {}
+
+    def __call__(self, output: Tensor, target: Tensor, **_: Any) -> Tensor:
+        assert self.objective is not None
+        index = int(target.reshape(-1)[0])
+        row = self.rows[index].to(output.device)
+        loss, self.row_sums[index] = self.objective.loss(
+            _GivenLogits(output), row, self.totals, self.mesh_model.loss_factor
         )
+        return loss
+
+    def sums(self, objective: Objective, device: torch.device) -> MetricSums:
+        """The step's metric sums, with zeros on ranks without the last stage (the loop reduces them)."""
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        return {
+            name: sum((sums[name] for sums in self.row_sums.values()), zero)
+            for name in objective.denominators
+        }
 
 
 class _SequenceShardedScorer(nn.Module):

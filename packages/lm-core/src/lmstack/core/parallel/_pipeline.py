@@ -597,6 +597,7 @@ def pipeline_step(
     rope_seq_lens: Tensor | None = None,
     broadcast_loss: bool = True,
     sequence_positions: Tensor | None = None,
+    loss_targets: Tensor | None = None,
 ) -> Tensor:
     """One forward and backward of a packed batch through the pipeline; gradients accumulate.
 
@@ -621,6 +622,9 @@ def pipeline_step(
             ``num_loss_tokens``): the whole rows' positions ``[B, T * sp]``; ``input_ids``,
             ``positions`` and ``labels`` are then this rank's slices, ``labels`` of the next-token
             targets made on the whole rows (:func:`~lmstack.core.parallel.next_token_targets`).
+        loss_targets: What the pipeline's ``loss_fn`` gets for each microbatch instead of its
+            ``labels`` (split along the rows as they are): a loss other than the token cross-entropy
+            passes what it needs, e.g. each row's index into data the caller keeps.
 
     Returns:
         The batch's loss (detached, a 0-d float32 tensor on the pipeline's device).
@@ -671,7 +675,7 @@ def pipeline_step(
     losses: list[Tensor] = []
     pipeline.schedule.step(
         *args,
-        target=labels if pipeline.has_last_stage else None,
+        target=(labels if loss_targets is None else loss_targets) if pipeline.has_last_stage else None,
         losses=losses if pipeline.has_last_stage else None,
         return_outputs=False,
         loss_kwargs={"num_loss_tokens": float(num_loss_tokens), **({"shifted": True} if sequence else {})},

@@ -72,6 +72,7 @@ __all__ = [
     "collate_preference_bins",
     "collate_preference_padded",
     "fit_unit",
+    "preference_rows",
 ]
 
 Overflow = Literal["truncate", "drop", "split"]
@@ -307,6 +308,45 @@ class PreferenceBatch(_PackedFields):
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PreferenceBatch:
         """The batch on another device (every tensor moves)."""
         return _moved(self, device, non_blocking)
+
+
+def preference_rows(batch: PreferenceBatch) -> list[PreferenceBatch]:
+    """A packed batch as one batch per row (bin), each numbered from 0 (pairs never cross rows).
+
+    Pipeline parallelism runs each bin as a microbatch, and its last stage computes each bin's loss
+    from that bin alone.
+    """
+    rows, length = batch.input_ids.shape
+    out = []
+    for r in range(rows):
+        seg = batch.segment_ids[r]
+        s0, s1 = int(seg[0]), int(seg[-1]) + 1
+        cu = batch.cu_seqlens[s0 : s1 + 1] - r * length
+        pairs = batch.segment_pair[s0:s1]
+        real = pairs >= 0
+        p0 = int(pairs[real].min()) if bool(real.any()) else 0
+        p1 = int(pairs[real].max()) + 1 if bool(real.any()) else 0
+        labels = batch.labels[r : r + 1]
+        seg_lengths = (cu[1:] - cu[:-1]).to(torch.int64)
+        out.append(
+            PreferenceBatch(
+                input_ids=batch.input_ids[r : r + 1],
+                labels=labels,
+                position_ids=batch.position_ids[r : r + 1],
+                cu_seqlens=cu,
+                max_seqlen=int(seg_lengths.max()),
+                segment_ids=(seg - s0).unsqueeze(0),
+                num_tokens=int(seg_lengths[real].sum()),
+                num_loss_tokens=int((labels != IGNORE_INDEX).sum()),
+                segment_pair=torch.where(real, pairs - p0, pairs),
+                segment_is_chosen=batch.segment_is_chosen[s0:s1],
+                chosen_segments=batch.chosen_segments[p0:p1] - s0,
+                rejected_segments=batch.rejected_segments[p0:p1] - s0,
+                pair_index=batch.pair_index[p0:p1],
+                num_pairs=p1 - p0,
+            )
+        )
+    return out
 
 
 @dataclass

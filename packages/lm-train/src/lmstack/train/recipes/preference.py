@@ -210,8 +210,8 @@ class _PreferenceConfig:
         data: The preference data (``format: preference`` for pairs, ``kto`` for unpaired rows).
         optim: AdamW and its schedule.
         run: Steps, batching (``batch_size`` packed bins, or padded pairs), checkpoints.
-        parallel: Data, tensor and sequence parallelism under torchrun (see ``ParallelConfig``; not
-            ``pp``).
+        parallel: Data, tensor, sequence and (DPO, ORPO, SimPO) pipeline parallelism under torchrun
+            (see ``ParallelConfig``).
         adapter: ``none`` trains every weight; ``lora`` and ``qlora`` train peft adapters (on a
             4-bit base for ``qlora``) as ``lmstack train lora`` does, and write ``final/adapter``.
         lora: The adapters (and QLoRA's quantization), as in the LoRA recipe.
