@@ -546,9 +546,12 @@ def build_pipeline_schedule(
     Args:
         stages: What :func:`pipeline_split` returned on this rank (after TP/FSDP2, if any).
         n_microbatches: Microbatches per step; the batch's rows are split evenly among them.
-        loss_fn: ``loss_fn(last_stage_output, labels, *, num_loss_tokens)`` for one microbatch; it
-            must return that microbatch's share of the step loss (see :func:`pipeline_lm_loss`):
-            the schedule adds the microbatch gradients without rescaling them.
+        loss_fn: ``loss_fn(last_stage_output, labels, *, num_loss_tokens)`` for one microbatch
+            (``labels`` are :func:`pipeline_step`'s ``loss_targets`` when given; with
+            sequence-parallel stages it is also passed ``shifted=True``); it must return that
+            microbatch's share of the step loss (see :func:`pipeline_lm_loss`): the schedule adds the
+            microbatch gradients without rescaling them. torch's schedule also calls it once on
+            placeholder outputs in the first step, to infer the gradients' shapes.
         schedule: ``1f1b`` (one stage per rank, ``n_microbatches >= pp``), ``gpipe`` (one stage per
             rank: all forwards, then all backwards) or ``interleaved`` (interleaved 1F1B over
             ``stages_per_rank`` stages per rank).
