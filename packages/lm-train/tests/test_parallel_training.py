@@ -28,6 +28,9 @@ TWO = [
     {"name": "sp2_ulysses", "parallel": {"sp": 2}, "batch_size": 4},
     {"name": "sp2_ring", "parallel": {"sp": 2, "sp_attention": "ring"}, "batch_size": 4},
     {"name": "pp2", "parallel": {"pp": 2}, "batch_size": 4},
+    # run.compile on the mesh: each rank compiles its layers before FSDP2 wraps them.
+    {"name": "dp2_compiled", "parallel": {"dp_shard": 2}, "batch_size": 2, "compile": True},
+    {"name": "pp2_compiled", "parallel": {"pp": 2}, "batch_size": 4, "compile": True},
     # FSDP2 mixed precision (bf16 weights gathered and computed with, fp32 reduction and master weights).
     {"name": "dp2_bf16mp", "parallel": {"dp_shard": 2}, "batch_size": 2, "precision": "bfloat16-mp"},
     # A checkpoint written at tp=2 resumes sharded over the data instead.
@@ -135,6 +138,26 @@ def test_fsdp_mixed_precision_computes_in_bf16_and_keeps_fp32_weights(runs: Path
     for key in a:
         assert b[key].dtype == torch.float32, key
         torch.testing.assert_close(b[key], a[key], rtol=0.0, atol=0.024, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in TWO + FOUR if c.get("compile")])
+def test_compiled_layouts_compile_once(runs: Path, name: str) -> None:
+    # Equal to one process (test above); here: compiled on the first step, never again.
+    summary = json.loads((runs / name / "result.json").read_text())["summary"]
+    line = next(x for x in summary.splitlines() if x.strip().startswith("compile"))
+    assert "0 recompilations after" in line and " 0 graphs" not in line, line
+
+
+def test_compile_with_tensor_parallelism_is_refused(
+    tokenizer: Tokenizer, layout_driver: ModuleType, tmp_path: Path
+) -> None:
+    from lmstack.train import TrainConfigError
+
+    data = tmp_path / "docs.jsonl"
+    layout_driver.write_docs(data)
+    with pytest.raises(TrainConfigError, match=r"run\.compile does not combine with parallel\.tp"):
+        layout_driver.run_case(tokenizer, data, tmp_path / "run", {"tp": 2}, 4, "float32", None, True)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_bf16_mixed_precision_without_sharding_is_refused(

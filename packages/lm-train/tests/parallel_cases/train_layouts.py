@@ -1,8 +1,8 @@
 """torchrun driver: train the same tiny model under several ``parallel:`` layouts in one process group.
 
 argv: data.jsonl, tokenizer dir, output root, JSON list of cases. A case is ``{"name", "parallel",
-"batch_size"}`` and optionally ``"precision"`` and ``"resume_from"`` (another case's name: its run
-directory is copied up to its step-2 checkpoint and continued under this case's layout).
+"batch_size"}`` and optionally ``"precision"``, ``"compile"`` and ``"resume_from"`` (another case's
+name: its run directory is copied up to its step-2 checkpoint and continued under this case's layout).
 """
 
 import json
@@ -37,7 +37,7 @@ def write_docs(path):
             f.write(json.dumps({"id": i, "text": words.capitalize() + "."}) + "\n")
 
 
-def run_case(tokenizer, data, out, parallel, batch_size, precision="float32", seen=None):
+def run_case(tokenizer, data, out, parallel, batch_size, precision="float32", seen=None, compile=False):
     """Train 4 steps; ``seen`` (a dict) receives the dtype of a projection's weight as its forward sees it."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, **MODEL)
@@ -55,7 +55,7 @@ def run_case(tokenizer, data, out, parallel, batch_size, precision="float32", se
         OptimConfig(lr=3e-3, warmup_steps=1),
         RunConfig(output_dir=str(out), max_steps=4, batch_size=batch_size, grad_accum=2, save_every=2,
                   keep_last=3, device="cpu", tensorboard=False, measure_activations=False,
-                  precision=precision),
+                  precision=precision, compile=compile),
         parallel=ParallelConfig(**parallel) if parallel is not None else None,
     )  # fmt: skip
 
@@ -73,7 +73,7 @@ if __name__ == "__main__":
         barrier()
         seen = {}
         result = run_case(tokenizer, data, out, case["parallel"], case["batch_size"],
-                          case.get("precision", "float32"), seen)  # fmt: skip
+                          case.get("precision", "float32"), seen, case.get("compile", False))  # fmt: skip
         if info.is_main:
             (out / "result.json").write_text(
                 json.dumps({"start_step": result.start_step, "world": result.world_size,

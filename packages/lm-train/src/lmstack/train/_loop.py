@@ -128,7 +128,8 @@ class RunConfig:
             layer, so compile time does not grow with depth; the last stays eager so that it can run
             on the loss rows alone). Packed bins have a fixed shape, so the run compiles on its first
             step only; compile time, graphs and recompilations are reported apart from steady-state
-            throughput. Needs a C compiler on CPU (gcc). Not with QLoRA.
+            throughput. Needs a C compiler on CPU (gcc). Not with QLoRA, nor with ``parallel.tp``
+            (with the other ``parallel:`` dims each rank compiles the layers it holds before FSDP2).
         fused_loss: Compute the output head and the cross-entropy together in chunks of rows, never
             holding the ``[loss tokens, vocabulary]`` logits (language-modelling objectives; same loss
             and gradients as the plain path, up to float summation order).
@@ -402,10 +403,6 @@ class _Training:
         Then resumes from the newest checkpoint of ``output_dir``, if any.
         """
         model, run = self.model, self.run_config
-        if self.parallel is not None and run.compile:
-            raise TrainError(
-                "run.compile does not combine with a parallel: layout yet; turn one of them off."
-            )
         if (
             self.parallel is None
             and run.data_parallel == "fsdp"
@@ -451,6 +448,7 @@ class _Training:
                 self.objective,
                 activation_checkpointing=run.activation_checkpointing,
                 mixed_precision=run.precision == "bfloat16-mp",
+                compile=run.compile,
                 # Pipeline stages hold a part of the model each: the reference is scored with the whole
                 # model before the split (every rank holds it until then), each rank a share of the bins.
                 before_split=self._setup_reference if self.parallel.pp > 1 else None,
@@ -466,7 +464,7 @@ class _Training:
                 model, first, autocast=run.precision == "bfloat16", fused_loss=fused
             )
         self.compile_watch = CompileWatch() if run.compile else None
-        if run.compile:
+        if run.compile and self.mesh_model is None:
             compile_decoder_layers(model)
         # Under torchrun each rank holds a replica (DDP) or a shard (FSDP2); both average gradients.
         if self.mesh_model is not None:

@@ -69,6 +69,8 @@ class MeshModel:
             and computed with, gradients reduced in fp32 into fp32 shards; the layout must shard.
         before_split: Called once the layout is checked and before the model is changed (the loop
             scores a pipeline run's reference log-probs there, with the whole model).
+        compile: ``torch.compile`` each decoder layer this rank holds but the model's last (as
+            ``run.compile`` does in one process), before FSDP2 wraps them; not with ``tp``.
 
     Raises:
         TrainConfigError: The layout does not fit the world size or the model, KTO or a reward model
@@ -87,10 +89,18 @@ class MeshModel:
         activation_checkpointing: bool = False,
         mixed_precision: bool = False,
         before_split: Callable[[], None] | None = None,
+        compile: bool = False,
     ) -> None:
         config.check()
         _check_objective(objective, model, config.dims)
         _check_adapters(model, config.dims)
+        if compile and config.tp > 1:
+            raise TrainConfigError(
+                "run.compile does not combine with parallel.tp here (inductor fails on the "
+                "tensor-parallel DTensor layers); turn one of them off. It does combine with dp_shard, "
+                "dp_replicate, sp and pp.",
+                field="run.compile",
+            )
         if config.tp > 1:  # before the mesh: the widths decide which degrees can work at all
             try:
                 check_tensor_parallel(model.config, config.tp)
@@ -145,6 +155,13 @@ class MeshModel:
         if activation_checkpointing:
             for part in self.parts:
                 part.enable_activation_checkpointing()  # type: ignore[operator]
+        if compile:
+            # Regional: each decoder layer this rank holds but the model's last, before FSDP2 wraps it.
+            last = model.model.layers[-1]
+            for part in self.parts:
+                for layer in part.model.layers:  # type: ignore[union-attr]
+                    if layer is not last and not isinstance(layer, nn.Identity):
+                        layer.compile()
         self._pipeline: Any = None
         self.sharded = self.mesh.size("dp_shard_sp") * dims.dp_replicate > 1
         if mixed_precision and not self.sharded:
