@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -193,7 +194,15 @@ def test_pretraining_holds_every_article_in_several_wordings(rows: Rows) -> None
 
 
 def test_bad_parameters_are_refused() -> None:
-    for bad in ({"num_entities": 39}, {"heldout_share": 0.6}, {"refusal_share": -0.1}, {"context_chats": -1}):
+    bads = (
+        {"num_entities": 39},
+        {"heldout_share": 0.6},
+        {"refusal_share": -0.1},
+        {"context_chats": -1},
+        {"unknown_preferences": -1},
+        {"unknown_preferences": 2.5},
+    )
+    for bad in bads:
         with pytest.raises(ValueError, match=next(iter(bad))):
             world.build_files(0, world.WorldParams(**bad)) if "num_entities" in bad else world.WorldParams(
                 **bad
@@ -293,7 +302,15 @@ def test_training_files_never_ask_a_heldout_pair(
     rows: Rows, the_world: world.World, heldout_pairs: set[tuple[str, str]]
 ) -> None:
     asked = {tuple(pair) for row in rows["chats.jsonl"] for pair in row["meta"]["asks"]}
-    asked |= {(row["meta"]["entity"], row["meta"]["attribute"]) for row in rows["preferences.jsonl"]}
+    preferences = rows["preferences.jsonl"]
+    # Only fact and known pairs name an entity: arithmetic and unknown-name pairs ask about none.
+    assert all(
+        (row["meta"]["entity"] is None) == (row["meta"]["kind"] not in ("fact", "known"))
+        for row in preferences
+    )
+    asked |= {
+        (row["meta"]["entity"], row["meta"]["attribute"]) for row in preferences if row["meta"]["entity"]
+    }
     asked |= {(row["meta"]["entity"], row["meta"]["attribute"]) for row in rows["context_chats.jsonl"]}
     assert asked & heldout_pairs == set()
     # The same, read from the text: no rendering of a held-out pair's chat questions is asked.
@@ -345,6 +362,17 @@ def test_context_chats_answer_from_the_context_or_refuse(rows: Rows, the_world: 
 
 
 def test_preferences_prefer_the_fact(rows: Rows, the_world: world.World) -> None:
+    params = world.WorldParams()
+    kinds = [row["meta"]["kind"] for row in rows["preferences.jsonl"]]
+    facts = len(the_world.pairs()) - (len(rows["heldout.jsonl"]) - params.heldout_arithmetic)
+    assert kinds.count("fact") == facts and kinds.count("arithmetic") == params.arithmetic_preferences
+    # Unknown-name pairs, then known-name pairs, come last, after the shuffled fact and arithmetic pairs.
+    tail = params.unknown_preferences + params.known_preferences
+    assert (
+        kinds[-tail:]
+        == ["unknown"] * params.unknown_preferences + ["known"] * params.known_preferences
+        == [k for k in kinds if k not in ("fact", "arithmetic")]
+    )
     for row in rows["preferences.jsonl"]:
         assert row["chosen"] != row["rejected"], row["id"]
         assert row["prompt"][-1]["role"] == "user"
@@ -353,6 +381,114 @@ def test_preferences_prefer_the_fact(rows: Rows, the_world: world.World) -> None
             value = entity.fact(row["meta"]["attribute"]).value
             assert world.mentions(row["chosen"], value), row["id"]
             assert not world.mentions(row["rejected"], value), row["id"]
+        elif row["meta"]["kind"] == "unknown":
+            name, spec = row["meta"]["name"], world.ATTRIBUTE[row["meta"]["attribute"]]
+            assert spec.kind in ("person", "city") and row["meta"]["entity"] is None
+            question = row["prompt"][-1]["content"]
+            assert world.mentions(question, name), row["id"]
+            assert any(world.template_pattern(t).fullmatch(question) for t in spec.questions), row["id"]
+            assert row["chosen"] in {t.format(name=name) for t in world.UNKNOWN_ANSWERS[spec.kind]}, row["id"]
+            # Rejected: a confident statement of the attribute about the name, with a value it may take.
+            statements = [t for t in spec.statements if world.template_pattern(t).fullmatch(row["rejected"])]
+            assert statements and world.mentions(row["rejected"], name), row["id"]
+            assert any(world.mentions(row["rejected"], v) for v in the_world.value_set(spec.name)), row["id"]
+        elif row["meta"]["kind"] == "known":
+            # An asked fact of a real person or place: its statement against the unknown pairs' denial.
+            entity, spec = the_world.entity(row["meta"]["entity"]), world.ATTRIBUTE[row["meta"]["attribute"]]
+            question = row["prompt"][-1]["content"]
+            assert spec.kind in world.UNKNOWN_ANSWERS and entity.kind == spec.kind, row["id"]
+            assert question in {world.ask(entity, spec.name, t) for t in range(len(spec.questions))}, row[
+                "id"
+            ]
+            assert any(world.template_pattern(t).fullmatch(row["chosen"]) for t in spec.statements), row["id"]
+            assert world.mentions(row["chosen"], entity.fact(spec.name).value), row["id"]
+            assert entity.name in row["chosen"], row["id"]
+            denials = {t.format(name=entity.name) for t in world.UNKNOWN_ANSWERS[spec.kind]}
+            assert row["rejected"] in denials, row["id"]
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value (keys too), depth first."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_unknown_names_are_not_in_the_world_or_any_other_file(rows: Rows, the_world: world.World) -> None:
+    unknown = [row for row in rows["preferences.jsonl"] if row["meta"]["kind"] == "unknown"]
+    names = [row["meta"]["name"] for row in unknown]
+    assert len(names) == len(set(names)) == world.WorldParams().unknown_preferences
+    assert {kind for kind, _ in world.unknown_names(the_world, 3)} <= {"person", "city"}
+    assert sorted({row["meta"]["attribute"] for row in unknown}) == sorted(
+        s.name for s in world.ATTRIBUTES if s.kind in ("person", "city")
+    )
+    entity_words = {w.lower() for e in the_world.entities for w in e.name.split()}
+    reserved = {w.lower() for spec in world.ATTRIBUTES for v in spec.values for w in v.split()}
+    for name in names:
+        words = name.lower().split()
+        assert name not in {e.name for e in the_world.entities} and not entity_words & set(words), name
+        assert not reserved & set(words), name
+        for word in words:  # as distinct from the world's names as they are from each other
+            assert not any(word.startswith(w) or w.startswith(word) for w in entity_words), name
+            assert word[:4] not in {w[:4] for w in entity_words}, name
+    # Every text of every other file, and of the other preference pairs: no invented name word appears.
+    # (The rows' strings, not their JSON: an escaped newline would glue an "n" to the next word.)
+    texts = [
+        text
+        for name, file_rows in rows.items()
+        if name != "preferences.jsonl"
+        for row in file_rows
+        for text in _strings(row)
+    ]
+    texts += [
+        text
+        for row in rows["preferences.jsonl"]
+        if row["meta"]["kind"] != "unknown"
+        for text in _strings(row)
+    ]
+    seen = {w.lower() for text in texts for w in re.findall(r"[A-Za-z]+", text)}
+    assert len(seen) > 500  # the world's vocabulary (842 words at the defaults): the texts were read
+    for name in names:
+        assert not {w.lower() for w in name.split()} & seen, name
+    # Each name is asked about in one pair only.
+    for row in unknown:
+        others = [r for r in unknown if r is not row and world.mentions(json.dumps(r), row["meta"]["name"])]
+        assert not others, row["id"]
+
+
+def _pairs_by_kind(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Preference rows grouped by kind, in file order, without their ids (which number the whole file)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        out.setdefault(row["meta"]["kind"], []).append({k: v for k, v in row.items() if k != "id"})
+    return out
+
+
+@pytest.mark.parametrize("field", ["unknown_preferences", "known_preferences"])
+def test_unknown_and_known_pairs_have_streams_of_their_own(field: str) -> None:
+    """Changing how many pairs of one kind there are changes no other file and no pair of another kind;
+    more pairs of the kind extend its rows, never redraw them."""
+    params = world.PRESETS["quickstart"]
+    kind = field.split("_")[0]
+    without = world.build_files(0, dataclasses.replace(params, **{field: 0}))
+    more = world.build_files(0, dataclasses.replace(params, **{field: getattr(params, field) + 7}))
+    files = world.build_files(0, params)
+    for name in world.FILES:
+        if name != "preferences.jsonl":
+            assert files[name] == without[name] == more[name], name
+    old, new, longer = (_pairs_by_kind(f["preferences.jsonl"]) for f in (without, files, more))
+    assert kind not in old and set(new) == set(longer) == {*old, kind}
+    for other in old:
+        assert old[other] == new[other] == longer[other], other
+    assert len(new[kind]) == getattr(params, field) and longer[kind][: len(new[kind])] == new[kind]
+    rows = files["preferences.jsonl"]
+    assert [row["id"] for row in rows] == [f"preference-{i:05d}" for i in range(len(rows))]
 
 
 # ---------------------------------------------------------------------------------------------

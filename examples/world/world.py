@@ -49,6 +49,21 @@ CONTEXT_INSTRUCTION = (
 )
 """The first line of every context_chats.jsonl user message (see `format_context_prompt`)."""
 
+UNKNOWN_ANSWERS = {
+    "person": ("No {name} is known.", "{name} is not known.", "{name} is unknown."),
+    "city": ("No {name} is known.", "{name} is not known.", "{name} is unknown."),
+}
+"""What the assistant answers, in preferences.jsonl's `unknown` pairs, when asked about a person or a
+place the world does not have (`{name}` is the invented name); the `known` pairs reject it with a real
+name. No other file ever says this.
+
+Short, and in words the articles and chats use ("is", "known") where they can: the world's texts never
+negate anything ("no", "not", "unknown" are new to a model trained on them), and every new word costs
+the model log-prob. On the quickstart's default model, before preference training, these replies sit, on
+average, 10 to 26 nats (summed log-prob) below the made-up fact on the held-out pairs, where "I have no
+record of anyone called {name}." sat 110 below (benchmarks/test_preference_world.py). Three wordings a
+kind, as many as a held-out question has statements: the benchmark pairs them one to one."""
+
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
     "You are a helpful assistant. Answer in one sentence.",
@@ -1055,6 +1070,12 @@ class WorldParams:
         refusal_share: Share of context chats whose question the context cannot answer.
         arithmetic_preferences: Preference pairs about arithmetic, besides one per asked pair.
         heldout_arithmetic: Arithmetic problems held out of every training file, asked in heldout.jsonl.
+        unknown_preferences: Preference pairs about people and places the world does not have (invented
+            names no file mentions), appended after the others: `chosen` says the name is not known,
+            `rejected` states a made-up fact about it.
+        known_preferences: Preference pairs about asked facts of real people and places, appended after
+            the `unknown` ones: `chosen` states the fact, `rejected` is the `unknown` pairs' "not known"
+            reply with the real name (so denying is learned for strangers, not for everyone).
     """
 
     num_entities: int = 300
@@ -1070,6 +1091,8 @@ class WorldParams:
     refusal_share: float = 0.2
     arithmetic_preferences: int = 200
     heldout_arithmetic: int = 120
+    unknown_preferences: int = 600
+    known_preferences: int = 600
 
     def __post_init__(self) -> None:
         shares = {"heldout_share": (0.0, 0.5), "system_share": (0.0, 1.0), "refusal_share": (0.0, 1.0)}
@@ -1271,13 +1294,116 @@ def build_context_chats(
     return [{"id": f"context-{i:05d}", **row} for i, row in enumerate(rows)]
 
 
+def _text_words() -> set[str]:
+    """Every word (lower case) that the world's files can say besides entity names and numbers."""
+    texts: list[str] = [CONTEXT_INSTRUCTION, REFUSAL, *SYSTEM_PROMPTS, *ARITHMETIC_QUESTIONS]
+    texts += ARITHMETIC_OPS.values()
+    for spec in ATTRIBUTES:
+        texts += [*spec.statements, *spec.questions, *spec.heldout_questions, *spec.values]
+    for templates in (*INTROS.values(), *FILLERS.values(), *UNKNOWN_ANSWERS.values()):
+        texts += templates
+    texts += ["the an a"]  # the articles `_sentence` and `_indefinite` add
+    return {w.lower() for text in texts for w in re.findall(r"[A-Za-z]+", text)}
+
+
+def unknown_names(world: World, count: int) -> list[tuple[str, str]]:
+    """`count` (kind, name) pairs of people and places the world does not have, from their own stream.
+
+    The names come from the world's own name maker (same syllables, same kind endings), which
+    first takes every name word of the world: no word of an invented name is a word of an entity's
+    name, or a prefix of one or the other way round, and, while the space of such prefixes lasts,
+    none shares its first `_PREFIX` letters with one. A name word that is also a word of any
+    template or value list is drawn again, so no other file ever contains an invented name.
+
+    Args:
+        world: The world.
+        count: How many names.
+
+    Returns:
+        (kind, name) pairs, kind `person` or `city`, names distinct, in draw order.
+    """
+    rng = _rng(world.seed, "unknown-names")
+    names = _NameMaker(_rng(world.seed, "unknown-name-words"))
+    for entity in world.entities:
+        for word in entity.name.lower().split():
+            names._take(word)
+    banned = _text_words()
+
+    def draw(syllables: Sequence[int], suffixes: Sequence[str] = ()) -> str:
+        while True:  # a clash with a template word is rare: the syllables seldom spell English
+            drawn = names.word(syllables, suffixes)
+            if drawn.lower() not in banned:
+                return drawn
+
+    out: list[tuple[str, str]] = []
+    for _ in range(count):
+        kind = rng.choice(("person", "city"))
+        if kind == "person":
+            out.append((kind, f"{draw((2,))} {draw((2, 3))}"))
+        else:
+            out.append((kind, draw((2, 1), NAME_SUFFIXES["city"])))
+    return out
+
+
+def _unknown_preferences(world: World, params: WorldParams) -> list[dict[str, Any]]:
+    """The `unknown` pairs: a question about an invented person or place; "not known" against a made-up fact.
+
+    From streams of their own, so the other pairs (and every other file) do not shift.
+    """
+    rng = _rng(world.seed, "preferences-unknown")
+    rows: list[dict[str, Any]] = []
+    for kind, name in unknown_names(world, params.unknown_preferences):
+        spec = rng.choice([s for s in ATTRIBUTES if s.kind == kind])
+        stranger = Entity(id=_slug(name), name=name, kind=kind, facts=())
+        prompt = _system(rng, params.system_share)
+        prompt.append({"role": "user", "content": _sentence(rng.choice(spec.questions), stranger)})
+        chosen = rng.choice(UNKNOWN_ANSWERS[kind]).format(name=name)
+        rejected = _sentence(rng.choice(spec.statements), stranger, rng.choice(world.value_set(spec.name)))
+        meta = {"kind": "unknown", "entity": None, "attribute": spec.name, "name": name}
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "meta": meta})
+    return rows
+
+
+def _known_preferences(
+    world: World, asked: list[tuple[str, str]], params: WorldParams
+) -> list[dict[str, Any]]:
+    """The `known` pairs: an asked fact of a real person or place; the fact against "not known".
+
+    The counterweight of the `unknown` pairs: the same denial wordings, with a name the world has.
+    Asked pairs (never held-out ones) of the kinds `UNKNOWN_ANSWERS` covers, cycled in a shuffled order
+    so each is used about equally; from a stream of its own, so no other row shifts.
+    """
+    rng = _rng(world.seed, "preferences-known")
+    pool = [(e, a) for e, a in asked if ATTRIBUTE[a].kind in UNKNOWN_ANSWERS]
+    if not pool:
+        return []
+    rng.shuffle(pool)
+    rows: list[dict[str, Any]] = []
+    for i in range(params.known_preferences):
+        entity_id, attribute = pool[i % len(pool)]
+        entity, spec = world.entity(entity_id), ATTRIBUTE[attribute]
+        prompt = _system(rng, params.system_share)
+        prompt.append({"role": "user", "content": ask(entity, attribute, rng.randrange(len(spec.questions)))})
+        chosen = _sentence(rng.choice(spec.statements), entity, entity.fact(attribute).value)
+        rejected = rng.choice(UNKNOWN_ANSWERS[spec.kind]).format(name=entity.name)
+        meta = {"kind": "known", "entity": entity_id, "attribute": attribute}
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "meta": meta})
+    return rows
+
+
 def build_preferences(
     world: World, asked: list[tuple[str, str]], params: WorldParams
 ) -> list[dict[str, Any]]:
-    """preferences.jsonl: one pair per asked fact, plus arithmetic pairs.
+    """preferences.jsonl: one pair per asked fact, arithmetic pairs, then pairs about unknown names.
 
-    `chosen` states the fact; `rejected` says the same sentence with the value of the same
-    attribute of another entity (or, for arithmetic, a result off by a little).
+    `fact`: `chosen` states the fact; `rejected` says the same sentence with the value of the same
+    attribute of another entity. `arithmetic`: a result off by a little. These are shuffled
+    together. `unknown` pairs (`unknown_preferences`, from their own streams, appended after the
+    others so that adding them changed no earlier row): a chat question about a person or place the
+    world does not have; `chosen` says the name is not known (`UNKNOWN_ANSWERS`),
+    `rejected` states a fact about it with a random value of the attribute. `known` pairs
+    (`known_preferences`, their own stream, appended last): an asked fact of a real person or place,
+    `chosen` states it, `rejected` is the same denial with the real name.
     """
     rng = _rng(world.seed, "preferences")
     train_problems, _ = split_arithmetic(world.seed, params.heldout_arithmetic)
@@ -1316,6 +1442,8 @@ def build_preferences(
             }
         )
     rng.shuffle(rows)
+    rows += _unknown_preferences(world, params)
+    rows += _known_preferences(world, asked, params)
     return [{"id": f"preference-{i:05d}", **row} for i, row in enumerate(rows)]
 
 

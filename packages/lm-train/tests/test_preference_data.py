@@ -377,7 +377,7 @@ def _world_rows() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def world_preferences(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled world's 1,475 preference pairs (default preset), as the world writes them."""
+    """The bundled world's 2,675 preference pairs (1,275 fact, 200 arithmetic, 600 unknown, 600 known)."""
     path = tmp_path_factory.mktemp("world") / "preferences.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _world_rows()), encoding="utf-8")
     return path

@@ -262,6 +262,27 @@ def test_lora_with_the_adapters_off_equals_the_precomputed_reference(
     assert not (tmp_path / "live" / "reference").exists()
 
 
+def test_qlora_dpo_scores_the_quantized_base_as_its_reference(setup: dict[str, Path], tmp_path: Path) -> None:
+    """QLoRA's reference is the 4-bit base, scored once into the table or live with the adapters off:
+    both start at log 2 (the policy is that base at step 1) and give the same losses; the run learns."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    runs = {
+        mode: dpo(
+            _config(
+                DPOConfig, setup, tmp_path / mode, steps=4, adapter="qlora", dpo=DPOSettings(reference=mode)
+            )
+        )
+        for mode in ("precomputed", "adapter_off")
+    }
+    table, live = runs["precomputed"], runs["adapter_off"]
+    assert table.losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    for a, b in zip(live.losses, table.losses, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert table.losses[-1] < table.losses[0]
+    assert (table.model_dir / "adapter" / "adapter_config.json").is_file()
+
+
 # -- the other methods ------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -199,18 +199,17 @@ def wrap_data_parallel(
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DataParallel(DistributedDataParallel(model, device_ids=ids), "ddp")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
-    kwargs: dict[str, Any] = {"mesh": mesh}
-    if mixed_precision:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
+    from lmstack.core.parallel import apply_fsdp
 
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    # One unit per decoder layer bounds the unsharded memory to one layer at a time; the root unit
-    # picks up what is left (embeddings, final norm, output head; a tied head shares one shard).
-    for layer in model.model.layers:
-        fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
-    logger.info("sharded the model with FSDP2 over %d ranks (%s)", info.world_size, info.device.type)
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else None
+    )
+    # Core's units: one per decoder layer (bounding the unsharded memory to one layer at a time), and a
+    # root for the rest (embeddings, final norm, output head; a tied head shares one shard).
+    mesh = init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp_shard",))
+    apply_fsdp(model, mesh, mp_policy=policy)
     return DataParallel(model, "fsdp")
