@@ -50,13 +50,22 @@ def _client(tmp_path: Path, *args: str, body: dict[str, Any] | None = None) -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", ["completion", "chat", "tokenized"])
+def _big_token_ids() -> list[int]:
+    """Just over 2 MiB of JSON token ids (1-3 digits and ", " each, 4.6 bytes on average): 460,000 ids."""
+    return [3 + i % 250 for i in range(460_000)]
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat", "tokenized", "token-ids"])
 def test_a_2mib_prompt_stalls_no_stream_and_health_answers(
     start_server, long_model_dir: Path, tmp_path: Path, kind: str
 ) -> None:
-    """Refused by its size alone (completion, chat), or after tokenizing 20,000 characters in a thread."""
+    """Refused by its size alone (completion, chat), after tokenizing 20,000 characters in a thread, or,
+    given as 460,000 token ids, after decoding the JSON in the server's child process."""
     text = _big_text()
-    if kind == "tokenized":  # short enough to need tokenizing to know it is too long (3,600 tokens)
+    if kind == "token-ids":
+        endpoint, body = "/v1/completions", {"model": MODEL, "prompt": _big_token_ids(), "max_tokens": 4}
+        assert len(json.dumps(body)) >= BIG
+    elif kind == "tokenized":  # short enough to need tokenizing to know it is too long (3,600 tokens)
         endpoint, body = "/v1/completions", {"model": MODEL, "prompt": text[:20000], "max_tokens": 4}
     elif kind == "completion":
         endpoint, body = "/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 4}

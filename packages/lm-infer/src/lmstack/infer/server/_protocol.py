@@ -26,6 +26,8 @@ from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmstack.infer.server._json_worker import IntList
+
 __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
@@ -40,7 +42,13 @@ __all__ = [
 # Most prompts in one /v1/completions request (each becomes its own engine request).
 MAX_PROMPTS = 256
 
-_REPR = reprlib.Repr()
+
+class _ShortRepr(reprlib.Repr):
+    def repr_IntList(self, x: IntList, level: int) -> str:  # reprlib dispatches on the type's name
+        return self.repr_list(x, level)
+
+
+_REPR = _ShortRepr()
 _REPR.maxstring = _REPR.maxother = 60
 
 
@@ -143,7 +151,10 @@ class CompletionRequest(_Sampling):
         )
 
         def ids(item: Any) -> bool:
-            return isinstance(item, list) and bool(item) and all(_is_int(t) for t in item)
+            # An IntList was checked item by item by the JSON child (a long body's token ids).
+            return isinstance(item, IntList) or (
+                isinstance(item, list) and bool(item) and all(_is_int(t) for t in item)
+            )
 
         if isinstance(value, str) or ids(value):  # a flat list of ints is one prompt, however long
             return value
