@@ -40,6 +40,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            # Inference in float32: torch's fused kernel, the same values (one op where the formula
+            # below takes eight, which at one token a step is most of the cost).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -81,13 +85,19 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend) -> Tensor:
         b, t, _ = x.shape
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
+            # Fused (inference): q and k sit side by side, so one rotation covers both heads' sets.
+            hq = self.qkv_proj.sizes[0] // self.head_dim
+            qk, v = self.qkv_proj(x).split(
+                [self.qkv_proj.sizes[0] + self.qkv_proj.sizes[1], self.qkv_proj.sizes[2]], dim=-1
+            )
+            qk = apply_rotary(qk.view(b, t, -1, self.head_dim), cos, sin)  # [B, T, Hq + Hkv, D]
+            q, k = qk[:, :, :hq], qk[:, :, hq:]
+            v = v.view(b, t, -1, self.head_dim)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, -1, self.head_dim)  # [B, T, Hq, D]
-        k = k.view(b, t, -1, self.head_dim)  # [B, T, Hkv, D]
-        v = v.view(b, t, -1, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = self.q_proj(x).view(b, t, -1, self.head_dim)  # [B, T, Hq, D]
+            k = self.k_proj(x).view(b, t, -1, self.head_dim)  # [B, T, Hkv, D]
+            v = self.v_proj(x).view(b, t, -1, self.head_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attn.attend(self.layer_idx, q, k, v, scale=self.scale, window=self.window)  # [B, T, Hq, D]
         return self.o_proj(out.reshape(b, t, -1))
 
