@@ -65,14 +65,16 @@ def write_gguf(model_dir: Path, out: Path) -> Path:
 class LmstackRunner:
     """lmstack's ``LLM`` on the checkpoint (fp32)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_num_seqs: int = 64) -> None:
         from lmstack.core import load_pretrained, train_bpe_tokenizer
         from lmstack.infer import LLM
 
         model = load_pretrained(path, dtype=torch.float32)
         # Only for decoding the (ignored) output text: the prompts are token ids.
         tokenizer = train_bpe_tokenizer(iter(["benchmark text " * 20]), vocab_size=300, min_frequency=1)
-        self.llm = LLM(model, tokenizer, kv_cache_memory="2GB", max_num_seqs=64)
+        # max_num_seqs=1: a one-sequence engine, whose weights take the "gemv" layout (see lmstack-core).
+        self.llm = LLM(model, tokenizer, kv_cache_memory="2GB", max_num_seqs=max_num_seqs)
+        self.weight_layout = model.inference_layout
 
     def generate(self, batch: Sequence[list[int]], new_tokens: int) -> list[list[int]]:
         from lmstack.infer import SamplingParams

@@ -12,12 +12,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lmstack.core import CausalLM, CheckpointError, ConfigError, ModelConfig, load_pretrained, save_pretrained
-from lmstack.core.model import DecoderLayer
+from lmstack.core.model import DecoderLayer, _cpu_gemv
 from lmstack.core.model._inference_layout import resolve_layout
 
-# Both layouts where this machine runs them: "onednn" needs a CPU torch with oneDNN.
-LAYOUTS = ["dense"] + (
-    ["onednn"] if resolve_layout("auto", torch.device("cpu"), torch.float32) == "onednn" else []
+# Every layout where this machine runs it: "onednn" needs a CPU torch with oneDNN, "gemv" a C compiler
+# (CI's machines have both; test_cpu_gemv.py asserts the kernel builds there).
+LAYOUTS = (
+    ["dense"]
+    + (["onednn"] if resolve_layout("auto", torch.device("cpu"), torch.float32) == "onednn" else [])
+    + (["gemv"] if _cpu_gemv.available() else [])
 )
 
 
@@ -77,10 +80,16 @@ def test_prepared_logits_equal_unprepared_fp32(model_type: str, tied: bool, layo
         assert (model(ids) - reference(ids)).abs().max().item() <= 1e-5
         last = torch.tensor([12, 25, 38])  # each row's last token, as the serving engine asks
         assert (model(ids, logits_indices=last) - reference(ids)[:, -1]).abs().max().item() <= 1e-5
+        for few in (ids[:1, :1], ids[:1, :4]):  # one and four rows: the gemv layout's own kernel
+            assert (model(few) - reference(few)).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_prepared_logits_close_to_unprepared_bf16(layout: str) -> None:
+    if layout == "gemv":
+        with pytest.raises(ConfigError, match="runs float32 weights"):
+            _model("qwen2", dtype=torch.bfloat16).prepare_for_inference("gemv")
+        return
     if layout == "onednn" and resolve_layout("auto", torch.device("cpu"), torch.bfloat16) != "onednn":
         pytest.skip("this CPU has no oneDNN bfloat16 support")
     model = _model("qwen2", dtype=torch.bfloat16)
@@ -173,3 +182,31 @@ def test_a_prepared_model_counts_the_same_parameters(model_type: str, tied: bool
     model = _model(model_type, tied=tied)
     before = model.num_parameters()
     assert model.prepare_for_inference("dense").num_parameters() == before
+
+
+@pytest.mark.skipif(not _cpu_gemv.available(), reason="the gemv kernel needs a C compiler (CI has gcc)")
+@pytest.mark.parametrize("tied", [False, True])
+def test_gemv_layout_sends_few_rows_to_the_kernel_and_many_to_onednn(
+    tied: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model("llama", tied=tied)
+    reference = copy.deepcopy(model)
+    model.prepare_for_inference("gemv")
+    calls: list[int] = []
+    real = _cpu_gemv.gemv
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(x.numel() // x.shape[-1])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(_cpu_gemv, "gemv", spy)
+    ids = _ids(1, 5)
+    with torch.no_grad():
+        # One row: every projection (4 per layer, 2 layers) and the head, tied or not, in the kernel.
+        assert (model(ids[:, :1]) - reference(ids[:, :1])).abs().max().item() <= 1e-5
+        assert calls == [1] * 9
+        calls.clear()
+        # Five rows: a GEMM (oneDNN over the plain matrix), except the head's single logits row.
+        got = model(ids, logits_indices=torch.tensor([4]))
+        assert (got - reference(ids)[:, -1]).abs().max().item() <= 1e-5
+        assert calls == [1]

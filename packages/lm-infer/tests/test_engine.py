@@ -50,6 +50,8 @@ ENGINE_SETUPS = {
     "chunked-prefill": {"max_num_batched_tokens": 16, "block_size": 4},
     # 14 blocks of 4 tokens: far too few for the batch at once, so sequences are preempted and recomputed.
     "preemption": {"num_kv_blocks": 14, "block_size": 4, "max_num_batched_tokens": 64},
+    # One sequence at a time: the weights take core's "gemv" layout (its compiled one-row kernel).
+    "single-sequence": {"max_num_seqs": 1},
 }
 
 
@@ -61,11 +63,21 @@ def test_greedy_equals_transformers(model_dir: Path, hf_greedy: Any, setup: str)
     max_new = [random.Random(i).randint(4, 24) for i in range(len(prompts))]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_new]
     outputs = llm.generate(prompts, params)
+    assert (llm.engine.model.inference_layout == "gemv") == (setup == "single-sequence")
     for prompt, m, out in zip(prompts, max_new, outputs, strict=True):
         assert out.outputs[0].token_ids == hf_greedy(prompt, m), (setup, prompt)
         assert out.outputs[0].finish_reason == "length"
     assert llm.engine.num_free_blocks == llm.engine.num_blocks  # no leaks
     assert not llm.engine.scheduler.has_unfinished
+
+
+def test_weight_layout_is_checked_and_can_be_forced(model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="weight_layout must be"):
+        LLM(model_dir, weight_layout="packed")
+    llm = LLM(model_dir, weight_layout="gemv")  # many sequences, one-row kernel all the same
+    assert llm.engine.model.inference_layout == "gemv"
+    llm = LLM(model_dir, max_num_seqs=1, weight_layout="onednn")  # an explicit choice wins over auto
+    assert llm.engine.model.inference_layout == "onednn"
 
 
 def test_preemption_really_happens(model_dir: Path) -> None:

@@ -112,8 +112,10 @@ def test_lmstack_serve_cli_serves_openai_clients_and_drains_on_sigterm(
     script = Path(sys.executable).with_name("lmstack")
     # An int8 KV cache (--kv-cache-dtype): on this model its greedy tokens are the float cache's
     # (test_engine_kernels checks that against transformers), so the float reference still applies.
+    # --weight-layout gemv: one-row steps through core's compiled kernel, batched ones through oneDNN.
     args = [str(script), "serve", str(model_dir), "--port", "0", "--api-key", "sk-cli", "--served-model-name",
-            MODEL, "--max-queue", "8", "--max-num-seqs", "16", "--kv-cache-dtype", "int8"]  # fmt: skip
+            MODEL, "--max-queue", "8", "--max-num-seqs", "16", "--kv-cache-dtype", "int8",
+            "--weight-layout", "gemv"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # the ready line, printed once the server accepts requests

@@ -189,7 +189,9 @@ def _open_llm(args: argparse.Namespace) -> LLM | RemoteLLM:
 
     if args.model is not None:
         logger.warning("--model names a server's model; it is ignored for a local model directory")
-    return LLM(args.target, dtype=args.dtype)
+    # One conversation, one reply at a time: a one-sequence engine, whose float32 CPU weights then take
+    # the layout made for decoding a single row (EngineConfig.weight_layout "auto" picks "gemv").
+    return LLM(args.target, dtype=args.dtype, max_num_seqs=1)
 
 
 def _run_chat(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmstack.core._config import ModelConfig
 from lmstack.core._errors import ConfigError
+from lmstack.core.model import _cpu_gemv
 from lmstack.core.model._attention import AttentionBackend, DenseAttention
 from lmstack.core.model._inference_layout import InferenceLinear, WeightLayout, resolve_layout
 from lmstack.core.model._rope import RotaryEmbedding, apply_rotary
@@ -298,11 +299,13 @@ class CausalLM(nn.Module):
     # -- inference layout ----------------------------------------------------------------------------
     @property
     def inference_layout(self) -> str | None:
-        """The weight layout :meth:`prepare_for_inference` chose (``"onednn"``/``"dense"``), or None."""
+        """The layout :meth:`prepare_for_inference` chose (``"onednn"``, ``"dense"``, ``"gemv"``), or None."""
         return self._inference_layout
 
     @torch.no_grad()
-    def prepare_for_inference(self, layout: WeightLayout = "auto") -> CausalLM:
+    def prepare_for_inference(
+        self, layout: WeightLayout = "auto", *, single_sequence: bool = False
+    ) -> CausalLM:
         """Fuse projections and lay weights out for the fastest matmul here; inference only, in place.
 
         q/k/v become one projection and gate/up another (one GEMM each, split after), and every
@@ -319,7 +322,11 @@ class CausalLM(nn.Module):
         move and cast first, then prepare. Calling it again is a no-op.
 
         Args:
-            layout: ``"auto"`` (the measured best for this device and dtype), ``"onednn"`` or ``"dense"``.
+            layout: ``"auto"`` (the measured best for this device and dtype), ``"onednn"``, ``"dense"``
+                or ``"gemv"`` (float32 on CPU: lmstack's compiled kernel for inputs of a few rows, the
+                fastest layout for decoding one sequence at a time; the lmstack-core README measures it).
+            single_sequence: The model will decode one sequence at a time (a serving engine with
+                ``max_num_seqs=1``): ``"auto"`` then picks ``"gemv"`` where it runs.
 
         Returns:
             The model itself, in eval mode.
@@ -340,7 +347,7 @@ class CausalLM(nn.Module):
                     f"prepare_for_inference needs plain nn.Linear projections, but {name} is "
                     f"{type(module).__name__}; merge adapters (or dequantize) first."
                 )
-        chosen = resolve_layout(layout, weight.device, weight.dtype)
+        chosen = resolve_layout(layout, weight.device, weight.dtype, single_sequence=single_sequence)
         self.eval()
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
@@ -418,7 +425,16 @@ class CausalLM(nn.Module):
                 h = h.reshape(-1, h.shape[-1])[logits_indices]
         if head is not None:
             return head(h, self.lm_head)
+        if (
+            self._inference_layout == "gemv"
+            and self._tied_head()
+            and h.numel() <= _cpu_gemv.MAX_ROWS * h.shape[-1]
+        ):  # a tied head stays the embedding's nn.Linear (an untied one is an InferenceLinear)
+            return _cpu_gemv.gemv(h, self.lm_head.weight, self.lm_head.bias)
         return self.lm_head(h)
+
+    def _tied_head(self) -> bool:
+        return self.lm_head.weight is self.model.embed_tokens.weight
 
 
 # The last layer runs on the logits rows alone when they are at most this share of the tokens: below it
@@ -438,7 +454,11 @@ _PROJECTIONS = frozenset(
 
 
 def _fuse(
-    parent: nn.Module, fused: str, names: tuple[str, ...], out: str, layout: Literal["onednn", "dense"]
+    parent: nn.Module,
+    fused: str,
+    names: tuple[str, ...],
+    out: str,
+    layout: Literal["onednn", "dense", "gemv"],
 ) -> None:
     """Replace ``parent``'s ``names`` projections with one fused module, and its ``out`` projection.
 

@@ -46,7 +46,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "tensor_parallel_size": args.tensor_parallel_size,
     }
-    for name in ("max_model_len", "kv_cache_memory", "block_size", "kv_cache_dtype", "kernels"):
+    for name in (
+        "max_model_len",
+        "kv_cache_memory",
+        "block_size",
+        "kv_cache_dtype",
+        "kernels",
+        "weight_layout",
+    ):
         value = getattr(args, name)
         if value is not None:
             engine[name] = value
@@ -113,5 +120,11 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
         "--kernels",
         choices=("auto", "triton", "torch"),
         help="Triton kernels or torch (default auto: Triton on CUDA when installed)",
+    )
+    p.add_argument(
+        "--weight-layout",
+        choices=("auto", "onednn", "dense", "gemv"),
+        help="how CPU weights are stored (default auto: 'gemv', lmstack's one-row kernel, with "
+        "--max-num-seqs 1 in float32; oneDNN's packed layout otherwise)",
     )
     p.set_defaults(func=_run_serve)
