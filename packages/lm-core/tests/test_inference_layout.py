@@ -12,15 +12,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lmstack.core import CausalLM, CheckpointError, ConfigError, ModelConfig, load_pretrained, save_pretrained
-from lmstack.core.model import DecoderLayer, _cpu_gemv
+from lmstack.core.model import DecoderLayer, cpu_kernels
 from lmstack.core.model._inference_layout import resolve_layout
 
 # Every layout where this machine runs it: "onednn" needs a CPU torch with oneDNN, "gemv" a C compiler
-# (CI's machines have both; test_cpu_gemv.py asserts the kernel builds there).
+# (CI's machines have both; testcpu_kernels.py asserts the kernel builds there).
 LAYOUTS = (
     ["dense"]
     + (["onednn"] if resolve_layout("auto", torch.device("cpu"), torch.float32) == "onednn" else [])
-    + (["gemv"] if _cpu_gemv.available() else [])
+    + (["gemv"] if cpu_kernels.available() else [])
 )
 
 
@@ -184,7 +184,7 @@ def test_a_prepared_model_counts_the_same_parameters(model_type: str, tied: bool
     assert model.prepare_for_inference("dense").num_parameters() == before
 
 
-@pytest.mark.skipif(not _cpu_gemv.available(), reason="the gemv kernel needs a C compiler (CI has gcc)")
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the gemv kernel needs a C compiler (CI has gcc)")
 @pytest.mark.parametrize("tied", [False, True])
 def test_gemv_layout_sends_few_rows_to_the_kernel_and_many_to_onednn(
     tied: bool, monkeypatch: pytest.MonkeyPatch
@@ -193,13 +193,13 @@ def test_gemv_layout_sends_few_rows_to_the_kernel_and_many_to_onednn(
     reference = copy.deepcopy(model)
     model.prepare_for_inference("gemv")
     calls: list[int] = []
-    real = _cpu_gemv.gemv
+    real = cpu_kernels.gemv
 
     def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         calls.append(x.numel() // x.shape[-1])
         return real(x, weight, bias)
 
-    monkeypatch.setattr(_cpu_gemv, "gemv", spy)
+    monkeypatch.setattr(cpu_kernels, "gemv", spy)
     ids = _ids(1, 5)
     with torch.no_grad():
         # One row: every projection (4 per layer, 2 layers) and the head, tied or not, in the kernel.

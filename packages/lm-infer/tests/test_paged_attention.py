@@ -292,3 +292,26 @@ def test_sliding_window_in_place_and_gathered(dtype: torch.dtype, window: int) -
     tables[3] = [47, 46, 45, 44]  # fragmented: gathered
     attn = _run_step(tables, history, query_lens, dtype=dtype, window=window)
     assert attn.num_zero_copy == 3
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+def test_one_decoding_sequence_in_float32_takes_the_cpu_kernel(
+    window: int | None, heads: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmstack.core.model import cpu_kernels
+
+    assert cpu_kernels.available(), cpu_kernels.unavailable_reason()  # CI builds it: tested, not skipped
+    calls: list[int] = []
+    real = cpu_kernels.decode_attention
+
+    def spy(*args: object, **kwargs: object) -> Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cpu_kernels, "decode_attention", spy)
+    # 29 cached tokens plus this step's one, on consecutive blocks that start inside the cache.
+    attn = _run_step([_region_table(1, 30)], [29], [1], heads=heads, window=window)
+    assert attn.num_zero_copy == 1 and calls == [1]
+    _run_step([_region_table(1, 30)], [29], [1], heads=heads, window=window, dtype=torch.bfloat16)
+    assert calls == [1]  # a bfloat16 cache keeps SDPA

@@ -413,6 +413,7 @@ STATE_PARAMS = [
     SamplingParams(temperature=1.0, top_p=0.8, repetition_penalty=0.8, presence_penalty=-0.5, logprobs=3),
     SamplingParams(temperature=0.5, min_p=0.1, min_tokens=4, stop_token_ids=[7]),
     SamplingParams(temperature=0, frequency_penalty=1.0, min_tokens=2),
+    SamplingParams(temperature=0, logprobs=0),  # the chosen token's log-prob only
 ]
 
 
@@ -468,12 +469,55 @@ def test_state_running_counts_equal_a_rebuild_through_joins_and_leaves() -> None
             assert torch.equal(got.seen_mask[repeated], want.seen_mask[repeated])
         assert got.all_greedy == want.all_greedy
         assert got.max_logprobs >= want.max_logprobs
+        # Like max_logprobs, need_logprobs describes every live row (logprobs=0 counts: it asks too).
+        assert got.need_logprobs == any(p.logprobs is not None for p, _, _ in live.values())
+        out = Sampler()(logits, got)
+        assert (out.logprobs is None) == (not got.need_logprobs)
+        assert torch.equal(out.token_ids[got.greedy], Sampler()(logits, want).token_ids[got.greedy])
         tokens = [pick.randrange(vocab) for _ in rows]
         for r, t in zip(rows, tokens, strict=True):
             live[r][2].append(t)
         state.record(rows, tokens)
     assert joins > 20 and len(rows_seen) < joins  # rows were reused
     assert state.num_rows == len(live)
+
+
+def test_no_log_probs_are_computed_when_no_row_asks() -> None:
+    state = SamplingState(16, "cpu")
+    plain = state.add(SamplingParams(temperature=0), [1, 2], [], None)
+    logits = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+    out = Sampler()(logits, state.tensors([plain]))
+    assert out.logprobs is None and out.top_logprobs is None
+    assert out.token_ids.tolist() == [int(logits.argmax())]
+    asks = state.add(SamplingParams(temperature=0, logprobs=0), [3], [], None)
+    out = Sampler()(logits.repeat(2, 1), state.tensors([plain, asks]))
+    assert out.logprobs is not None and out.top_logprobs is None
+    torch.testing.assert_close(out.logprobs, logits.log_softmax(-1).max(-1).values.repeat(2))
+    state.remove(asks)
+    assert not state.tensors([plain]).need_logprobs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_untouched_greedy_fast_path_picks_what_the_full_path_picks(dtype: torch.dtype) -> None:
+    """All greedy, no penalty/mask/constraint, no log-probs: argmax of the raw logits, no float32 copy."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 40, generator=g).to(dtype)
+    logits[2, [3, 17]] = logits[2].max() + 1  # a tie: the lowest id wins on both paths
+    params = [SamplingParams(temperature=0)] * 5
+    full = build(params, vocab=40)
+    fast = dataclasses.replace(full, need_logprobs=False)
+    got, want = Sampler()(logits, fast), Sampler()(logits, full)
+    assert got.logprobs is None and want.logprobs is not None
+    assert got.token_ids.tolist() == want.token_ids.tolist() and got.token_ids[2] == 3
+    penalised = dataclasses.replace(
+        build([SamplingParams(temperature=0, repetition_penalty=2.0)] * 5, vocab=40), need_logprobs=False
+    )
+    assert penalised.seen_mask is not None  # a penalty: the full path runs, log-probs still skipped
+    assert Sampler()(logits, penalised).logprobs is None
+    with pytest.raises(ValueError, match="logits must be"):
+        Sampler()(logits[:, :39], fast)
 
 
 def test_state_refuses_a_bad_row_without_taking_it() -> None:

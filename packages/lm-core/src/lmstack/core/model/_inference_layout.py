@@ -15,7 +15,7 @@ The same packed weight serves one token and many, so one copy of each weight is 
 
 The ``gemv`` layout is for an engine that decodes one sequence at a time: it keeps the plain ``[out, in]``
 matrix and multiplies inputs of up to four rows with lmstack's own compiled kernel
-(:mod:`~lmstack.core.model._cpu_gemv`), which streams the weights 1.4-1.8x faster than oneDNN's packed
+(:mod:`~lmstack.core.model.cpu_kernels`), which streams the weights 1.4-1.8x faster than oneDNN's packed
 linear at one row, and larger inputs (prefill) with oneDNN over the plain matrix, which is 1.4x slower
 than the packed weight at 32 rows and level at 128.
 """
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmstack.core._errors import CheckpointError, ConfigError
-from lmstack.core.model import _cpu_gemv
+from lmstack.core.model import cpu_kernels
 
 __all__ = ["InferenceLinear", "WeightLayout", "resolve_layout"]
 
@@ -72,7 +72,7 @@ def resolve_layout(
     if layout not in ("auto", "onednn", "dense", "gemv"):
         raise ConfigError(f"unknown weight layout {layout!r}; use 'auto', 'onednn', 'dense' or 'gemv'.")
     one_row_cpu = single_sequence and device.type == "cpu" and dtype == torch.float32
-    if layout == "auto" and one_row_cpu and _cpu_gemv.available():
+    if layout == "auto" and one_row_cpu and cpu_kernels.available():
         return "gemv"
     if layout == "gemv":
         if device.type != "cpu" or dtype != torch.float32:
@@ -80,8 +80,8 @@ def resolve_layout(
                 f"the 'gemv' weight layout runs float32 weights on a CPU, got {device} {dtype}; "
                 "use layout='auto'."
             )
-        if not _cpu_gemv.available():
-            why = _cpu_gemv.unavailable_reason()
+        if not cpu_kernels.available():
+            why = cpu_kernels.unavailable_reason()
             raise ConfigError(f"the 'gemv' weight layout cannot run here: {why}; use layout='auto'.")
         return "gemv"
     onednn_ok = device.type == "cpu" and _onednn_supports(dtype)
@@ -109,7 +109,7 @@ class InferenceLinear(nn.Module):
         parts: ``(name, linear)`` pairs, in output order; every linear has the same input size.
         attr: The attribute name this module is registered under in its parent.
         layout: ``"onednn"`` (weight reordered for oneDNN), ``"dense"`` (a plain ``[out, in]`` matrix) or
-            ``"gemv"`` (a plain matrix; up to :data:`~lmstack.core.model._cpu_gemv.MAX_ROWS` input rows
+            ``"gemv"`` (a plain matrix; up to :data:`~lmstack.core.model.cpu_kernels.MAX_ROWS` input rows
             through lmstack's CPU kernel, more through oneDNN).
     """
 
@@ -161,8 +161,8 @@ class InferenceLinear(nn.Module):
         if self.layout == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
         if self.layout == "gemv":
-            if x.numel() <= _cpu_gemv.MAX_ROWS * self.in_features:
-                return _cpu_gemv.gemv(x, self.weight, self.bias)
+            if x.numel() <= cpu_kernels.MAX_ROWS * self.in_features:
+                return cpu_kernels.gemv(x, self.weight, self.bias)
             if self._onednn_dense:  # oneDNN reads the plain matrix faster than MKL's F.linear does
                 return torch.ops.mkldnn._linear_pointwise(
                     x.contiguous(), self.weight, self.bias, "none", [], ""

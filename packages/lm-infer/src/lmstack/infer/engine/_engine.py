@@ -672,7 +672,8 @@ class LLMEngine:
         tensors = self.input_batch.sampling.tensors(rows, allowed=allowed)
         out = self.sampler(logits, tensors)
         tokens = out.token_ids.tolist()
-        chosen = out.logprobs.tolist()
+        # No row asked for log-probs: the sampler skipped them, and _append reads none.
+        chosen = out.logprobs.tolist() if out.logprobs is not None else [math.nan] * len(tokens)
         if out.top_logprobs is None:
             return [_Row(t, lp) for t, lp in zip(tokens, chosen, strict=True)]
         values, ids = out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist()

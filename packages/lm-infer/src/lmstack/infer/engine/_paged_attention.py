@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmstack.core import ModelConfig
+from lmstack.core.model import cpu_kernels
 
 __all__ = ["KVCache", "PagedAttention", "kv_bytes_per_block"]
 
@@ -110,6 +111,7 @@ class _Strided:
     token_index: Tensor  # [M] flat token index of each member's query
     mask: Tensor  # [rows, 1, 1, num_keys] bool
     dense: bool  # rows == members, in order: no scatter needed
+    single: tuple[int, int] | None  # one member: (its query's token index, its first key in the window)
 
 
 class PagedAttention:
@@ -140,6 +142,10 @@ class PagedAttention:
     ) -> None:
         self.cache = cache
         device = cache.keys.device
+        # One decoding sequence read in place: lmstack's CPU decode-attention kernel, where it builds.
+        self._one_row_kernel = (
+            device.type == "cpu" and cache.keys.dtype == torch.float32 and cpu_kernels.available()
+        )
         self.slot_mapping = slot_mapping.to(device)
         self.num_tokens = int(sum(query_lens))
         starts = [0]
@@ -223,6 +229,9 @@ class PagedAttention:
             token_index=torch.tensor([starts[i] for i in order], dtype=torch.long, device=device),
             mask=mask[:, None, None, :].to(device),
             dense=rows == len(order),
+            single=None
+            if len(order) > 1
+            else (starts[order[0]], 0 if window is None else max(0, num_keys - window)),
         )
 
     def _build(
@@ -284,6 +293,12 @@ class PagedAttention:
         hq, hkv, d = qf.shape[1], keys.shape[1], qf.shape[2]
         g = hq // hkv
         for plan in self._strided[window]:
+            if plan.single is not None and self._one_row_kernel and qf.dtype == torch.float32:
+                token, start = plan.single  # 5-10x less time than SDPA's call for one query
+                out[token] = cpu_kernels.decode_attention(
+                    qf[token], keys, values, plan.first_slot, plan.num_keys, scale=scale, start=start
+                )
+                continue
             self._attend_strided(plan, qf, keys, values, out, scale)
         bs = self.cache.block_size
         key_blocks, value_blocks = keys.view(-1, bs, hkv, d), values.view(-1, bs, hkv, d)

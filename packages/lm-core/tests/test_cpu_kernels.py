@@ -1,4 +1,4 @@
-"""lmstack's compiled CPU GEMV (the ``gemv`` weight layout): results, threads, cache, and clear failures."""
+"""lmstack's compiled CPU kernels (GEMV, RMSNorm, decode attention): results, threads, cache, failures."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmstack.core import ConfigError
-from lmstack.core.model import _cpu_gemv
+from lmstack.core.model import cpu_kernels
 from lmstack.core.model._inference_layout import resolve_layout
 
 CPU = torch.device("cpu")
@@ -21,8 +21,8 @@ CPU = torch.device("cpu")
 
 def test_the_kernel_builds_on_this_machine() -> None:
     # CI's machines have gcc and torch's GNU OpenMP: the gemv layout is tested there, not skipped.
-    assert _cpu_gemv.available(), _cpu_gemv.unavailable_reason()
-    assert _cpu_gemv.unavailable_reason() == ""
+    assert cpu_kernels.available(), cpu_kernels.unavailable_reason()
+    assert cpu_kernels.unavailable_reason() == ""
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -38,7 +38,7 @@ def test_gemv_matches_a_float64_reference(rows: int, n: int, k: int, bias: bool)
     x = torch.randn(rows, k, generator=g)
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    got = _cpu_gemv.gemv(x, w, b)
+    got = cpu_kernels.gemv(x, w, b)
     assert got.shape == (rows, n) and got.dtype == torch.float32
     # float32 accumulation in another order than the float64 reference: the error grows with the sum
     # of |terms|, about k * eps32 of it at worst; 4 * sqrt(k) * eps32 of it is what random signs give.
@@ -51,10 +51,10 @@ def test_gemv_keeps_leading_dimensions_and_reads_strided_inputs() -> None:
     w, b = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
     x = torch.randn(1, 3, 80, generator=g)[..., ::2]  # strided: every other column
     assert not x.is_contiguous()
-    got = _cpu_gemv.gemv(x, w, b)
+    got = cpu_kernels.gemv(x, w, b)
     assert got.shape == (1, 3, 24)
     torch.testing.assert_close(got.double(), _reference(x, w, b), rtol=1e-5, atol=1e-5)
-    assert _cpu_gemv.gemv(torch.empty(0, 40), w).shape == (0, 24)
+    assert cpu_kernels.gemv(torch.empty(0, 40), w).shape == (0, 24)
 
 
 def test_gemv_gives_the_same_bits_on_one_thread_and_two() -> None:
@@ -64,32 +64,106 @@ def test_gemv_gives_the_same_bits_on_one_thread_and_two() -> None:
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _cpu_gemv.gemv(x, w)
+        one = cpu_kernels.gemv(x, w)
         torch.set_num_threads(2)
-        two = _cpu_gemv.gemv(x, w)
+        two = cpu_kernels.gemv(x, w)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize(("rows", "n"), [(1, 1), (1, 7), (3, 513), (4, 4096)])
+def test_rms_norm_matches_a_float64_reference(rows: int, n: int) -> None:
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x, w = torch.randn(1, rows, n, generator=g) * 3, torch.randn(n, generator=g)
+    got = cpu_kernels.rms_norm(x, w, 1e-6)
+    x64 = x.double()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert got.shape == x.shape
+    # float32 sum of squares and one rsqrt: a few ulps of each output, relative to |x * w| / rms.
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
+
+
+def _attention_reference(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    first: int,
+    num_keys: int,
+    scale: float,
+    start: int,
+) -> torch.Tensor:
+    hq, hkv = q.shape[0], keys.shape[1]
+    k = keys[first + start : first + num_keys].double().repeat_interleave(hq // hkv, dim=1)  # [T, Hq, D]
+    v = values[first + start : first + num_keys].double().repeat_interleave(hq // hkv, dim=1)
+    weights = (torch.einsum("hd,thd->ht", q.double(), k) * scale).softmax(-1)
+    return torch.einsum("ht,thd->hd", weights, v)
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(1, 1, 1), (6, 2, 7), (8, 8, 64), (12, 4, 64), (8, 1, 129)])
+@pytest.mark.parametrize(("first", "num_keys", "start"), [(0, 1, 0), (3, 5, 0), (17, 300, 0), (2, 700, 650)])
+def test_decode_attention_matches_a_float64_reference(
+    hq: int, hkv: int, d: int, first: int, num_keys: int, start: int
+) -> None:
+    g = torch.Generator().manual_seed(hq * 7 + d + num_keys)
+    slots = first + num_keys + 9  # slots past the sequence's keys must be ignored
+    keys, values = torch.randn(slots, hkv, d, generator=g), torch.randn(slots, hkv, d, generator=g)
+    q = torch.randn(hq, d, generator=g) * 2  # sharp softmax rows too
+    scale = d**-0.5
+    got = cpu_kernels.decode_attention(q, keys, values, first, num_keys, scale=scale, start=start)
+    want = _attention_reference(q, keys, values, first, num_keys, scale, start)
+    # float32 dot products of length d and a float32 softmax sum over the keys: outputs are convex
+    # combinations of values of size ~1, within ~1e-6 of the float64 result here.
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
+
+def test_decode_attention_gives_the_same_bits_on_one_thread_and_two() -> None:
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(1200, 4, 64, generator=g), torch.randn(1200, 4, 64, generator=g)
+    q = torch.randn(8, 64, generator=g)  # 8 heads x 1,100 keys x 64: over the threading threshold
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.decode_attention(q, keys, values, 50, 1100, scale=0.125)
+        torch.set_num_threads(2)
+        two = cpu_kernels.decode_attention(q, keys, values, 50, 1100, scale=0.125)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_kernels_refuse_what_does_not_fit() -> None:
+    keys = torch.randn(10, 2, 8)
+    with pytest.raises(ConfigError, match="does not fit"):
+        cpu_kernels.decode_attention(torch.randn(4, 8), keys, keys, 5, 6, scale=1.0)  # slots 5..10 of 10
+    with pytest.raises(ConfigError, match="does not fit"):
+        cpu_kernels.decode_attention(torch.randn(3, 8), keys, keys, 0, 4, scale=1.0)  # 3 heads over 2
+    with pytest.raises(ConfigError, match="does not fit"):
+        cpu_kernels.decode_attention(torch.randn(4, 8), keys, keys, 0, 4, scale=1.0, start=4)
+    with pytest.raises(ConfigError, match="float32 CPU tensors"):
+        cpu_kernels.decode_attention(torch.randn(4, 8).half(), keys, keys, 0, 4, scale=1.0)
+    with pytest.raises(ConfigError, match="rms_norm shapes"):
+        cpu_kernels.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
+
+
 def test_gemv_refuses_what_it_cannot_multiply() -> None:
     w = torch.randn(8, 16)
     with pytest.raises(ConfigError, match="float32 CPU tensors"):
-        _cpu_gemv.gemv(torch.randn(1, 16, dtype=torch.float64), w)
+        cpu_kernels.gemv(torch.randn(1, 16, dtype=torch.float64), w)
     with pytest.raises(ConfigError, match="shapes do not fit"):
-        _cpu_gemv.gemv(torch.randn(1, 15), w)
+        cpu_kernels.gemv(torch.randn(1, 15), w)
     with pytest.raises(ConfigError, match="contiguous: False"):
-        _cpu_gemv.gemv(torch.randn(1, 8), w.T)
+        cpu_kernels.gemv(torch.randn(1, 8), w.T)
     with pytest.raises(ConfigError, match="bias"):
-        _cpu_gemv.gemv(torch.randn(1, 16), w, torch.randn(9))
+        cpu_kernels.gemv(torch.randn(1, 16), w, torch.randn(9))
 
 
 def _fresh_build(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Build in a new process (the kernel is built once per process) with ``env`` over this one's."""
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-        "from lmstack.core.model import _cpu_gemv\n"
-        "print('AVAILABLE', _cpu_gemv.available()); print('REASON', _cpu_gemv.unavailable_reason())\n"
+        "from lmstack.core.model import cpu_kernels\n"
+        "print('AVAILABLE', cpu_kernels.available()); print('REASON', cpu_kernels.unavailable_reason())\n"
     )
     return subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
@@ -108,8 +182,8 @@ def test_the_kernel_shares_torchs_openmp_runtime(tmp_path: Path) -> None:
         "def runtimes():\n"
         "    return {l.split()[-1] for l in Path('/proc/self/maps').read_text().splitlines() if 'omp' in l}\n"
         "before = runtimes()\n"
-        "from lmstack.core.model import _cpu_gemv\n"
-        "_cpu_gemv.gemv(torch.randn(1, 64), torch.randn(64, 64))\n"
+        "from lmstack.core.model import cpu_kernels\n"
+        "cpu_kernels.gemv(torch.randn(1, 64), torch.randn(64, 64))\n"
         "print('SAME', runtimes() == before, len(before))\n"
     )
     if importlib.util.find_spec("faiss") is None:
@@ -124,9 +198,9 @@ def test_the_kernel_shares_torchs_openmp_runtime(tmp_path: Path) -> None:
 def test_a_fresh_cache_is_filled_with_one_library_and_no_leftovers(tmp_path: Path) -> None:
     done = _fresh_build({"LMSTACK_KERNEL_CACHE": str(tmp_path / "cache")})
     assert "AVAILABLE True" in done.stdout, done.stdout + done.stderr
-    assert [p.name.startswith("cpu_gemv-") and p.suffix == ".so" for p in (tmp_path / "cache").iterdir()] == [
-        True
-    ]
+    assert [
+        p.name.startswith("cpu_kernels-") and p.suffix == ".so" for p in (tmp_path / "cache").iterdir()
+    ] == [True]
     again = _fresh_build(
         {"LMSTACK_KERNEL_CACHE": str(tmp_path / "cache"), "CC": str(tmp_path / "no-such-cc")}
     )
@@ -142,7 +216,7 @@ def test_a_failed_compile_says_why_and_the_layout_refuses(tmp_path: Path) -> Non
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     done = _fresh_build({"LMSTACK_KERNEL_CACHE": str(tmp_path / "cache"), "CC": str(fake)})
     assert "AVAILABLE False" in done.stdout and "fake-cc: no way" in done.stdout, done.stdout
-    assert "CPU GEMV kernel unavailable" in done.stdout  # logged once, at INFO
+    assert "CPU kernels unavailable" in done.stdout  # logged once, at INFO
     assert not list((tmp_path / "cache").iterdir())  # nothing half-built left behind
 
 
@@ -153,7 +227,7 @@ def test_layout_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="runs float32 weights on a CPU"):
         resolve_layout("gemv", torch.device("meta"), torch.float32)
     # Where the kernel cannot build, an explicit "gemv" says why and "auto" quietly keeps oneDNN/dense.
-    monkeypatch.setattr(_cpu_gemv, "_loaded", (None, "no C compiler found (set $CC, or install gcc)"))
+    monkeypatch.setattr(cpu_kernels, "_loaded", (None, "no C compiler found (set $CC, or install gcc)"))
     with pytest.raises(ConfigError, match="cannot run here: no C compiler found"):
         resolve_layout("gemv", CPU, torch.float32)
     assert resolve_layout("auto", CPU, torch.float32, single_sequence=True) in ("onednn", "dense")
