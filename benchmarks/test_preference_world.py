@@ -128,15 +128,21 @@ def _fact_pairs(world_dir: Path) -> list[dict[str, Any]]:
     return pairs
 
 
-def _real_name_pairs(world_dir: Path) -> list[dict[str, Any]]:
-    """Pairs on the held-out questions about real people and cities: the right statement vs "not known"."""
+def _real_name_questions(world_dir: Path) -> list[tuple[dict[str, Any], str, str]]:
+    """Held-out closed-book questions about real people and cities: (row, the entity's name, its kind)."""
     names = {r["id"]: r["title"] for r in wm.world.read_jsonl(world_dir / "articles.jsonl")}
-    pairs: list[dict[str, Any]] = []
+    found = []
     for row in wm.world.read_jsonl(world_dir / "heldout.jsonl"):
         kind = wm.world.ATTRIBUTE[row["attribute"]].kind if row["kind"] == "fact" else None
-        if kind not in wm.world.UNKNOWN_ANSWERS:
-            continue
-        name = names[row["entity"]]
+        if kind in wm.world.UNKNOWN_ANSWERS:
+            found.append((row, names[row["entity"]], kind))
+    return found
+
+
+def _real_name_pairs(world_dir: Path) -> list[dict[str, Any]]:
+    """Pairs on the held-out questions about real people and cities: the right statement vs "not known"."""
+    pairs: list[dict[str, Any]] = []
+    for row, name, kind in _real_name_questions(world_dir):
         refusals = wm.world.UNKNOWN_ANSWERS[kind]
         for chosen, refusal in zip(row["statements"][row["label"]], refusals, strict=True):
             pairs.append(
@@ -281,13 +287,10 @@ def _denial_questions(world_dir: Path, split: list[dict[str, Any]]) -> dict[str,
         for r in split
         if r["meta"]["kind"] == "unknown"
     ]
-    names = {r["id"]: r["title"] for r in wm.world.read_jsonl(world_dir / "articles.jsonl")}
-    real = []
-    for row in wm.world.read_jsonl(world_dir / "heldout.jsonl"):
-        kind = wm.world.ATTRIBUTE[row["attribute"]].kind if row["kind"] == "fact" else None
-        if kind in answers:
-            prompt = [{"role": "user", "content": row["question"]}]
-            real.append((prompt, {t.format(name=names[row["entity"]]) for t in answers[kind]}))
+    real = [
+        ([{"role": "user", "content": row["question"]}], {t.format(name=name) for t in answers[kind]})
+        for row, name, kind in _real_name_questions(world_dir)
+    ]
     return {"unknown": unknown, "real names": real}
 
 

@@ -384,6 +384,26 @@ def test_engine_greedy_rtn8_equals_dequantized_float(model_dir: Path, tmp_path: 
             assert bf16_error < int8_error, (bf16_error, int8_error)
 
 
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_one_sequence_engine_over_quantized_weights(model_dir: Path, lm_head: bool) -> None:
+    """max_num_seqs=1 picks the gemv layout: a float head takes the one-row kernel, a quantized one stays."""
+    from lmstack.core import Tokenizer, load_pretrained
+
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    float_model = load_pretrained(model_dir, dtype="float32")
+    assert not float_model.config.tie_word_embeddings
+    quantized = quantize_model(copy.deepcopy(float_model), bits=8, lm_head=lm_head, kernel_dtype=None)
+    reference = _dequantized_copy(float_model, quantized)
+    prompts = ["the quick brown fox", "seven wizards quietly", "hex"]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    with LLM(reference, tokenizer) as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    with LLM(quantized, tokenizer, max_num_seqs=1) as llm:
+        assert llm.engine.model.inference_layout == "gemv"
+        assert isinstance(llm.engine.model.lm_head, WeightOnlyLinear) is lm_head
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+
+
 def test_cli_quantize_rtn(model_dir: Path, tmp_path: Path) -> None:
     parser = argparse.ArgumentParser(prog="lmstack")
     register_quantize(parser.add_subparsers(dest="command", required=True))

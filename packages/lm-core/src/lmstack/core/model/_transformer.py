@@ -441,7 +441,9 @@ class CausalLM(nn.Module):
         return self.lm_head(h)
 
     def _tied_head(self) -> bool:
-        return self.lm_head.weight is self.model.embed_tokens.weight
+        # A quantized head (lmstack-infer's weight-only linears) is an nn.Module without a weight.
+        head = self.lm_head
+        return isinstance(head, nn.Linear) and head.weight is self.model.embed_tokens.weight
 
 
 # The last layer runs on the logits rows alone when they are at most this share of the tokens: below it
