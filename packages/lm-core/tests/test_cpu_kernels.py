@@ -46,6 +46,69 @@ def test_gemv_matches_a_float64_reference(rows: int, n: int, k: int, bias: bool)
     assert ((got.double() - _reference(x, w, b)).abs() <= 4 * k**0.5 * 1.2e-7 * scale + 1e-30).all()
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (37, 13), (300, 100), (64, 4096)])
+def test_gemv_int8_matches_a_float64_reference(rows: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n + k + rows)
+    x = torch.randn(rows, k, generator=g)
+    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scales, bias = torch.rand(n, generator=g) / 100, torch.randn(n, generator=g)
+    got = cpu_kernels.gemv_int8(x, codes, scales, bias)
+    weight = codes.double() * scales.double()[:, None]
+    want = x.double() @ weight.T + bias.double()
+    # Exact float32 products of the dequantized weight, summed in float32 in another order.
+    scale = x.abs().double() @ weight.abs().T + bias.abs().double()
+    assert ((got.double() - want).abs() <= 4 * k**0.5 * 1.2e-7 * scale + 1e-30).all()
+    with pytest.raises(ConfigError, match="gemv_int8 does not fit"):
+        cpu_kernels.gemv_int8(x, codes.to(torch.int16), scales)
+
+
+# Every kernel against its float64 reference, in a fresh process built with the given extra flags.
+_ISA_CHECK = """
+import torch
+from lmstack.core.model import cpu_kernels as ck
+assert ck.available(), ck.unavailable_reason()
+g = torch.Generator().manual_seed(0)
+x, w = torch.randn(2, 200, generator=g), torch.randn(70, 200, generator=g)
+q, s = torch.randint(-128, 128, (70, 200), generator=g, dtype=torch.int8), torch.rand(70, generator=g)
+def rel(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+errors = {
+    "gemv": rel(ck.gemv(x, w), x.double() @ w.double().T),
+    "gemv_int8": rel(ck.gemv_int8(x, q, s), x.double() @ (q.double() * s.double()[:, None]).T),
+}
+r = x[:1] * 3
+want = r.double() * torch.rsqrt(r.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w[0].double()
+errors["rms_norm"] = rel(ck.rms_norm(r, w[0], 1e-6), want)
+keys, values, qh = torch.randn(50, 2, 24, generator=g), torch.randn(50, 2, 24, generator=g), torch.randn(6, 24)
+k, v = keys[5:45].double().repeat_interleave(3, 1), values[5:45].double().repeat_interleave(3, 1)
+ref = torch.einsum("ht,thd->hd", (torch.einsum("hd,thd->ht", qh.double(), k) * 0.2).softmax(-1), v)
+got = ck.decode_attention(qh, keys, values, 5, 40, scale=0.2)
+errors["decode_attention"] = rel(got, ref)
+print("WIDTH", ck.vector_width(), "ERRORS", max(errors.values()), errors)
+"""
+
+
+@pytest.mark.parametrize(
+    ("flags", "needs", "width"),
+    [("", "avx512f", 512), ("-mno-avx512f", "avx2", 256), ("-mno-avx512f -mno-avx2 -mno-fma", "", 0)],
+    ids=["avx512", "avx2", "plain"],
+)
+def test_every_vector_path_matches_its_reference(tmp_path: Path, flags: str, needs: str, width: int) -> None:
+    if needs and needs not in Path("/proc/cpuinfo").read_text().split():
+        pytest.skip(f"this CPU has no {needs}")
+    done = subprocess.run(
+        [sys.executable, "-c", _ISA_CHECK],
+        env={**os.environ, "LMSTACK_KERNEL_CACHE": str(tmp_path), "LMSTACK_KERNEL_CFLAGS": flags},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    words = done.stdout.split()
+    assert int(words[words.index("WIDTH") + 1]) == width, done.stdout
+    # Float32 sums of up to 200 products, relative to the largest output: ~1e-6 (20x margin).
+    assert float(words[words.index("ERRORS") + 1]) < 2e-5, done.stdout
+
+
 def test_gemv_keeps_leading_dimensions_and_reads_strided_inputs() -> None:
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)

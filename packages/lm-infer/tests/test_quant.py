@@ -384,6 +384,45 @@ def test_engine_greedy_rtn8_equals_dequantized_float(model_dir: Path, tmp_path: 
             assert bf16_error < int8_error, (bf16_error, int8_error)
 
 
+def test_int8_decode_rows_take_the_exact_float32_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmstack.core.model import cpu_kernels
+
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 128, generator=g), torch.randn(48, generator=g)
+    q, scales = quantize_int8_per_channel(weight)
+    layer = WeightOnlyLinear.from_int8(
+        q, scales, names=["p"], sizes=[48], attr="p", dtype=torch.float32, bias=bias
+    )
+    calls: list[int] = []
+    real = cpu_kernels.gemv_int8
+    monkeypatch.setattr(cpu_kernels, "gemv_int8", lambda *a: calls.append(1) or real(*a))
+    dense = layer.dense_weight(torch.float64)
+    for rows in (1, 4, 5):
+        x = torch.randn(1, rows, 128, generator=g)
+        got = layer(x)
+        want = x.double() @ dense.T + bias.double()
+        if rows <= cpu_kernels.MAX_ROWS:  # exact float32 arithmetic over the dequantized weight
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        else:  # more rows: torch's kernel with bfloat16 activations (2**-9 relative per rounding)
+            torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.3)
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("in_features", [24, 72, 100])
+def test_int8_inputs_torchs_kernel_crashes_on_are_dequantized(in_features: int) -> None:
+    # torch 2.13's _weight_int8pack_mm dies with SIGSEGV on 5 bfloat16 rows of 72 inputs: not called there.
+    g = torch.Generator().manual_seed(in_features)
+    weight = torch.randn(40, in_features, generator=g)
+    q, scales = quantize_int8_per_channel(weight)
+    layer = WeightOnlyLinear.from_int8(q, scales, names=["p"], sizes=[40], attr="p", dtype=torch.float32)
+    assert layer.kernel == "int8_dense"
+    x = torch.randn(5, in_features, generator=g)
+    torch.testing.assert_close(layer(x), x @ layer.dense_weight(torch.float32).T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer(x[:1]), x[:1] @ layer.dense_weight(torch.float32).T, rtol=1e-5, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize("lm_head", [False, True])
 def test_one_sequence_engine_over_quantized_weights(model_dir: Path, lm_head: bool) -> None:
     """max_num_seqs=1 picks the gemv layout: a float head takes the one-row kernel, a quantized one stays."""

@@ -43,13 +43,29 @@ from torch import Tensor
 
 from lmstack.core._errors import ConfigError
 
-__all__ = ["MAX_ROWS", "available", "decode_attention", "gemv", "rms_norm", "unavailable_reason"]
+__all__ = [
+    "MAX_ROWS",
+    "available",
+    "decode_attention",
+    "gemv",
+    "gemv_int8",
+    "rms_norm",
+    "unavailable_reason",
+    "vector_width",
+]
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
-_ABI = 2
+_ABI = 3
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC")
+
+
+def _flags() -> tuple[str, ...]:
+    # $LMSTACK_KERNEL_CFLAGS adds flags after ours, e.g. "-mno-avx512f" to build the AVX2 code paths.
+    return (*_FLAGS, *os.environ.get("LMSTACK_KERNEL_CFLAGS", "").split())
+
+
 _COMPILE_TIMEOUT_S = 120
 
 # Inputs of up to this many rows go through the kernel (it reads each weight once for all of them);
@@ -124,7 +140,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the C compiler {cc} did not run: {exc}"
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(
-        b"\0".join([source, cc.encode(), version.encode(), " ".join(_FLAGS).encode(), _cpu_flags().encode(),
+        b"\0".join([source, cc.encode(), version.encode(), " ".join(_flags()).encode(), _cpu_flags().encode(),
                     str(runtime).encode(), str(_ABI).encode()])
     ).hexdigest()[:20]  # fmt: skip
     target = _cache_dir() / f"cpu_kernels-{key}.so"
@@ -138,9 +154,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             return None, f"{target} has another ABI version; delete it to rebuild"
     except (OSError, AttributeError) as exc:
         return None, f"could not load the compiled kernels {target}: {exc}"
+    lib.lmstack_kernels_isa.restype = ctypes.c_int
     ptr, long, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     signatures = {
         "lmstack_gemv_f32": [ptr] * 4 + [long] * 3 + [i32],
+        "lmstack_gemv_i8_f32": [ptr] * 5 + [long] * 3 + [i32],
         "lmstack_rms_norm_f32": [ptr] * 3 + [long] * 2 + [f32],
         "lmstack_decode_attention_f32": [ptr] * 5 + [long] * 7 + [f32, i32],
     }
@@ -163,7 +181,7 @@ def _compile(cc: str, runtime: Path, target: Path) -> str | None:
         # Link against the runtime file torch loaded (not -lgomp): the library then names the same
         # soname, so the loader hands it torch's copy and no second thread pool starts.
         commands = [
-            [cc, *_FLAGS, "-c", str(_SOURCE), "-o", str(obj)],
+            [cc, *_flags(), "-c", str(_SOURCE), "-o", str(obj)],
             [cc, "-shared", str(obj), str(runtime), f"-Wl,-rpath,{runtime.parent}", "-o", str(lib)],
         ]
         for command in commands:
@@ -199,6 +217,11 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why the kernels cannot run here; empty when they can."""
     return _library()[1]
+
+
+def vector_width() -> int:
+    """The vector code the kernels were built with: 512 (AVX-512), 256 (AVX2 and FMA) or 0 (plain C)."""
+    return int(_lib_or_raise().lmstack_kernels_isa())
 
 
 def _lib_or_raise() -> ctypes.CDLL:
@@ -241,6 +264,46 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
     lib.lmstack_gemv_f32(
         weight.data_ptr(), rows.data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), rows.shape[0], n, k, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def gemv_int8(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ (codes * scales[:, None]).T + bias`` for int8 codes with one float32 scale per output row.
+
+    The codes are converted to float32 in the kernel, so the arithmetic is exact float32 over the
+    dequantized weight, while a quarter of the float32 matrix's bytes is read.
+
+    Args:
+        x: ``[..., in]`` float32; a few rows.
+        codes: ``[out, in]`` int8, contiguous.
+        scales: ``[out]`` float32.
+        bias: ``[out]`` float32 or None.
+
+    Raises:
+        ConfigError: The kernels are unavailable, or dtypes or shapes do not fit.
+    """
+    lib = _lib_or_raise()
+    n, k = codes.shape
+    _check_f32(x, scales, *(() if bias is None else (bias,)))
+    if (
+        codes.dtype != torch.int8
+        or not codes.is_contiguous()
+        or x.shape[-1] != k
+        or scales.shape != (n,)
+        or (bias is not None and bias.shape != (n,))
+    ):
+        raise ConfigError(
+            f"gemv_int8 does not fit: x {tuple(x.shape)}, codes {tuple(codes.shape)} {codes.dtype} (contiguous: "
+            f"{codes.is_contiguous()}), scales {tuple(scales.shape)}, bias {None if bias is None else tuple(bias.shape)}."
+        )
+    rows = x.reshape(-1, k).contiguous()
+    s = scales.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    lib.lmstack_gemv_i8_f32(
+        codes.data_ptr(), s.data_ptr(), rows.data_ptr(), None if bias is None else bias.data_ptr(),
         out.data_ptr(), rows.shape[0], n, k, torch.get_num_threads(),
     )  # fmt: skip
     return out
