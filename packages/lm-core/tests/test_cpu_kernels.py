@@ -80,7 +80,8 @@ errors = {
 r = x[:1] * 3
 want = r.double() * torch.rsqrt(r.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w[0].double()
 errors["rms_norm"] = rel(ck.rms_norm(r, w[0], 1e-6), want)
-keys, values, qh = torch.randn(50, 2, 24, generator=g), torch.randn(50, 2, 24, generator=g), torch.randn(6, 24)
+keys, values = torch.randn(50, 2, 24, generator=g), torch.randn(50, 2, 24, generator=g)
+qh = torch.randn(6, 24, generator=g)
 k, v = keys[5:45].double().repeat_interleave(3, 1), values[5:45].double().repeat_interleave(3, 1)
 ref = torch.einsum("ht,thd->hd", (torch.einsum("hd,thd->ht", qh.double(), k) * 0.2).softmax(-1), v)
 got = ck.decode_attention(qh, keys, values, 5, 40, scale=0.2)

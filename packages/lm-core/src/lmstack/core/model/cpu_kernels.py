@@ -295,8 +295,9 @@ def gemv_int8(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None = No
         or (bias is not None and bias.shape != (n,))
     ):
         raise ConfigError(
-            f"gemv_int8 does not fit: x {tuple(x.shape)}, codes {tuple(codes.shape)} {codes.dtype} (contiguous: "
-            f"{codes.is_contiguous()}), scales {tuple(scales.shape)}, bias {None if bias is None else tuple(bias.shape)}."
+            f"gemv_int8 does not fit: x {tuple(x.shape)}, codes {tuple(codes.shape)} {codes.dtype} "
+            f"(contiguous: {codes.is_contiguous()}), scales {tuple(scales.shape)}, "
+            f"bias {None if bias is None else tuple(bias.shape)}."
         )
     rows = x.reshape(-1, k).contiguous()
     s = scales.contiguous()
