@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from lmstack.core import ConfigError
 from lmstack.core.model import cpu_kernels
@@ -194,6 +195,22 @@ def test_decode_attention_gives_the_same_bits_on_one_thread_and_two() -> None:
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+def test_kernels_refuse_tensor_subclasses() -> None:
+    """A subclass's data_ptr is not its values (a DTensor's is its shard's): refused, never read."""
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    x = torch.randn(1, 8).as_subclass(Wrapped)
+    assert not cpu_kernels.plain_tensors(x) and cpu_kernels.plain_tensors(
+        torch.randn(2), nn.Parameter(torch.randn(2))
+    )
+    with pytest.raises(ConfigError, match="plain tensors"):
+        cpu_kernels.rms_norm(x, torch.randn(8), 1e-6)
+    with pytest.raises(ConfigError, match="plain tensors"):
+        cpu_kernels.gemv(x, torch.randn(4, 8))
 
 
 def test_kernels_refuse_what_does_not_fit() -> None:

@@ -39,7 +39,7 @@ import threading
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmstack.core._errors import ConfigError
 
@@ -49,6 +49,7 @@ __all__ = [
     "decode_attention",
     "gemv",
     "gemv_int8",
+    "plain_tensors",
     "rms_norm",
     "unavailable_reason",
     "vector_width",
@@ -59,14 +60,13 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
 _ABI = 3
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC")
+_COMPILE_TIMEOUT_S = 120
 
 
 def _flags() -> tuple[str, ...]:
     # $LMSTACK_KERNEL_CFLAGS adds flags after ours, e.g. "-mno-avx512f" to build the AVX2 code paths.
     return (*_FLAGS, *os.environ.get("LMSTACK_KERNEL_CFLAGS", "").split())
 
-
-_COMPILE_TIMEOUT_S = 120
 
 # Inputs of up to this many rows go through the kernel (it reads each weight once for all of them);
 # more rows are a GEMM, which oneDNN does better. Measured on the 56M llama's shapes, two threads.
@@ -231,7 +231,18 @@ def _lib_or_raise() -> ctypes.CDLL:
     return lib
 
 
+def plain_tensors(*tensors: Tensor) -> bool:
+    """Whether every tensor is a plain tensor or parameter (not a DTensor or another subclass).
+
+    The kernels read raw memory: a subclass's ``data_ptr`` is not its values (a DTensor's local
+    shard, a fake tensor's nothing), so callers route subclasses to torch's ops.
+    """
+    return all(type(t) is torch.Tensor or type(t) is nn.Parameter for t in tensors)
+
+
 def _check_f32(*tensors: Tensor) -> None:
+    if not plain_tensors(*tensors):
+        raise ConfigError("lmstack's CPU kernels take plain tensors, not DTensors or other subclasses.")
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         raise ConfigError("lmstack's CPU kernels take float32 CPU tensors only.")
 
@@ -289,6 +300,7 @@ def gemv_int8(x: Tensor, codes: Tensor, scales: Tensor, bias: Tensor | None = No
     _check_f32(x, scales, *(() if bias is None else (bias,)))
     if (
         codes.dtype != torch.int8
+        or not plain_tensors(codes)
         or not codes.is_contiguous()
         or x.shape[-1] != k
         or scales.shape != (n,)
