@@ -5,7 +5,9 @@ One run measures, on the same seeded random weights:
 * single-stream decode tok/s: lmstack ``LLM`` vs transformers ``generate`` vs llama.cpp
   (llama-cpp-python on an f32 GGUF written by the benchmark, checked against transformers first).
   lmstack's headline figure is a one-sequence engine (``max_num_seqs=1``, as llama.cpp runs one
-  sequence; its weights take core's ``gemv`` layout); the 64-sequence engine's is reported beside it;
+  sequence; its weights take core's ``gemv`` layout); the 64-sequence engine's is reported beside it.
+  The four are measured in 5 interleaved rounds (each the decode rate of 128 tokens), medians reported,
+  so that a machine whose speed drifts during the run affects all of them alike;
 * batch 32 x 128 new tokens, output tok/s: lmstack vs transformers;
 * the fp32 GEMM rate torch reaches here, and the roofline tok/s it allows (rate / (2 x parameters)).
 
@@ -35,6 +37,7 @@ PROMPT_LEN = 32
 SINGLE_NEW = 128
 BATCH, BATCH_NEW = 32, 128
 PARITY_TOKENS = 32  # greedy tokens compared between systems (fp32 on all three)
+SINGLE_ROUNDS = 5  # interleaved single-stream rounds per system
 
 
 @pytest.fixture(scope="module")
@@ -93,19 +96,35 @@ def _measure(path: Path, n_params: int, tmp_path: Path) -> dict[str, Any]:
     assert f["gguf_max_abs_logit_diff"] < 1e-2 * max(1.0, float(np.abs(want).max())), f
     assert (want.argmax(-1) == got.argmax(-1)).all()
 
-    f["transformers_single_tok_s"], hf_tokens = es.decode_rate(hf, prompt, SINGLE_NEW)
-    cpp = es.LlamaCppRunner(gguf_path)
-    f["llama_cpp_single_tok_s"], cpp_tokens = es.decode_rate(cpp, prompt, SINGLE_NEW)
-    cpp.close()
-    # Single stream on a one-sequence engine (as llama.cpp runs one sequence): the "gemv" weight layout.
+    # Single stream: lmstack on a one-sequence engine (as llama.cpp runs one sequence; its weights take
+    # the "gemv" layout) and on the batching engine (64 sequences, oneDNN's packed weights), llama.cpp
+    # and transformers, measured in interleaved rounds so that a machine whose speed drifts during the
+    # run (other tenants) slows every system alike; each figure is the median of its rounds.
     one = es.LmstackRunner(path, max_num_seqs=1)
-    f["lmstack_single_weight_layout"] = one.weight_layout
-    f["lmstack_single_tok_s"], our_tokens = es.decode_rate(one, prompt, SINGLE_NEW)
-    one.close()
-    # ... and on the batching engine (64 sequences, oneDNN's packed weights), for comparison.
     ours = es.LmstackRunner(path)
+    cpp = es.LlamaCppRunner(gguf_path)
+    f["lmstack_single_weight_layout"] = one.weight_layout
     f["lmstack_batch_engine_weight_layout"] = ours.weight_layout
-    f["lmstack_single_batch_engine_tok_s"], batch_engine_tokens = es.decode_rate(ours, prompt, SINGLE_NEW)
+    keys = {
+        "transformers_single_tok_s": hf, "llama_cpp_single_tok_s": cpp, "lmstack_single_tok_s": one,
+        "lmstack_single_batch_engine_tok_s": ours,
+    }  # fmt: skip
+    rounds: dict[str, list[float]] = {key: [] for key in keys}
+    tokens: dict[str, list[int]] = {}
+    for _ in range(SINGLE_ROUNDS):
+        for key, runner in keys.items():
+            rate, tokens[key] = es.decode_rate(runner, prompt, SINGLE_NEW, repeats=1)
+            rounds[key].append(rate)
+    cpp.close()
+    one.close()
+    for key, rates in rounds.items():
+        f[key] = float(np.median(rates))
+        f[key.replace("_tok_s", "_rounds_tok_s")] = rates
+    hf_tokens, cpp_tokens = tokens["transformers_single_tok_s"], tokens["llama_cpp_single_tok_s"]
+    our_tokens, batch_engine_tokens = (
+        tokens["lmstack_single_tok_s"],
+        tokens["lmstack_single_batch_engine_tok_s"],
+    )
     f["llama_cpp_vs_transformers_same_greedy_tokens"] = _first_divergence(cpp_tokens, hf_tokens)
     f["lmstack_vs_transformers_same_greedy_tokens"] = _first_divergence(our_tokens, hf_tokens)
     f["lmstack_batch_engine_vs_transformers_same_greedy_tokens"] = _first_divergence(
@@ -151,7 +170,8 @@ def _report(f: dict[str, Any], written: Path) -> str:
         f"{f['transformers_single_tok_s']:>14.1f}{f['llama_cpp_single_tok_s']:>11.1f}",
         f"{'batch 32 x 128 new, tok/s':28}{f['lmstack_batch32_tok_s']:>10.1f}"
         f"{f['transformers_batch32_tok_s']:>14.1f}{'-':>11}",
-        f"  (single stream: a one-sequence engine, {f['lmstack_single_weight_layout']} weights; on the "
+        f"  (single stream: medians of {SINGLE_ROUNDS} interleaved rounds; lmstack: a one-sequence engine, "
+        f"{f['lmstack_single_weight_layout']} weights; on the "
         f"64-sequence engine, {f['lmstack_batch_engine_weight_layout']} weights: "
         f"{f['lmstack_single_batch_engine_tok_s']:.1f} tok/s, "
         f"{f['single_batch_engine_vs_llama_cpp']:.2f}x llama.cpp)",
