@@ -10,7 +10,9 @@ The engine-speed benchmark's seeded ~56M llama (fp32, two threads), in one run:
 Every lmstack engine here is a one-sequence engine (``max_num_seqs=1``), as llama.cpp runs one sequence:
 its float32 matrices (all of fp32's, the float head of int8/int4) take core's ``gemv`` layout.
 
-Decode tok/s is measured as in the engine-speed benchmark (time for 1 + n tokens minus time for 1). The
+Decode tok/s is measured as in the engine-speed benchmark (time for 1 + n tokens minus time for 1), in
+interleaved rounds within three groups (fp32 with f32; fp32, int8 and int8 +head with q8_0; the same for
+4 bits), medians reported; each ratio is taken within one group. The
 issue's goals, reported and not asserted: int8 >= 1.6x our fp32, int4 >= 2.5x, each >= 0.8x llama.cpp's
 matching type. Greedy agreement with the float model over the first 32 tokens is reported for each.
 Figures go to stdout, ``extra_info`` and ``.benchmarks/quant_speed.json``.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ import _engine_speed as es
 PROMPT_LEN = 32
 NEW_TOKENS = 128
 PARITY = 32
+ROUNDS = 3  # interleaved rounds per group
 
 
 class _QuantizedRunner(es.LmstackRunner):
@@ -78,12 +82,31 @@ def test_quantized_decode_vs_llama_cpp(benchmark: Any, tmp_path: Path) -> None:
             f[f"gguf_{kind}_mb"] = gguf.stat().st_size / 1e6
             runners[f"llama.cpp {kind}"] = lambda gguf=gguf: es.LlamaCppRunner(gguf)
         tokens: dict[str, list[int]] = {}
-        for label, make in runners.items():
-            runner = make()
+        # Each group is measured in interleaved rounds (medians), so a host whose speed drifts slows
+        # the systems compared alike; lmstack fp32 is in every group, and each ratio is taken within
+        # its group (``<label> tok/s`` of fp32: its median over all groups' rounds).
+        groups = {
+            "f32": ["lmstack fp32", "llama.cpp f32"],
+            "8": ["lmstack fp32", "lmstack int8", "lmstack int8 +head", "llama.cpp q8_0"],
+            "4": ["lmstack fp32", "lmstack int4", "lmstack int4 +head", "llama.cpp q4_0"],
+        }
+        rounds: dict[str, list[float]] = {label: [] for label in runners}
+        for group, labels in groups.items():
+            live = {label: runners[label]() for label in labels}
             try:
-                f[f"{label} tok/s"], tokens[label] = es.decode_rate(runner, prompt, NEW_TOKENS, repeats=3)
+                group_rounds: dict[str, list[float]] = {label: [] for label in labels}
+                for _ in range(ROUNDS):
+                    for label, runner in live.items():
+                        rate, tokens[label] = es.decode_rate(runner, prompt, NEW_TOKENS, repeats=1)
+                        group_rounds[label].append(rate)
+                for label, rates in group_rounds.items():
+                    rounds[label].extend(rates)
+                    f[f"{label} tok/s in group {group}"] = float(statistics.median(rates))
             finally:
-                runner.close()
+                for runner in live.values():
+                    runner.close()
+        for label, rates in rounds.items():
+            f[f"{label} tok/s"] = float(statistics.median(rates))
         for label in runners:
             reference = "llama.cpp f32" if label.startswith("llama.cpp") else "lmstack fp32"
             f[f"{label} same greedy tokens as {reference}"] = _agree(tokens[label], tokens[reference])
@@ -95,13 +118,16 @@ def test_quantized_decode_vs_llama_cpp(benchmark: Any, tmp_path: Path) -> None:
         benchmark.pedantic(measure, rounds=1, iterations=1)
     finally:
         torch.set_num_threads(threads_before)
-    ours, cpp = f["lmstack fp32 tok/s"], f["llama.cpp f32 tok/s"]
+
+    def within(group: str, a: str, b: str) -> float:
+        return f[f"{a} tok/s in group {group}"] / f[f"{b} tok/s in group {group}"]
+
     ratios = {
-        "int8 vs our fp32 (goal 1.6)": f["lmstack int8 +head tok/s"] / ours,
-        "int4 vs our fp32 (goal 2.5)": f["lmstack int4 +head tok/s"] / ours,
-        "int8 vs llama.cpp q8_0 (goal 0.8)": f["lmstack int8 +head tok/s"] / f["llama.cpp q8_0 tok/s"],
-        "int4 vs llama.cpp q4_0 (goal 0.8)": f["lmstack int4 +head tok/s"] / f["llama.cpp q4_0 tok/s"],
-        "fp32 vs llama.cpp f32": ours / cpp,
+        "int8 vs our fp32 (goal 1.6)": within("8", "lmstack int8 +head", "lmstack fp32"),
+        "int4 vs our fp32 (goal 2.5)": within("4", "lmstack int4 +head", "lmstack fp32"),
+        "int8 vs llama.cpp q8_0 (goal 0.8)": within("8", "lmstack int8 +head", "llama.cpp q8_0"),
+        "int4 vs llama.cpp q4_0 (goal 0.8)": within("4", "lmstack int4 +head", "llama.cpp q4_0"),
+        "fp32 vs llama.cpp f32": within("f32", "lmstack fp32", "llama.cpp f32"),
     }
     f["ratios"] = ratios
     f["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -114,7 +140,7 @@ def test_quantized_decode_vs_llama_cpp(benchmark: Any, tmp_path: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "quant_speed.json").write_text(json.dumps(f, indent=2) + "\n")
     lines = [f"\n56M llama, {es.THREADS} threads, single-stream decode of {NEW_TOKENS} tokens:"]
-    lines += [f"  {k:<44} {v:8.1f}" for k, v in f.items() if k.endswith("tok/s")]
+    lines += [f"  {k:<44} {v:8.1f}" for k, v in f.items() if "tok/s" in k]
     lines += [f"  {k:<52} {v:4d}" for k, v in f.items() if "same greedy" in k]
     lines += [f"  {k:<44} {v:8.2f}x" for k, v in ratios.items()]
     print("\n".join(lines))
