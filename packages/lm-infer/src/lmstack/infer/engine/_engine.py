@@ -93,8 +93,8 @@ class EngineConfig:
         weight_layout: How fused weights are stored: ``"auto"``, ``"onednn"``, ``"dense"`` or ``"gemv"``
             (see :meth:`~lmstack.core.CausalLM.prepare_for_inference`). ``"auto"`` picks ``"gemv"``,
             lmstack's compiled CPU kernel for one-row products, when ``max_num_seqs`` is 1 and the model
-            is float32 on a CPU where the kernel builds (single-stream decode 1.4x faster than oneDNN's
-            packed weights, measured), and oneDNN's packed weights otherwise on CPU.
+            is float32 on a CPU where the kernel builds (single-stream decode 1.2-1.4x faster than on
+            oneDNN's packed weights in the engine benchmark), and oneDNN's packed weights otherwise.
         tensor_parallel_size: Processes the model is sharded over (heads, feed-forward width and
             vocabulary; see :mod:`~lmstack.infer.engine._tensor_parallel`). Above 1 the KV cache of
             each rank holds its own kv heads, so the byte budget (``kv_cache_memory``, per rank) holds
