@@ -239,15 +239,16 @@ def test_gemv_refuses_what_it_cannot_multiply() -> None:
         cpu_kernels.gemv(torch.randn(1, 16), w, torch.randn(9))
 
 
-def _fresh_build(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _fresh_build(env: dict[str, str], unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     """Build in a new process (the kernel is built once per process) with ``env`` over this one's."""
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
         "from lmstack.core.model import cpu_kernels\n"
         "print('AVAILABLE', cpu_kernels.available()); print('REASON', cpu_kernels.unavailable_reason())\n"
     )
+    merged = {k: v for k, v in {**os.environ, **env}.items() if k not in unset}
     return subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], env=merged, capture_output=True, text=True, timeout=300
     )
 
 
@@ -287,6 +288,25 @@ def test_a_fresh_cache_is_filled_with_one_library_and_no_leftovers(tmp_path: Pat
     )
     # The cached library is keyed by the compiler too: another compiler (here: none) does not reuse it.
     assert "AVAILABLE False" in again.stdout and "no C compiler" in again.stdout, again.stdout
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_temp_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # the user's cache would be under a regular file: mkdir fails (as root too)
+    (tmp_path / "tmp").mkdir()
+    env = {"XDG_CACHE_HOME": str(blocker / "cache"), "TMPDIR": str(tmp_path / "tmp")}
+    done = _fresh_build(env, unset=("LMSTACK_KERNEL_CACHE",))
+    assert "AVAILABLE True" in done.stdout and "building in" in done.stdout, done.stdout + done.stderr
+    fallback = tmp_path / "tmp" / f"lmstack-kernels-{os.getuid()}"
+    assert len(list(fallback.glob("cpu_kernels-*.so"))) == 1
+    assert fallback.stat().st_mode & 0o777 == 0o700
+    # A fallback directory others may write to is never loaded from.
+    shared = tmp_path / "shared" / f"lmstack-kernels-{os.getuid()}"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    env["TMPDIR"] = str(tmp_path / "shared")
+    done = _fresh_build(env, unset=("LMSTACK_KERNEL_CACHE",))
+    assert "AVAILABLE False" in done.stdout and "not a private directory" in done.stdout, done.stdout
 
 
 def test_a_failed_compile_says_why_and_the_layout_refuses(tmp_path: Path) -> None:
