@@ -16,7 +16,7 @@ from lmstack.core.model import DecoderLayer, cpu_kernels
 from lmstack.core.model._inference_layout import resolve_layout
 
 # Every layout where this machine runs it: "onednn" needs a CPU torch with oneDNN, "gemv" a C compiler
-# (CI's machines have both; testcpu_kernels.py asserts the kernel builds there).
+# (CI's machines have both; test_cpu_kernels.py asserts the kernel builds there).
 LAYOUTS = (
     ["dense"]
     + (["onednn"] if resolve_layout("auto", torch.device("cpu"), torch.float32) == "onednn" else [])
