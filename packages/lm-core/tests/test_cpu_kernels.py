@@ -99,11 +99,7 @@ print("WIDTH", ck.vector_width(), "ERRORS", max(errors.values()), errors)
 def test_every_vector_path_matches_its_reference(tmp_path: Path, flags: str, needs: str, width: int) -> None:
     if needs and needs not in Path("/proc/cpuinfo").read_text().split():
         pytest.skip(f"this CPU has no {needs}")
-    done = subprocess.run(
-        [sys.executable, "-c", _ISA_CHECK],
-        env={**os.environ, "LMSTACK_KERNEL_CACHE": str(tmp_path), "LMSTACK_KERNEL_CFLAGS": flags},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    done = _fresh(_ISA_CHECK, {"LMSTACK_KERNEL_CACHE": str(tmp_path), "LMSTACK_KERNEL_CFLAGS": flags})
     assert done.returncode == 0, done.stdout + done.stderr
     words = done.stdout.split()
     assert int(words[words.index("WIDTH") + 1]) == width, done.stdout
@@ -197,13 +193,22 @@ def test_decode_attention_gives_the_same_bits_on_one_thread_and_two() -> None:
     assert torch.equal(one, two)
 
 
+def test_few_rows_is_what_the_callers_route_to_the_kernels() -> None:
+    w = torch.randn(8)
+    assert cpu_kernels.few_rows(torch.randn(1, 4, 8), w)  # 4 rows: MAX_ROWS
+    assert not cpu_kernels.few_rows(torch.randn(5, 8), w)
+    assert not cpu_kernels.few_rows(torch.randn(1, 8, dtype=torch.bfloat16), w)
+    assert not cpu_kernels.few_rows(torch.randn(1, 8), w.double())
+    assert not cpu_kernels.few_rows(torch.randn(1, 8), w.as_subclass(_Wrapped))
+
+
+class _Wrapped(torch.Tensor):
+    pass
+
+
 def test_kernels_refuse_tensor_subclasses() -> None:
     """A subclass's data_ptr is not its values (a DTensor's is its shard's): refused, never read."""
-
-    class Wrapped(torch.Tensor):
-        pass
-
-    x = torch.randn(1, 8).as_subclass(Wrapped)
+    x = torch.randn(1, 8).as_subclass(_Wrapped)
     assert not cpu_kernels.plain_tensors(x) and cpu_kernels.plain_tensors(
         torch.randn(2), nn.Parameter(torch.randn(2))
     )
@@ -239,17 +244,22 @@ def test_gemv_refuses_what_it_cannot_multiply() -> None:
         cpu_kernels.gemv(torch.randn(1, 16), w, torch.randn(9))
 
 
+def _fresh(code: str, env: dict[str, str], unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new process (the kernels are built once per process), ``env`` over this one's."""
+    merged = {k: v for k, v in {**os.environ, **env}.items() if k not in unset}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=merged, capture_output=True, text=True, timeout=300
+    )
+
+
 def _fresh_build(env: dict[str, str], unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    """Build in a new process (the kernel is built once per process) with ``env`` over this one's."""
+    """Build in a new process and print whether the kernels are available, and why not."""
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
         "from lmstack.core.model import cpu_kernels\n"
         "print('AVAILABLE', cpu_kernels.available()); print('REASON', cpu_kernels.unavailable_reason())\n"
     )
-    merged = {k: v for k, v in {**os.environ, **env}.items() if k not in unset}
-    return subprocess.run(
-        [sys.executable, "-c", code], env=merged, capture_output=True, text=True, timeout=300
-    )
+    return _fresh(code, env, unset)
 
 
 def test_the_kernel_shares_torchs_openmp_runtime(tmp_path: Path) -> None:
@@ -270,10 +280,7 @@ def test_the_kernel_shares_torchs_openmp_runtime(tmp_path: Path) -> None:
     )
     if importlib.util.find_spec("faiss") is None:
         code = code.replace("import faiss, torch", "import torch")
-    done = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "LMSTACK_KERNEL_CACHE": str(tmp_path)},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    done = _fresh(code, {"LMSTACK_KERNEL_CACHE": str(tmp_path)})
     assert "SAME True" in done.stdout, done.stdout + done.stderr
 
 

@@ -328,3 +328,26 @@ def test_step_header_and_payload_round_trip() -> None:
     header, payload = _pack(bare)
     back = _unpack(header.tolist(), payload, torch.device("cpu"))
     assert back.rope_seq_lens is None and back.sample_at is None
+
+
+def test_the_worker_a_signal_killed_is_named_before_those_that_exited_after_it(tmp_path: Path) -> None:
+    """Killing rank 3 breaks rank 1's connection and it exits (status 1) before the engine polls."""
+    from lmstack.infer.engine._tensor_parallel import _Workers
+
+    class Exited:
+        def __init__(self, pid: int, code: int | None) -> None:
+            self.pid, self.code = pid, code
+
+        def poll(self) -> int | None:
+            return self.code
+
+    workers = _Workers(tmp_path)
+    workers.procs = [Exited(101, None), Exited(102, None)]  # type: ignore[list-item]
+    assert workers.dead() is None
+    workers.procs = [Exited(101, 1), Exited(102, None), Exited(103, -9)]  # type: ignore[list-item]
+    workers.logs = [tmp_path / f"rank{i}.log" for i in (1, 2, 3)]
+    workers.logs[2].write_text("killed here")
+    message = workers.dead()
+    assert message is not None
+    assert message.startswith("tensor-parallel worker rank 3 (pid 103) exited with status -9")
+    assert "rank 1 exited too, with status 1" in message and message.endswith("killed here")

@@ -161,7 +161,7 @@ class InferenceLinear(nn.Module):
         if self.layout == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
         if self.layout == "gemv":
-            if x.numel() <= cpu_kernels.MAX_ROWS * self.in_features:
+            if cpu_kernels.few_rows(x):  # the weight was checked when the layout was chosen
                 return cpu_kernels.gemv(x, self.weight, self.bias)
             if self._onednn_dense:  # oneDNN reads the plain matrix faster than MKL's F.linear does
                 return torch.ops.mkldnn._linear_pointwise(

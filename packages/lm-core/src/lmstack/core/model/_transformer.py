@@ -45,12 +45,7 @@ class RMSNorm(nn.Module):
             # Inference in float32: a few rows (decoding) through lmstack's C kernel (a 4-5 us call
             # against torch's 12 us, 19-38 us inside a decode step); more through torch's rms_norm, one
             # op where the formula below takes eight (bit-identical to it on the shapes checked).
-            if (
-                x.device.type == "cpu"
-                and x.numel() <= cpu_kernels.MAX_ROWS * x.shape[-1]
-                and cpu_kernels.plain_tensors(x, self.weight)  # tensor parallelism: DTensors
-                and cpu_kernels.available()
-            ):
+            if cpu_kernels.few_rows(x, self.weight):  # not DTensors (tensor parallelism)
                 return cpu_kernels.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
@@ -436,7 +431,7 @@ class CausalLM(nn.Module):
         if (
             self._inference_layout == "gemv"
             and self._tied_head()
-            and h.numel() <= cpu_kernels.MAX_ROWS * h.shape[-1]
+            and cpu_kernels.few_rows(h, self.lm_head.weight)
         ):  # a tied head stays the embedding's nn.Linear (an untied one is an InferenceLinear)
             return cpu_kernels.gemv(h, self.lm_head.weight, self.lm_head.bias)
         return self.lm_head(h)

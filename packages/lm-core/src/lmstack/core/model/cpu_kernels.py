@@ -50,6 +50,7 @@ __all__ = [
     "MAX_ROWS",
     "available",
     "decode_attention",
+    "few_rows",
     "gemv",
     "gemv_int8",
     "plain_tensors",
@@ -268,6 +269,21 @@ def plain_tensors(*tensors: Tensor) -> bool:
     shard, a fake tensor's nothing), so callers route subclasses to torch's ops.
     """
     return all(type(t) is torch.Tensor or type(t) is nn.Parameter for t in tensors)
+
+
+def few_rows(x: Tensor, *others: Tensor) -> bool:
+    """Whether ``x`` is a decode-sized input for these kernels, which are built here.
+
+    That is: at most :data:`MAX_ROWS` rows (over its last dimension), and ``x`` and ``others`` plain
+    float32 CPU tensors. Callers check this and keep torch's op otherwise (more rows, another dtype
+    or device, a DTensor).
+    """
+    return (
+        x.numel() <= MAX_ROWS * x.shape[-1]
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, *others))
+        and plain_tensors(x, *others)
+        and available()
+    )
 
 
 def _check_f32(*tensors: Tensor) -> None:

@@ -305,15 +305,21 @@ class _Workers:
         return text[-limit:].strip() or "(empty log)"
 
     def dead(self) -> str | None:
-        """A message about the first worker that exited, or None while all run."""
-        for index, proc in enumerate(self.procs):
-            code = proc.poll()
-            if code is not None:
-                return (
-                    f"tensor-parallel worker rank {index + 1} (pid {proc.pid}) exited with status {code}; "
-                    f"its log ends with:\n{self.log_tail(index)}"
-                )
-        return None
+        """A message about the workers that exited, the likely cause first; None while all run.
+
+        One worker's death breaks the others' connections, and they exit too (status 1) before the
+        next poll may run, so the one a signal killed (negative status) is named first, then by rank.
+        """
+        exited = [(index, code) for index, proc in enumerate(self.procs) if (code := proc.poll()) is not None]
+        if not exited:
+            return None
+        exited.sort(key=lambda item: (item[1] >= 0, item[0]))
+        index, code = exited[0]
+        others = "".join(f"; rank {i + 1} exited too, with status {c}" for i, c in exited[1:])
+        return (
+            f"tensor-parallel worker rank {index + 1} (pid {self.procs[index].pid}) exited with status {code}"
+            f"{others}; its log ends with:\n{self.log_tail(index)}"
+        )
 
     def shutdown(self) -> None:
         """Stop the workers (a stop header, then a kill after a grace period) and leave the group."""

@@ -59,16 +59,6 @@ _INT4_CPU_OUT_MULTIPLE = 16
 _UNPACK_ROWS = 256
 
 
-def _one_row_int8(x: Tensor) -> bool:
-    """Whether ``x`` (``[rows, in]``) goes through lmstack-core's int8 GEMV kernel: a few float32 CPU rows."""
-    return (
-        x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.shape[0] <= cpu_kernels.MAX_ROWS
-        and cpu_kernels.available()
-    )
-
-
 def int4_cpu_supported(out_features: int, in_features: int, group_size: int) -> bool:
     """Whether torch's packed CPU int4 kernel takes a weight of this shape and group size."""
     return (
@@ -258,7 +248,7 @@ class WeightOnlyLinear(nn.Module):
             x = x.index_select(-1, self.perm)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel in ("int8_cpu", "int8_dense") and _one_row_int8(x2):
+        if self.kernel in ("int8_cpu", "int8_dense") and cpu_kernels.few_rows(x2):
             # Decoding in float32: lmstack-core's int8 GEMV, exact float32 over the dequantized weight
             # and as fast as torch's bfloat16 kernel at one row (2.3 ms a step on the 56M llama).
             y = cpu_kernels.gemv_int8(x2, self.qweight, self.scales)
