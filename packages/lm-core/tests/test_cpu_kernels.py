@@ -81,12 +81,16 @@ errors = {
 r = x[:1] * 3
 want = r.double() * torch.rsqrt(r.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w[0].double()
 errors["rms_norm"] = rel(ck.rms_norm(r, w[0], 1e-6), want)
+# One row over keys 3..39 of a sequence on blocks 4, 1, 3 (5 slots each), 6 heads over 2 kv heads;
+# 37 keys cover the vector loops and their scalar tails.
 keys, values = torch.randn(50, 2, 24, generator=g), torch.randn(50, 2, 24, generator=g)
-qh = torch.randn(6, 24, generator=g)
-k, v = keys[5:45].double().repeat_interleave(3, 1), values[5:45].double().repeat_interleave(3, 1)
-ref = torch.einsum("ht,thd->hd", (torch.einsum("hd,thd->ht", qh.double(), k) * 0.2).softmax(-1), v)
-got = ck.decode_attention(qh, keys, values, 5, 40, scale=0.2)
-errors["decode_attention"] = rel(got, ref)
+qh = torch.randn(1, 6, 24, generator=g)
+table = [4, 1, 3, 8, 9, 0, 2, 5]
+order = torch.tensor([table[t // 5] * 5 + t % 5 for t in range(3, 40)])
+k, v = keys[order].double().repeat_interleave(3, 1), values[order].double().repeat_interleave(3, 1)
+ref = torch.einsum("ht,thd->hd", (torch.einsum("hd,thd->ht", qh[0].double(), k) * 0.2).softmax(-1), v)
+rows = ck.PagedRows.build(torch.tensor([table]), torch.tensor([0]), torch.tensor([3]), torch.tensor([40]), 5)
+errors["paged_attention"] = rel(ck.paged_attention(qh, keys, values, rows, scale=0.2)[0], ref)
 print("WIDTH", ck.vector_width(), "ERRORS", max(errors.values()), errors)
 """
 
@@ -145,52 +149,92 @@ def test_rms_norm_matches_a_float64_reference(rows: int, n: int) -> None:
     torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
 
 
-def _attention_reference(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    first: int,
-    num_keys: int,
-    scale: float,
-    start: int,
+def _paged_reference(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: cpu_kernels.PagedRows, scale: float
 ) -> torch.Tensor:
-    hq, hkv = q.shape[0], keys.shape[1]
-    k = keys[first + start : first + num_keys].double().repeat_interleave(hq // hkv, dim=1)  # [T, Hq, D]
-    v = values[first + start : first + num_keys].double().repeat_interleave(hq // hkv, dim=1)
-    weights = (torch.einsum("hd,thd->ht", q.double(), k) * scale).softmax(-1)
-    return torch.einsum("ht,thd->hd", weights, v)
+    """Each row over its keys, looked up slot by slot in float64."""
+    hq, hkv = q.shape[1], keys.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    bs = rows.block_size
+    for r in range(q.shape[0]):
+        table = rows.tables[int(rows.row_table[r])]
+        t = torch.arange(int(rows.row_start[r]), int(rows.row_end[r]))
+        slots = table[t // bs].long() * bs + t % bs
+        k = keys[slots].double().repeat_interleave(hq // hkv, dim=1)  # [T, Hq, D]
+        v = values[slots].double().repeat_interleave(hq // hkv, dim=1)
+        weights = (torch.einsum("hd,thd->ht", q[r].double(), k) * scale).softmax(-1)
+        out[r] = torch.einsum("ht,thd->hd", weights, v)
+    return out
+
+
+def _paged_case(
+    hq: int, hkv: int, d: int, block_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, cpu_kernels.PagedRows]:
+    """Rows of four sequences on shuffled blocks: a 1-key decode, a 300-key decode, a causal prefill chunk
+    of 9 rows ending at 140, and a decode at 701 with a 50-key window; 3 spare blocks never read."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 300, 140, 701]
+    need = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(need) + 3
+    blocks = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(need) + 2  # table entries past a sequence's keys are never read
+    tables = torch.full((4, width), 10**6, dtype=torch.long)
+    for i, n in enumerate(need):
+        tables[i, :n] = torch.tensor([blocks.pop() for _ in range(n)])
+    row_table = torch.tensor([0, 1, *[2] * 9, 3])
+    row_end = torch.tensor([1, 300, *range(132, 141), 701])
+    row_start = torch.tensor([0, 0, *[0] * 9, 651])
+    rows = cpu_kernels.PagedRows.build(tables, row_table, row_start, row_end, block_size)
+    slots = num_blocks * block_size
+    keys, values = torch.randn(slots, hkv, d, generator=g), torch.randn(slots, hkv, d, generator=g)
+    q = torch.randn(len(row_table), hq, d, generator=g) * 2  # sharp softmax rows too
+    return q, keys, values, rows
 
 
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(1, 1, 1), (6, 2, 7), (8, 8, 64), (12, 4, 64), (8, 1, 129)])
-@pytest.mark.parametrize(("first", "num_keys", "start"), [(0, 1, 0), (3, 5, 0), (17, 300, 0), (2, 700, 650)])
-def test_decode_attention_matches_a_float64_reference(
-    hq: int, hkv: int, d: int, first: int, num_keys: int, start: int
-) -> None:
-    g = torch.Generator().manual_seed(hq * 7 + d + num_keys)
-    slots = first + num_keys + 9  # slots past the sequence's keys must be ignored
-    keys, values = torch.randn(slots, hkv, d, generator=g), torch.randn(slots, hkv, d, generator=g)
-    q = torch.randn(hq, d, generator=g) * 2  # sharp softmax rows too
+@pytest.mark.parametrize("block_size", [1, 5, 16, 100])
+def test_paged_attention_matches_a_float64_reference(hq: int, hkv: int, d: int, block_size: int) -> None:
+    q, keys, values, rows = _paged_case(hq, hkv, d, block_size, seed=hq * 7 + d + block_size)
     scale = d**-0.5
-    got = cpu_kernels.decode_attention(q, keys, values, first, num_keys, scale=scale, start=start)
-    want = _attention_reference(q, keys, values, first, num_keys, scale, start)
-    # float32 dot products of length d and a float32 softmax sum over the keys: outputs are convex
-    # combinations of values of size ~1, within ~1e-6 of the float64 result here.
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+    got = cpu_kernels.paged_attention(q, keys, values, rows, scale=scale)
+    # float32 dot products of length d and a float32 online softmax over up to 701 keys (blocks of 100
+    # are read in runs of 64); outputs are convex combinations of values of size ~1, within ~1e-6 of the
+    # float64 result here.
+    torch.testing.assert_close(
+        got.double(), _paged_reference(q, keys, values, rows, scale), rtol=0, atol=2e-5
+    )
 
 
-def test_decode_attention_gives_the_same_bits_on_one_thread_and_two() -> None:
-    g = torch.Generator().manual_seed(3)
-    keys, values = torch.randn(1200, 4, 64, generator=g), torch.randn(1200, 4, 64, generator=g)
-    q = torch.randn(8, 64, generator=g)  # 8 heads x 1,100 keys x 64: over the threading threshold
+def test_paged_attention_gives_the_same_bits_on_one_thread_and_two() -> None:
+    q, keys, values, rows = _paged_case(8, 4, 64, 16, seed=3)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernels.decode_attention(q, keys, values, 50, 1100, scale=0.125)
+        one = cpu_kernels.paged_attention(q, keys, values, rows, scale=0.125)
         torch.set_num_threads(2)
-        two = cpu_kernels.decode_attention(q, keys, values, 50, 1100, scale=0.125)
+        two = cpu_kernels.paged_attention(q, keys, values, rows, scale=0.125)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+def test_paged_rows_refuse_ranges_that_do_not_fit() -> None:
+    tables = torch.tensor([[3, 1], [0, -1]])
+    one, zero = torch.tensor([1]), torch.tensor([0])
+    build = cpu_kernels.PagedRows.build
+    assert build(tables, one, zero, torch.tensor([4]), 4).max_block == 0  # -1 lies past the keys read
+    with pytest.raises(ConfigError, match="negative block"):
+        build(tables, one, zero, torch.tensor([5]), 4)
+    with pytest.raises(ConfigError, match="start < end"):
+        build(tables, zero, torch.tensor([3]), torch.tensor([3]), 4)  # no key
+    with pytest.raises(ConfigError, match="start < end"):
+        build(tables, zero, zero, torch.tensor([9]), 4)  # past the table's 2 blocks of 4
+    with pytest.raises(ConfigError, match="table row in range"):
+        build(tables, torch.tensor([2]), zero, one, 4)
+    with pytest.raises(ConfigError, match="do not fit"):
+        build(tables, one, zero, torch.tensor([1, 2]), 4)
+    with pytest.raises(ConfigError, match="do not fit"):
+        build(tables.float(), one, zero, one, 4)
 
 
 def test_few_rows_is_what_the_callers_route_to_the_kernels() -> None:
@@ -219,15 +263,21 @@ def test_kernels_refuse_tensor_subclasses() -> None:
 
 
 def test_kernels_refuse_what_does_not_fit() -> None:
-    keys = torch.randn(10, 2, 8)
+    keys = torch.randn(12, 2, 8)
+    rows = cpu_kernels.PagedRows.build(torch.tensor([[2, 0]]), torch.tensor([0]), torch.tensor([0]),
+                                       torch.tensor([6]), 4)  # fmt: skip
+    attend = cpu_kernels.paged_attention
+    assert attend(torch.randn(1, 4, 8), keys, keys, rows, scale=1.0).shape == (1, 4, 8)
     with pytest.raises(ConfigError, match="does not fit"):
-        cpu_kernels.decode_attention(torch.randn(4, 8), keys, keys, 5, 6, scale=1.0)  # slots 5..10 of 10
+        attend(torch.randn(1, 4, 8), keys[:11], keys[:11], rows, scale=1.0)  # block 2 is slots 8..11
     with pytest.raises(ConfigError, match="does not fit"):
-        cpu_kernels.decode_attention(torch.randn(3, 8), keys, keys, 0, 4, scale=1.0)  # 3 heads over 2
+        attend(torch.randn(1, 3, 8), keys, keys, rows, scale=1.0)  # 3 heads over 2
     with pytest.raises(ConfigError, match="does not fit"):
-        cpu_kernels.decode_attention(torch.randn(4, 8), keys, keys, 0, 4, scale=1.0, start=4)
+        attend(torch.randn(2, 4, 8), keys, keys, rows, scale=1.0)  # 2 rows planned for 1
+    with pytest.raises(ConfigError, match="does not fit"):
+        attend(torch.randn(1, 4, 8), keys.transpose(0, 1).contiguous().transpose(0, 1), keys, rows, scale=1.0)
     with pytest.raises(ConfigError, match="float32 CPU tensors"):
-        cpu_kernels.decode_attention(torch.randn(4, 8).half(), keys, keys, 0, 4, scale=1.0)
+        attend(torch.randn(1, 4, 8).half(), keys, keys, rows, scale=1.0)
     with pytest.raises(ConfigError, match="rms_norm shapes"):
         cpu_kernels.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
 

@@ -589,5 +589,7 @@ def test_regions_make_paged_attention_read_in_place() -> None:
     cache = KVCache(config, bm.num_blocks, bs, torch.float32, torch.device("cpu"))
     ctx = [s.num_computed_tokens for s in seqs]
     slots = [s.block_table[(n - 1) // bs] * bs + (n - 1) % bs for s, n in zip(seqs, ctx, strict=True)]
-    attn = PagedAttention(cache, torch.tensor(slots), [1] * 4, ctx, [s.block_table for s in seqs])
+    attn = PagedAttention(
+        cache, torch.tensor(slots), [1] * 4, ctx, [s.block_table for s in seqs], use_kernel=False
+    )
     assert attn.num_zero_copy == 4

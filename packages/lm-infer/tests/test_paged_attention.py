@@ -81,7 +81,7 @@ def _step_plan(lengths: list[int], rng: random.Random) -> list[list[int]]:
 
 
 def _paged_logits(
-    model: CausalLM, seqs: list[list[int]], block_size: int, window: int | None
+    model: CausalLM, seqs: list[list[int]], block_size: int, window: int | None, use_kernel: bool
 ) -> list[Tensor]:
     rng = random.Random(block_size)
     lengths = [len(s) for s in seqs]
@@ -107,6 +107,7 @@ def _paged_logits(
             [done[i] + plan[i] for i in active],
             [tables[i] for i in active],
             window_sizes=[window],
+            use_kernel=use_kernel,
         )
         with torch.no_grad():
             logits = model(torch.tensor([ids]), torch.tensor([pos]), attn)[0]
@@ -118,17 +119,23 @@ def _paged_logits(
     return [torch.cat(chunks) for chunks in got]
 
 
+# Both ways PagedAttention reads a float32 cache: lmstack-core's CPU kernel, and torch (SDPA).
+KERNEL = [True, False]
+KERNEL_IDS = ["kernel", "torch"]
+
+
+@pytest.mark.parametrize("use_kernel", KERNEL, ids=KERNEL_IDS)
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize(("ratio", "heads", "kv_heads", "hidden"), SHAPES, ids=[f"gqa{s[0]}" for s in SHAPES])
 def test_paged_steps_equal_transformers(
-    tmp_path: Path, ratio: int, heads: int, kv_heads: int, hidden: int, block_size: int
+    tmp_path: Path, ratio: int, heads: int, kv_heads: int, hidden: int, block_size: int, use_kernel: bool
 ) -> None:
     assert heads // kv_heads == ratio
     hf = _hf_model(tmp_path, heads, kv_heads, hidden)
     ours = load_pretrained(tmp_path, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(ratio * 31 + block_size)
     seqs = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in LENGTHS]
-    got = _paged_logits(ours, seqs, block_size, None)
+    got = _paged_logits(ours, seqs, block_size, None, use_kernel)
     for seq, logits in zip(seqs, got, strict=True):
         with torch.no_grad():
             expected = hf(torch.tensor([seq])).logits[0]
@@ -136,15 +143,18 @@ def test_paged_steps_equal_transformers(
         torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("use_kernel", KERNEL, ids=KERNEL_IDS)
 @pytest.mark.parametrize("block_size", [3, 5])
-def test_sliding_window_equals_transformers_mistral(tmp_path: Path, block_size: int) -> None:
+def test_sliding_window_equals_transformers_mistral(
+    tmp_path: Path, block_size: int, use_kernel: bool
+) -> None:
     window = 6
     hf = _hf_model(tmp_path, 4, 2, 64, window=window)
     ours = load_pretrained(tmp_path, dtype=torch.float32).eval()
     assert {ours.config.window_of(i) for i in range(2)} == {window}
     gen = torch.Generator().manual_seed(block_size)
     seqs = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in LENGTHS]
-    got = _paged_logits(ours, seqs, block_size, window)
+    got = _paged_logits(ours, seqs, block_size, window, use_kernel)
     for seq, logits in zip(seqs, got, strict=True):
         with torch.no_grad():
             expected = hf(torch.tensor([seq])).logits[0]
@@ -191,6 +201,7 @@ def _run_step(
     shared: tuple[int, int, int] | None = None,
     heads: tuple[int, int] = (4, 2),
     num_blocks: int = 6 * REGION,
+    use_kernel: bool | None = False,
 ) -> PagedAttention:
     """Fill the cache with each sequence's history, run one step, compare with :func:`_dense`.
 
@@ -222,7 +233,9 @@ def _run_step(
     q = torch.randn(1, len(slots), hq, d, generator=gen).to(dtype)
     new_k = torch.cat([full_k[i][h:] for i, h in enumerate(history)])[None]
     new_v = torch.cat([full_v[i][h:] for i, h in enumerate(history)])[None]
-    attn = PagedAttention(cache, torch.tensor(slots), query_lens, ctx, tables, window_sizes=[window])
+    attn = PagedAttention(
+        cache, torch.tensor(slots), query_lens, ctx, tables, window_sizes=[window], use_kernel=use_kernel
+    )
     scale = d**-0.5
     got = attn.attend(0, q, new_k, new_v, scale=scale, window=window)[0]
     start = 0
@@ -238,28 +251,31 @@ def _region_table(region: int, tokens: int) -> list[int]:
 
 
 DTYPES = [torch.float32, torch.bfloat16]
+# (cache dtype, use_kernel): the kernel reads a float32 cache only.
+PATHS = [(torch.float32, True), (torch.float32, False), (torch.bfloat16, False)]
+PATH_IDS = ["float32-kernel", "float32-torch", "bfloat16-torch"]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("dtype", "use_kernel"), PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 2), (8, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
-def test_decode_reads_regions_in_place(dtype: torch.dtype, heads: tuple[int, int]) -> None:
+def test_decode_reads_regions_in_place(dtype: torch.dtype, use_kernel: bool, heads: tuple[int, int]) -> None:
     # Regions 0, 1, 3 and 4: one idle row (region 2) inside the view; odd lengths end mid-block.
     history = [0, 13, 30, 7]
     tables = [_region_table(r, h + 1) for r, h in zip([0, 1, 3, 4], history, strict=True)]
-    attn = _run_step(tables, history, [1] * 4, dtype=dtype, heads=heads)
+    attn = _run_step(tables, history, [1] * 4, dtype=dtype, heads=heads, use_kernel=use_kernel)
     assert attn.num_zero_copy == 4
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fragmented_tables_are_gathered(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("dtype", "use_kernel"), PATHS, ids=PATH_IDS)
+def test_fragmented_tables_are_gathered_or_read_by_the_kernel(dtype: torch.dtype, use_kernel: bool) -> None:
     history = [5, 22, 30]
     rng = random.Random(0)
     free = list(range(6 * REGION))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-(h + 1) // BS))] for h in history]
     assert all(t != list(range(t[0], t[0] + len(t))) for t in tables if len(t) > 1)
-    attn = _run_step(tables, history, [1] * 3, dtype=dtype)
-    assert attn.num_zero_copy == 0
+    attn = _run_step(tables, history, [1] * 3, dtype=dtype, use_kernel=use_kernel)
+    assert attn.num_zero_copy == (3 if use_kernel else 0)  # the kernel follows any table in place
 
 
 def test_sparse_regions_fall_back_to_gathering() -> None:
@@ -271,47 +287,46 @@ def test_sparse_regions_fall_back_to_gathering() -> None:
     assert _run_step(tables[::2], history[::2], [1] * 2, num_blocks=8 * REGION).num_zero_copy == 2
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_shared_prefix_with_mixed_decode_and_prefill(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("dtype", "use_kernel"), PATHS, ids=PATH_IDS)
+def test_shared_prefix_with_mixed_decode_and_prefill(dtype: torch.dtype, use_kernel: bool) -> None:
     # Sequence 1 shares sequence 0's first 3 blocks (a prefix-cache hit), then owns block 40;
     # sequence 2 prefills a chunk of 5 after 6 cached tokens, sequence 3 a first chunk of 7;
     # sequence 4 decodes on consecutive blocks that start off a region boundary.
     history = [17, 14, 6, 0, 9]
     query_lens = [1, 1, 5, 7, 1]
     tables = [_region_table(0, 18), [0, 1, 2, 40], _region_table(2, 11), _region_table(3, 7), [33, 34, 35]]
-    attn = _run_step(tables, history, query_lens, dtype=dtype, shared=(0, 1, 3))
-    assert attn.num_zero_copy == 2  # sequences 0 and 4; the shared table and the chunks are gathered
+    attn = _run_step(tables, history, query_lens, dtype=dtype, shared=(0, 1, 3), use_kernel=use_kernel)
+    # torch: sequences 0 and 4; the shared table and the chunks are gathered. The kernel: all five.
+    assert attn.num_zero_copy == (5 if use_kernel else 2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("dtype", "use_kernel"), PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("window", [1, 5, 16])
-def test_sliding_window_in_place_and_gathered(dtype: torch.dtype, window: int) -> None:
+def test_sliding_window_in_place_and_gathered(dtype: torch.dtype, use_kernel: bool, window: int) -> None:
     history = [3, 20, 29, 12, 10]
     query_lens = [1, 1, 1, 1, 6]
     tables = [_region_table(r, h + n) for r, h, n in zip([0, 1, 2, 4, 5], history, query_lens, strict=True)]
     tables[3] = [47, 46, 45, 44]  # fragmented: gathered
-    attn = _run_step(tables, history, query_lens, dtype=dtype, window=window)
-    assert attn.num_zero_copy == 3
+    attn = _run_step(tables, history, query_lens, dtype=dtype, window=window, use_kernel=use_kernel)
+    assert attn.num_zero_copy == (5 if use_kernel else 3)
 
 
-@pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
-def test_one_decoding_sequence_in_float32_takes_the_cpu_kernel(
-    window: int | None, heads: tuple[int, int], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_float32_cpu_cache_takes_the_kernel_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     from lmstack.core.model import cpu_kernels
 
     assert cpu_kernels.available(), cpu_kernels.unavailable_reason()  # CI builds it: tested, not skipped
     calls: list[int] = []
-    real = cpu_kernels.decode_attention
+    real = cpu_kernels.paged_attention
 
     def spy(*args: object, **kwargs: object) -> Tensor:
         calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(cpu_kernels, "decode_attention", spy)
-    # 29 cached tokens plus this step's one, on consecutive blocks that start inside the cache.
-    attn = _run_step([_region_table(1, 30)], [29], [1], heads=heads, window=window)
-    assert attn.num_zero_copy == 1 and calls == [1]
-    _run_step([_region_table(1, 30)], [29], [1], heads=heads, window=window, dtype=torch.bfloat16)
+    monkeypatch.setattr(cpu_kernels, "paged_attention", spy)
+    tables = [_region_table(1, 30), [44, 40, 41]]
+    attn = _run_step(tables, [29, 5], [1, 4], use_kernel=None)
+    assert attn.num_zero_copy == 2 and calls == [1]
+    _run_step(tables, [29, 5], [1, 4], dtype=torch.bfloat16, use_kernel=None)
     assert calls == [1]  # a bfloat16 cache keeps SDPA
+    with pytest.raises(ValueError, match="float32 cache"):
+        _run_step(tables, [29, 5], [1, 4], dtype=torch.bfloat16, use_kernel=True)

@@ -8,12 +8,15 @@
  */
 #include <math.h>
 #include <stddef.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
 /* The ABI version cpu_kernels.py checks before it calls anything. */
-int lmstack_kernels_abi(void) { return 3; }
+int lmstack_kernels_abi(void) { return 4; }
 
 /* Dot products with explicit vectors where the CPU has AVX-512 or AVX2: four accumulators, one
  * horizontal sum per dot. Written as a plain loop under "omp simd", gcc reduced the 64 lanes of its
@@ -33,6 +36,12 @@ enum { LMSTACK_LANES = 16 };
 #define LMSTACK_FMA(a, b, acc) _mm512_fmadd_ps(a, b, acc)
 #define LMSTACK_ADD(a, b) _mm512_add_ps(a, b)
 #define LMSTACK_SUM(v) _mm512_reduce_add_ps(v)
+#define LMSTACK_SET1(x) _mm512_set1_ps(x)
+#define LMSTACK_STORE(p, v) _mm512_storeu_ps(p, v)
+#define LMSTACK_MUL(a, b) _mm512_mul_ps(a, b)
+#define LMSTACK_MAX(a, b) _mm512_max_ps(a, b)
+#define LMSTACK_ROUND(v) _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define LMSTACK_POW2(r, n) _mm512_scalef_ps(r, n)
 #elif defined(__AVX2__) && defined(__FMA__)
 int lmstack_kernels_isa(void) { return 256; }
 #define LMSTACK_VECTORS 1
@@ -52,6 +61,15 @@ static inline float lmstack_hsum256(__m256 v) {
 #define LMSTACK_FMA(a, b, acc) _mm256_fmadd_ps(a, b, acc)
 #define LMSTACK_ADD(a, b) _mm256_add_ps(a, b)
 #define LMSTACK_SUM(v) lmstack_hsum256(v)
+#define LMSTACK_SET1(x) _mm256_set1_ps(x)
+#define LMSTACK_STORE(p, v) _mm256_storeu_ps(p, v)
+#define LMSTACK_MUL(a, b) _mm256_mul_ps(a, b)
+#define LMSTACK_MAX(a, b) _mm256_max_ps(a, b)
+#define LMSTACK_ROUND(v) _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* r * 2^n for integral n >= -126: n added to the exponent bits of 1.0. */
+#define LMSTACK_POW2(r, n)                                                                              \
+    _mm256_mul_ps(r, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),     \
+                                                                            _mm256_set1_epi32(127)), 23)))
 #else
 int lmstack_kernels_isa(void) { return 0; }
 #endif
@@ -122,36 +140,152 @@ void lmstack_rms_norm_f32(const float *x, const float *w, float *y, long rows, l
     }
 }
 
-/* One query token of hq heads against keys t0..t1-1 of one sequence, grouped-query (head h reads kv
- * head h / (hq / hkv)). Key t of kv head g is at k + t * slot_stride + g * head_stride, and so is its
- * value in v. scratch holds hq * (t1 - t0) floats. */
-void lmstack_decode_attention_f32(const float *q, const float *k, const float *v, float *out,
-                                  float *scratch, long hq, long hkv, long d, long t0, long t1,
-                                  long slot_stride, long head_stride, float scale, int threads) {
-    const long group = hq / hkv, len = t1 - t0;
-    /* Threads only pay off on long contexts: waking them costs more than a short head's work. */
-#pragma omp parallel for schedule(static) num_threads(threads) if (len * hq * d > (1L << 18))
-    for (long h = 0; h < hq; ++h) {
-        const float *qh = q + h * d;
-        const long off = (h / group) * head_stride;
-        float *s = scratch + h * len;
-        float top = -INFINITY;
-        for (long t = 0; t < len; ++t) {
-            s[t] = scale * lmstack_dot(qh, k + (t0 + t) * slot_stride + off, d);
-            top = s[t] > top ? s[t] : top;
+#ifdef LMSTACK_VECTORS
+/* exp(x) for x <= 0 (scores minus their maximum): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor
+ * polynomial to r^7 (relative error under 2e-7 on that range), times 2^n. Below -87 the result is
+ * flushed toward 0 (about 1e-38), which a softmax weight that small is anyway. */
+static inline lmstack_vec lmstack_exp(lmstack_vec x) {
+    x = LMSTACK_MAX(x, LMSTACK_SET1(-87.0f));
+    const lmstack_vec n = LMSTACK_ROUND(LMSTACK_MUL(x, LMSTACK_SET1(1.44269504f)));
+    /* r = x - n ln2, with ln2 split in two so that n * ln2's rounding does not reach r. */
+    lmstack_vec r = LMSTACK_FMA(n, LMSTACK_SET1(-0.693145752f), x);
+    r = LMSTACK_FMA(n, LMSTACK_SET1(-1.42860677e-6f), r);
+    lmstack_vec p = LMSTACK_SET1(1.0f / 5040.0f);
+    p = LMSTACK_FMA(p, r, LMSTACK_SET1(1.0f / 720.0f));
+    p = LMSTACK_FMA(p, r, LMSTACK_SET1(1.0f / 120.0f));
+    p = LMSTACK_FMA(p, r, LMSTACK_SET1(1.0f / 24.0f));
+    p = LMSTACK_FMA(p, r, LMSTACK_SET1(1.0f / 6.0f));
+    p = LMSTACK_FMA(p, r, LMSTACK_SET1(0.5f));
+    p = LMSTACK_FMA(p, r, LMSTACK_SET1(1.0f));
+    p = LMSTACK_FMA(p, r, LMSTACK_SET1(1.0f));
+    return LMSTACK_POW2(p, n);
+}
+#endif
+
+/* s[j] = exp(s[j] - top) for j < n; returns their sum. */
+static float lmstack_exp_run(float *restrict s, long n, float top) {
+    float total = 0.0f;
+    long j = 0;
+#ifdef LMSTACK_VECTORS
+    const lmstack_vec t = LMSTACK_SET1(top);
+    lmstack_vec sum = LMSTACK_ZERO();
+    for (; j + LMSTACK_LANES <= n; j += LMSTACK_LANES) {
+        const lmstack_vec e = lmstack_exp(LMSTACK_ADD(LMSTACK_LOAD_F32(s + j), LMSTACK_MUL(t, LMSTACK_SET1(-1.0f))));
+        LMSTACK_STORE(s + j, e);
+        sum = LMSTACK_ADD(sum, e);
+    }
+    total = LMSTACK_SUM(sum);
+#endif
+    for (; j < n; ++j) {
+        s[j] = expf(s[j] - top);
+        total += s[j];
+    }
+    return total;
+}
+
+/* acc[x] += sum_j p[j] * v[j * stride + x] for x < d: each slice of acc stays in registers while the
+ * run's values stream past it. */
+static void lmstack_weighted_sum(float *restrict acc, const float *restrict p, const float *restrict v, long n,
+                                 long stride, long d) {
+    long x = 0;
+#ifdef LMSTACK_VECTORS
+    const long w = LMSTACK_LANES;
+    for (; x + 4 * w <= d; x += 4 * w) {
+        lmstack_vec a0 = LMSTACK_LOAD_F32(acc + x), a1 = LMSTACK_LOAD_F32(acc + x + w);
+        lmstack_vec a2 = LMSTACK_LOAD_F32(acc + x + 2 * w), a3 = LMSTACK_LOAD_F32(acc + x + 3 * w);
+        for (long j = 0; j < n; ++j) {
+            const lmstack_vec pj = LMSTACK_SET1(p[j]);
+            const float *vj = v + j * stride + x;
+            a0 = LMSTACK_FMA(pj, LMSTACK_LOAD_F32(vj), a0);
+            a1 = LMSTACK_FMA(pj, LMSTACK_LOAD_F32(vj + w), a1);
+            a2 = LMSTACK_FMA(pj, LMSTACK_LOAD_F32(vj + 2 * w), a2);
+            a3 = LMSTACK_FMA(pj, LMSTACK_LOAD_F32(vj + 3 * w), a3);
         }
-        float total = 0.0f;
-        for (long t = 0; t < len; ++t) {
-            s[t] = expf(s[t] - top);
-            total += s[t];
-        }
-        float *oh = out + h * d;
-        for (long i = 0; i < d; ++i) oh[i] = 0.0f;
-        for (long t = 0; t < len; ++t) {
-            const float p = s[t] / total;
-            const float *vt = v + (t0 + t) * slot_stride + off;
+        LMSTACK_STORE(acc + x, a0), LMSTACK_STORE(acc + x + w, a1);
+        LMSTACK_STORE(acc + x + 2 * w, a2), LMSTACK_STORE(acc + x + 3 * w, a3);
+    }
+    for (; x + w <= d; x += w) {
+        lmstack_vec a = LMSTACK_LOAD_F32(acc + x);
+        for (long j = 0; j < n; ++j) a = LMSTACK_FMA(LMSTACK_SET1(p[j]), LMSTACK_LOAD_F32(v + j * stride + x), a);
+        LMSTACK_STORE(acc + x, a);
+    }
+#endif
+    for (; x < d; ++x) {
+        float a = acc[x];
+        for (long j = 0; j < n; ++j) a += p[j] * v[j * stride + x];
+        acc[x] = a;
+    }
+}
+
+/* Longest run of keys scored at once per head (a block is read in runs of at most this many). */
+enum { LMSTACK_KEY_RUN = 64 };
+
+/* Query tokens over a paged cache: row r's query (hq heads of d) attends to keys row_start[r] ..
+ * row_end[r] - 1 of its sequence, whose table (tables + row_table[r] * table_stride) maps key t to
+ * cache slot table[t / block_size] * block_size + t % block_size. Key t of kv head g is at
+ * k + slot * hkv * d + g * d, and so is its value in v. Grouped-query: head h reads kv head
+ * h / (hq / hkv). Decode rows (one query of a sequence) and prefill chunks (consecutive rows of one
+ * sequence, each ending at its own position: causal) are the same call; nothing is gathered.
+ *
+ * One work item is a (row, kv head): its group of query heads shares each key and value it reads.
+ * Softmax is online over runs of keys (a running maximum and sum per head), so no score buffer grows
+ * with the context. scratch holds threads * (group * (d + 2) + group * LMSTACK_KEY_RUN) floats. */
+void lmstack_paged_attention_f32(const float *q, float *out, const float *k, const float *v,
+                                 const int *tables, long table_stride, const int *row_table,
+                                 const int *row_start, const int *row_end, float *scratch, long rows,
+                                 long hq, long hkv, long d, long block_size, float scale, int threads) {
+    const long group = hq / hkv, slot_stride = hkv * d;
+    const long per_thread = group * (d + 2) + group * LMSTACK_KEY_RUN;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        float *mine = scratch + (long)omp_get_thread_num() * per_thread;
+#else
+        float *mine = scratch;
+#endif
+        float *acc = mine, *top = acc + group * d, *total = top + group, *s = total + group;
+#pragma omp for schedule(dynamic, 4)
+        for (long item = 0; item < rows * hkv; ++item) {
+            const long r = item / hkv, g = item % hkv;
+            const int *table = tables + (long)row_table[r] * table_stride;
+            const long t1 = row_end[r];
+            const float *qg = q + (r * hq + g * group) * d;
+            for (long i = 0; i < group * d; ++i) acc[i] = 0.0f;
+            for (long i = 0; i < group; ++i) top[i] = -INFINITY, total[i] = 0.0f;
+            for (long t = row_start[r]; t < t1;) {
+                const long block = t / block_size;
+                long end = (block + 1) * block_size;
+                end = end < t1 ? end : t1;
+                end = end < t + LMSTACK_KEY_RUN ? end : t + LMSTACK_KEY_RUN;
+                const long n = end - t;
+                const float *kb = k + ((long)table[block] * block_size + t % block_size) * slot_stride + g * d;
+                const float *vb = v + (kb - k);
+                for (long i = 0; i < group; ++i) {
+                    float *si = s + i * LMSTACK_KEY_RUN, *ai = acc + i * d;
+                    float best = top[i];
+                    for (long j = 0; j < n; ++j) {
+                        si[j] = scale * lmstack_dot(kb + j * slot_stride, qg + i * d, d);
+                        best = si[j] > best ? si[j] : best;
+                    }
+                    if (best > top[i]) { /* rescale what was summed under the old maximum */
+                        const float c = expf(top[i] - best);
+                        total[i] *= c;
 #pragma omp simd
-            for (long i = 0; i < d; ++i) oh[i] += p * vt[i];
+                        for (long x = 0; x < d; ++x) ai[x] *= c;
+                        top[i] = best;
+                    }
+                    total[i] += lmstack_exp_run(si, n, best);
+                    lmstack_weighted_sum(ai, si, vb, n, slot_stride, d);
+                }
+                t = end;
+            }
+            float *og = out + (r * hq + g * group) * d;
+            for (long i = 0; i < group; ++i) {
+                /* An empty range (no key) gives zeros rather than a division by zero. */
+                const float inv = total[i] > 0.0f ? 1.0f / total[i] : 0.0f;
+#pragma omp simd
+                for (long x = 0; x < d; ++x) og[i * d + x] = acc[i * d + x] * inv;
+            }
         }
     }
 }
