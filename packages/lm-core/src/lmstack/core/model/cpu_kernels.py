@@ -518,8 +518,7 @@ def paged_attention(q: Tensor, keys: Tensor, values: Tensor, rows: PagedRows, *,
     qc = q.contiguous()
     out = torch.empty(n, hq, d, dtype=torch.float32)
     threads = torch.get_num_threads()
-    group = hq // hkv
-    scratch = torch.empty(threads * (group * (d + 2) + group * _KEY_RUN), dtype=torch.float32)
+    scratch = torch.empty(threads * hq * (d + 2 + _KEY_RUN), dtype=torch.float32)
     lib.lmstack_paged_attention_f32(
         qc.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), rows.tables.data_ptr(),
         rows.tables.shape[1], rows.row_table.data_ptr(), rows.row_start.data_ptr(), rows.row_end.data_ptr(),
