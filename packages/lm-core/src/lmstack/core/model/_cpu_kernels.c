@@ -265,14 +265,16 @@ void lmstack_paged_attention_f32(const float *q, float *out, const float *k, con
                 end = end < t + LMSTACK_KEY_RUN ? end : t + LMSTACK_KEY_RUN;
                 const long n = end - t;
                 const long base = ((long)table[block] * block_size + t % block_size) * slot_stride + first * d;
+                /* Key by key, then value by value: each slot's heads are read in one sequential sweep. */
+                const float *kb = k + base, *vb = v + base;
+                for (long j = 0; j < n; ++j)
+                    for (long i = 0; i < heads; ++i)
+                        s[i * LMSTACK_KEY_RUN + j] = scale * lmstack_dot(kb + j * slot_stride + (i / group) * d,
+                                                                         qr + i * d, d);
                 for (long i = 0; i < heads; ++i) {
-                    const float *kb = k + base + (i / group) * d, *vb = v + base + (i / group) * d;
                     float *si = s + i * LMSTACK_KEY_RUN, *ai = acc + i * d;
                     float best = top[i];
-                    for (long j = 0; j < n; ++j) {
-                        si[j] = scale * lmstack_dot(kb + j * slot_stride, qr + i * d, d);
-                        best = si[j] > best ? si[j] : best;
-                    }
+                    for (long j = 0; j < n; ++j) best = si[j] > best ? si[j] : best;
                     if (best > top[i]) { /* rescale what was summed under the old maximum */
                         const float c = expf(top[i] - best);
                         total[i] *= c;
@@ -281,8 +283,11 @@ void lmstack_paged_attention_f32(const float *q, float *out, const float *k, con
                         top[i] = best;
                     }
                     total[i] += lmstack_exp_run(si, n, best);
-                    lmstack_weighted_sum(ai, si, vb, n, slot_stride, d);
                 }
+                for (long j = 0; j < n; ++j)
+                    for (long i = 0; i < heads; ++i)
+                        lmstack_weighted_sum(acc + i * d, s + i * LMSTACK_KEY_RUN + j,
+                                             vb + j * slot_stride + (i / group) * d, 1, slot_stride, d);
                 t = end;
             }
             float *o = out + (r * hq + first * group) * d;
