@@ -341,6 +341,10 @@ def test_fsdp_two_processes_match_one_process(fsdp_runs: Path) -> None:
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-5, atol=1e-6, msg=name)
     o1, o2 = (torch.load(c / "optimizer.pt", weights_only=True) for c in (ckpt_one, ckpt_two))
+    # The one-process run steps with torch's fused AdamW, the FSDP shards (DTensors) with the default
+    # implementation: the same update, so everything but that flag is equal.
+    assert [g.pop("fused") for g in o1["param_groups"]] == [True, True]
+    assert [g.pop("fused") for g in o2["param_groups"]] == [None, None]
     assert o1["param_groups"] == o2["param_groups"]
     assert sorted(o1["state"]) == sorted(o2["state"])
     for index, s1 in o1["state"].items():
@@ -385,3 +389,41 @@ def test_fsdp_refuses_frozen_parameters(tokenizer: Tokenizer, text_data: Path, t
             RunConfig(output_dir=str(tmp_path), max_steps=1, data_parallel="fsdp"),
         )
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_adamw_is_fused_where_torch_fuses_it_and_a_resume_keeps_the_runs_own_choice() -> None:
+    from lmstack.train._loop import _fusable, _param_groups
+    from lmstack.train._state import _own_implementation
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    groups = _param_groups(model, 0.1)
+    assert _fusable(groups)
+    assert not _fusable([{"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]}])
+    assert not _fusable([{"params": [torch.nn.Parameter(torch.zeros(2).as_subclass(_Shard))]}])
+
+    # The same update either way (fp32; the fused kernel orders its arithmetic differently).
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    steps = {}
+    for fused in (True, None):
+        copy = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        copy.load_state_dict(model.state_dict())
+        opt = torch.optim.AdamW(_param_groups(copy, 0.1), lr=1e-2, fused=fused)
+        for _ in range(3):
+            for p, g in zip(copy.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        steps[fused] = (copy, opt)
+    for a, b in zip(steps[True][0].parameters(), steps[None][0].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    # A fused run's saved state loaded by a run that does not fuse (an FSDP resume) leaves it unfused.
+    saved = steps[True][1].state_dict()
+    plain = steps[None][1]
+    with _own_implementation(plain):
+        plain.load_state_dict(saved)
+    assert [g["fused"] for g in plain.param_groups] == [None, None]
+    assert plain.state_dict()["state"][0]["exp_avg"].equal(saved["state"][0]["exp_avg"])
+
+
+class _Shard(torch.Tensor):
+    pass

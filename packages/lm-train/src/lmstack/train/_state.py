@@ -267,13 +267,15 @@ def load_checkpoint(
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(model, full, options=options)
         named = _named_optimizer_state(optim_state, model, optimizer, path)
-        set_optimizer_state_dict(model, optimizer, named, options=options)
+        with _own_implementation(optimizer):
+            set_optimizer_state_dict(model, optimizer, named, options=options)
     else:
         with torch.no_grad():
             params = dict(model.named_parameters())
             for name, value in weights.items():
                 params[name].copy_(value)
-        optimizer.load_state_dict(optim_state)
+        with _own_implementation(optimizer):
+            optimizer.load_state_dict(optim_state)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -394,17 +396,32 @@ def load_distributed_checkpoint(
         names = set(trainable_state(part))
         model_sd = {k: state[f"model.{k}"] for k in names}
         optim_sd = {k[len("optim.") :]: v for k, v in state.items() if k.startswith("optim.")}
-        set_state_dict(
-            part,
-            optimizer,
-            model_state_dict=model_sd,
-            optim_state_dict=_own_optimizer_keys(optim_sd, names),
-            options=_dcp_state_options(),
-        )
+        with _own_implementation(optimizer):
+            set_state_dict(
+                part,
+                optimizer,
+                model_state_dict=model_sd,
+                optim_state_dict=_own_optimizer_keys(optim_sd, names),
+                options=_dcp_state_options(),
+            )
     extra = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
     return cast(dict[str, Any], json.loads((path / STATE_FILE).read_text()))
+
+
+@contextlib.contextmanager
+def _own_implementation(optimizer: torch.optim.Optimizer) -> Any:
+    """Keep this run's AdamW implementation (``fused``, ``foreach``) across loading a saved state.
+
+    Loading an optimizer's state replaces its parameter groups with the saved ones, flags included, but
+    which kernel steps the parameters is this run's choice: a fused one-process run's checkpoint resumes
+    under FSDP (whose DTensor shards take the default implementation), and the other way round.
+    """
+    flags = [{k: group.get(k) for k in ("fused", "foreach")} for group in optimizer.param_groups]
+    yield
+    for group, own in zip(optimizer.param_groups, flags, strict=True):
+        group.update(own)
 
 
 def _own_optimizer_keys(flat: dict[str, Any], names: set[str]) -> dict[str, Any]:

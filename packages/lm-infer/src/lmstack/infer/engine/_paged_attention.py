@@ -1,4 +1,4 @@
-"""The paged KV cache and the attention backend that reads and writes it (torch implementation).
+"""The paged KV cache and the attention backend that reads and writes it (the CPU kernel, or torch).
 
 The cache holds, per layer, ``num_blocks`` blocks of ``block_size`` token slots for keys and values.
 A sequence owns a list of blocks (its block table); token ``p`` of a sequence lives in slot
@@ -8,16 +8,15 @@ One engine step runs one forward over a flattened batch: decode tokens of many s
 prefill chunks of others, all in a single row. :class:`PagedAttention` is the lmstack-core attention
 backend for that step: for every layer it writes the new keys and values into their slots, then
 attends each query over its own sequence's cached keys. The per-step index tensors are built once in
-the constructor, so the per-layer work is a scatter and a few SDPA calls, with no Python loop over
-sequences.
+the constructor, so the per-layer work is a scatter and one kernel call (or a few SDPA calls), with
+no Python loop over sequences.
 
 **The CPU kernel (float32 cache).** Where lmstack-core's CPU kernels build, every query row (decode
 tokens and prefill chunks alike) is read in place by :func:`lmstack.core.model.cpu_kernels.paged_attention`,
 which follows each sequence's block table itself: nothing is gathered or padded, whatever the tables'
-layout. Measured on the 2-core CPU (8 heads / 4 KV heads of 64, one layer, block size 16, against the
-torch paths below in the same run): 64 decoding sequences of 100-700 tokens 5.8-6.4 ms against 19.8-21.8;
-32 x 160 tokens 0.6 against 1.1-2.6; a prefill of 512 tokens 8.4-8.5 against 8.3; 40 decodes beside a
-300-token prefill 4.1-6.6 against 8.8-13.1.
+layout. Measured on the 2-core CPU (8 heads / 4 KV heads of 64, one layer, block size 16), against the
+torch paths below: 64 decoding sequences of 100-700 tokens on scattered blocks 2.0-3.3 ms against
+19.8-21.8; a prefill of 512 tokens 6.2-8.5 ms against 8.3 (the lmstack-infer README has the table).
 
 **Torch (other dtypes and devices, or no kernels).** Two ways to read the keys, chosen per sequence:
 
