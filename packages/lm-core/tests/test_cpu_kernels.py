@@ -233,8 +233,14 @@ def test_paged_rows_refuse_ranges_that_do_not_fit() -> None:
         build(tables, torch.tensor([2]), zero, one, 4)
     with pytest.raises(ConfigError, match="do not fit"):
         build(tables, one, zero, torch.tensor([1, 2]), 4)
-    with pytest.raises(ConfigError, match="do not fit"):
+    with pytest.raises(ConfigError, match="must hold integers"):
         build(tables.float(), one, zero, one, 4)
+    with pytest.raises(ConfigError, match="must hold integers"):
+        build([[3, 1]], [0], [0], [2.0], 4)
+    ragged = build([[3], [5, 2]], [1, 0], [0, 0], [6, 2], 4)  # lists of any lengths, zero-padded
+    assert ragged.tables.tolist() == [[3, 0], [5, 2]] and ragged.max_block == 5
+    with pytest.raises(ConfigError, match="start < end"):
+        build([[3], [5, 2]], [0], [0], [5], 4)  # table 0 has one block of 4 keys
 
 
 def test_few_rows_is_what_the_callers_route_to_the_kernels() -> None:

@@ -8,9 +8,6 @@
  */
 #include <math.h>
 #include <stddef.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -233,22 +230,17 @@ enum { LMSTACK_KEY_RUN = 64 };
  * 400 keys on blocks scattered over a 64 MB cache read 11-13 GB/s on two threads here, against 36-50
  * GB/s when they fit in the CPU's caches (software prefetching of the next block did not change it).
  * Softmax is online over runs of keys (a running maximum and sum per head), so no buffer grows with
- * the context. scratch holds threads * hq * (d + 2 + LMSTACK_KEY_RUN) floats. */
+ * the context; each thread keeps its sums and scores (hq * (d + 2 + LMSTACK_KEY_RUN) floats) on its stack. */
 void lmstack_paged_attention_f32(const float *q, float *out, const float *k, const float *v,
                                  const int *tables, long table_stride, const int *row_table,
-                                 const int *row_start, const int *row_end, float *scratch, long rows,
+                                 const int *row_start, const int *row_end, long rows,
                                  long hq, long hkv, long d, long block_size, float scale, int threads) {
     const long group = hq / hkv, slot_stride = hkv * d;
     const long span = rows >= 2L * threads ? hkv : 1; /* kv heads per item */
     const long splits = hkv / span, heads = span * group;
-    const long per_thread = hq * (d + 2 + LMSTACK_KEY_RUN);
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        float *mine = scratch + (long)omp_get_thread_num() * per_thread;
-#else
-        float *mine = scratch;
-#endif
+        float mine[heads * (d + 2 + LMSTACK_KEY_RUN)];
         float *acc = mine, *top = acc + heads * d, *total = top + heads, *s = total + heads;
 #pragma omp for schedule(dynamic, 1)
         for (long item = 0; item < rows * splits; ++item) {

@@ -35,13 +35,15 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import operator
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -195,7 +197,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         "lmstack_gemv_f32": [ptr] * 4 + [long] * 3 + [i32],
         "lmstack_gemv_i8_f32": [ptr] * 5 + [long] * 3 + [i32],
         "lmstack_rms_norm_f32": [ptr] * 3 + [long] * 2 + [f32],
-        "lmstack_paged_attention_f32": [ptr] * 4 + [ptr, long] + [ptr] * 4 + [long] * 5 + [f32, i32],
+        "lmstack_paged_attention_f32": [ptr] * 4 + [ptr, long] + [ptr] * 3 + [long] * 5 + [f32, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -293,7 +295,7 @@ def few_rows(x: Tensor, *others: Tensor) -> bool:
 def _check_f32(*tensors: Tensor) -> None:
     if not plain_tensors(*tensors):
         raise ConfigError("lmstack's CPU kernels take plain tensors, not DTensors or other subclasses.")
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+    if any(t.dtype is not torch.float32 or not t.is_cpu for t in tensors):
         raise ConfigError("lmstack's CPU kernels take float32 CPU tensors only.")
 
 
@@ -389,9 +391,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out
 
 
-_KEY_RUN = 64  # LMSTACK_KEY_RUN in the C source: keys scored at once per head
-
-
 @dataclass(frozen=True)
 class PagedRows:
     """Which keys each query row of :func:`paged_attention` reads, checked once for every layer's call.
@@ -413,68 +412,75 @@ class PagedRows:
     row_end: Tensor
     block_size: int
     max_block: int
+    _pointers: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The kernel's table and row arguments, read once (every layer's call passes the same).
+        pointers = (self.tables.data_ptr(), self.tables.shape[1], self.row_table.data_ptr(),
+                    self.row_start.data_ptr(), self.row_end.data_ptr())  # fmt: skip
+        object.__setattr__(self, "_pointers", pointers)
 
     @staticmethod
     def build(
-        tables: Tensor, row_table: Tensor, row_start: Tensor, row_end: Tensor, block_size: int
+        tables: Tensor | Sequence[Sequence[int]],
+        row_table: Tensor | Sequence[int],
+        row_start: Tensor | Sequence[int],
+        row_end: Tensor | Sequence[int],
+        block_size: int,
     ) -> PagedRows:
         """Check and convert the rows' key ranges.
 
         Args:
-            tables: ``[S, B]`` block ids (any integer dtype); entries past a sequence's keys are ignored.
-            row_table: ``[N]`` table row of each query row.
+            tables: Block ids, a table per sequence: an ``[S, B]`` integer tensor, or lists (of any
+                lengths). Entries past the keys the rows read are ignored.
+            row_table: ``[N]`` table of each query row.
             row_start: ``[N]`` first key of each row.
-            row_end: ``[N]`` one past each row's last key; at most ``B * block_size``.
+            row_end: ``[N]`` one past each row's last key; at most the table's blocks times ``block_size``.
             block_size: Token slots per block.
 
         Raises:
-            ConfigError: Shapes disagree, a range is empty or reversed or runs past its table, a row
-                names a missing table, or a block id a row reads is negative.
+            ConfigError: Lengths disagree, a value is not an integer, a range is empty or reversed or runs
+                past its table, a row names a missing table, or a block id a row reads is negative.
         """
-        n = row_table.numel()
-        if (
-            tables.dim() != 2
-            or block_size < 1
-            or row_start.numel() != n
-            or row_end.numel() != n
-            or any(
-                t.is_floating_point() or t.device.type != "cpu"
-                for t in (tables, row_table, row_start, row_end)
-            )
-        ):
+        # Checked in Python: one engine step builds these once for all its layers, and for the few rows
+        # of a decode step a dozen small tensor ops cost more (170-190 us a step) than the lists.
+        index = operator.index  # ints (and numpy's), never floats
+        try:
+            table_lists = [
+                [index(b) for b in t] for t in (tables.tolist() if isinstance(tables, Tensor) else tables)
+            ]
+            rt, r0, r1 = ([index(x) for x in (v.tolist() if isinstance(v, Tensor) else v)]
+                          for v in (row_table, row_start, row_end))  # fmt: skip
+        except TypeError as exc:
+            raise ConfigError(f"PagedRows: tables and rows must hold integers ({exc}).") from exc
+        if not (len(rt) == len(r0) == len(r1)) or block_size < 1:
             raise ConfigError(
-                f"PagedRows: tables {tuple(tables.shape)}, rows {tuple(row_table.shape)}/"
-                f"{tuple(row_start.shape)}/{tuple(row_end.shape)} (block size {block_size}) do not fit: "
-                "give [S, B] integer CPU tables and N integer rows each."
+                f"PagedRows: {len(rt)}/{len(r0)}/{len(r1)} rows (table/start/end) and block size {block_size}"
+                " do not fit: give one of each per row and a positive block size."
             )
-        tables32 = tables.to(torch.int32).contiguous()
-        rt, r0, r1 = (t.reshape(-1).to(torch.int32).contiguous() for t in (row_table, row_start, row_end))
-        max_block = -1
-        if n:
-            if (
-                int(rt.min()) < 0
-                or int(rt.max()) >= tables.shape[0]
-                or int(r0.min()) < 0
-                or bool((r1 <= r0).any())
-                or int(r1.max()) > tables.shape[1] * block_size
-            ):
+        blocks_read = [0] * len(table_lists)
+        for t, start, end in zip(rt, r0, r1, strict=True):
+            if not (0 <= t < len(table_lists) and 0 <= start < end <= len(table_lists[t]) * block_size):
                 raise ConfigError(
-                    "PagedRows: every row needs a table row in range and keys start < end <= "
-                    f"B * block_size ({tables.shape[1] * block_size})."
+                    "PagedRows: every row needs a table row in range and keys start < end <= its table's "
+                    f"blocks x block_size; got table {t} of {len(table_lists)}, keys {start}..{end - 1}."
                 )
-            # The blocks the rows read: those of each table up to its longest row's last key.
-            last = torch.zeros(tables.shape[0], dtype=torch.int64).scatter_reduce_(
-                0, rt.long(), (r1.long() - 1) // block_size + 1, reduce="amax"
-            )
-            used = torch.arange(tables.shape[1])[None, :] < last[:, None]
-            read = tables32[used]
-            if read.numel():
-                if int(read.min()) < 0:
-                    raise ConfigError(
-                        "PagedRows: a block table names a negative block for a key a row reads."
-                    )
-                max_block = int(read.max())
-        return PagedRows(tables32, rt, r0, r1, block_size, max_block)
+            blocks_read[t] = max(blocks_read[t], (end - 1) // block_size + 1)
+        read = [b for table, n in zip(table_lists, blocks_read, strict=True) for b in table[:n]]
+        if read and min(read) < 0:
+            raise ConfigError("PagedRows: a block table names a negative block for a key a row reads.")
+        width = max((len(t) for t in table_lists), default=0) or 1
+        padded = [t + [0] * (width - len(t)) for t in table_lists] or [[0]]
+        as_tensor = torch.tensor  # int32: the C kernel's index type
+        return PagedRows(
+            as_tensor(padded, dtype=torch.int32), as_tensor(rt, dtype=torch.int32),
+            as_tensor(r0, dtype=torch.int32), as_tensor(r1, dtype=torch.int32), block_size,
+            max(read, default=-1),
+        )  # fmt: skip
+
+
+# Each thread keeps hq * (d + 2 + 64) floats of sums and scores on its stack: at most 1 MiB.
+_MAX_STACK_FLOATS = 1 << 18
 
 
 def paged_attention(q: Tensor, keys: Tensor, values: Tensor, rows: PagedRows, *, scale: float) -> Tensor:
@@ -503,12 +509,13 @@ def paged_attention(q: Tensor, keys: Tensor, values: Tensor, rows: PagedRows, *,
     n, hq, d = q.shape
     slots, hkv = keys.shape[0], keys.shape[1]
     if (
-        n != rows.row_table.numel()
+        n != len(rows.row_table)
         or keys.shape != values.shape
         or keys.shape[2] != d
         or hq % hkv
         or not (keys.is_contiguous() and values.is_contiguous())
         or (rows.max_block + 1) * rows.block_size > slots
+        or hq * (d + 66) > _MAX_STACK_FLOATS
     ):
         raise ConfigError(
             f"paged_attention does not fit: q {tuple(q.shape)} for {rows.row_table.numel()} rows, keys "
@@ -517,11 +524,8 @@ def paged_attention(q: Tensor, keys: Tensor, values: Tensor, rows: PagedRows, *,
         )
     qc = q.contiguous()
     out = torch.empty(n, hq, d, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    scratch = torch.empty(threads * hq * (d + 2 + _KEY_RUN), dtype=torch.float32)
     lib.lmstack_paged_attention_f32(
-        qc.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), rows.tables.data_ptr(),
-        rows.tables.shape[1], rows.row_table.data_ptr(), rows.row_start.data_ptr(), rows.row_end.data_ptr(),
-        scratch.data_ptr(), n, hq, hkv, d, rows.block_size, scale, threads,
+        qc.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr(), *rows._pointers,
+        n, hq, hkv, d, rows.block_size, scale, torch.get_num_threads(),
     )  # fmt: skip
     return out

@@ -86,6 +86,8 @@ class KVCache:
         self.block_size = block_size
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Each layer's views, made once: indexing the cache anew costs ~1 us a call, twice per layer.
+        self.layer_keys, self.layer_values = self.keys.unbind(0), self.values.unbind(0)
 
     @property
     def nbytes(self) -> int:
@@ -312,14 +314,17 @@ class PagedAttention:
         kf, vf = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
         if qf.shape[0] != self.num_tokens:
             raise ValueError(f"the step was planned for {self.num_tokens} tokens but got {qf.shape[0]}.")
-        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys.index_copy_(0, self.slot_mapping, kf.to(keys.dtype))
-        values.index_copy_(0, self.slot_mapping, vf.to(values.dtype))
+        keys, values = self.cache.layer_keys[layer_idx], self.cache.layer_values[layer_idx]
+        if kf.dtype is not keys.dtype:
+            kf, vf = kf.to(keys.dtype), vf.to(values.dtype)
+        keys.index_copy_(0, self.slot_mapping, kf)
+        values.index_copy_(0, self.slot_mapping, vf)
         if self._kernel_rows is not None and cpu_kernels.plain_tensors(qf):
+            as_float = qf if qf.dtype is torch.float32 else qf.float()
             found = cpu_kernels.paged_attention(
-                qf.float(), keys, values, self._kernel_rows[window], scale=scale
+                as_float, keys, values, self._kernel_rows[window], scale=scale
             )
-            return found.to(q.dtype).view(shape)
+            return (found if found.dtype is q.dtype else found.to(q.dtype)).view(shape)
         if self._groups is None:  # planned for the kernel, handed a tensor subclass: torch's path after all
             self._plan_torch()
         assert self._groups is not None
@@ -385,23 +390,22 @@ def _kernel_rows(
 ) -> dict[int | None, cpu_kernels.PagedRows]:
     """Each query row's table and key range for the CPU kernel, per sliding window (None: full)."""
     bs = cache.block_size
-    width = max((-(-c // bs) for c in context_lens), default=1) or 1
-    tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
+    tables = []
     for i, (table, c) in enumerate(zip(block_tables, context_lens, strict=True)):
         used = -(-c // bs)
         if len(table) < used:
             raise ValueError(f"sequence {i} has {c} tokens but its block table only {len(table)} blocks.")
-        tables[i, :used] = torch.tensor(table[:used], dtype=torch.int32)
-    q = torch.tensor(list(query_lens), dtype=torch.int64)
-    ctx = torch.tensor(list(context_lens), dtype=torch.int64)
-    row_table = torch.repeat_interleave(torch.arange(len(q)), q)
-    # The chunk is the tail of its sequence's context: row j of sequence i sits at ctx - q + j.
-    first = torch.cumsum(q, 0) - q
-    row_end = (ctx - q)[row_table] + torch.arange(int(q.sum())) - first[row_table] + 1
-    zero = torch.zeros_like(row_end)
+        tables.append(table[:used])
+    row_table: list[int] = []
+    row_end: list[int] = []
+    for i, (n, c) in enumerate(zip(query_lens, context_lens, strict=True)):
+        # The chunk is the tail of its sequence's context: its rows end at c - n + 1 .. c (causal).
+        row_table += [i] * n
+        row_end += range(c - n + 1, c + 1)
+    zero = [0] * len(row_end)
     return {
         w: cpu_kernels.PagedRows.build(
-            tables, row_table, zero if w is None else (row_end - w).clamp(min=0), row_end, bs
+            tables, row_table, zero if w is None else [max(0, e - w) for e in row_end], row_end, bs
         )
         for w in windows
     }
