@@ -284,6 +284,9 @@ def test_kernels_refuse_what_does_not_fit() -> None:
         attend(torch.randn(1, 4, 8), keys.transpose(0, 1).contiguous().transpose(0, 1), keys, rows, scale=1.0)
     with pytest.raises(ConfigError, match="float32 CPU tensors"):
         attend(torch.randn(1, 4, 8).half(), keys, keys, rows, scale=1.0)
+    unchecked = cpu_kernels.PagedRows(rows.tables, rows.row_table, rows.row_start, rows.row_end + 99, 4, 2)
+    with pytest.raises(ConfigError, match=r"PagedRows\.build only"):
+        attend(torch.randn(1, 4, 8), keys, keys, unchecked, scale=1.0)
     with pytest.raises(ConfigError, match="rms_norm shapes"):
         cpu_kernels.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
 

@@ -14,7 +14,7 @@ built for large ones. Four C kernels (``_cpu_kernels.c``) take over where that c
   GEMV (38 us on average inside the engine), this kernel 2-3 us.
 * :func:`paged_attention`: query rows over a paged KV cache, read in place through the block tables
   (decode tokens and causal prefill chunks alike, grouped-query, sliding windows): lmstack-infer's
-  float32 CPU attention. At 64 decoding sequences of 100-700 tokens, 5.8-6.4 ms a layer against 19.8-21.8
+  float32 CPU attention. At 64 decoding sequences of 100-700 tokens, 2.0-3.3 ms a layer against 19.8-21.8
   for gathering the blocks into SDPA.
 
 The kernels are plain C loops that the compiler vectorises for this CPU (``-O3 -march=native``); the
@@ -395,7 +395,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 class PagedRows:
     """Which keys each query row of :func:`paged_attention` reads, checked once for every layer's call.
 
-    Build it with :meth:`build`; its tensors are int32 and contiguous.
+    Build it with :meth:`build`, which checks every range against its table; :func:`paged_attention`
+    refuses rows made otherwise. Its tensors are int32 and contiguous, and are not to be modified: the
+    kernel trusts them.
 
     Attributes:
         tables: ``[S, B]`` block tables, one row per sequence.
@@ -413,6 +415,7 @@ class PagedRows:
     block_size: int
     max_block: int
     _pointers: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _checked: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         # The kernel's table and row arguments, read once (every layer's call passes the same).
@@ -472,11 +475,13 @@ class PagedRows:
         width = max((len(t) for t in table_lists), default=0) or 1
         padded = [t + [0] * (width - len(t)) for t in table_lists] or [[0]]
         as_tensor = torch.tensor  # int32: the C kernel's index type
-        return PagedRows(
+        rows = PagedRows(
             as_tensor(padded, dtype=torch.int32), as_tensor(rt, dtype=torch.int32),
             as_tensor(r0, dtype=torch.int32), as_tensor(r1, dtype=torch.int32), block_size,
             max(read, default=-1),
         )  # fmt: skip
+        object.__setattr__(rows, "_checked", True)
+        return rows
 
 
 # Each thread keeps hq * (d + 2 + 64) floats of sums and scores on its stack: at most 1 MiB.
@@ -502,10 +507,13 @@ def paged_attention(q: Tensor, keys: Tensor, values: Tensor, rows: PagedRows, *,
         ``[N, Hq, D]``, float32.
 
     Raises:
-        ConfigError: The kernels are unavailable, or the shapes do not fit, or a block lies past the cache.
+        ConfigError: The kernels are unavailable, the shapes do not fit, a block lies past the cache, or
+            ``rows`` was not made by :meth:`PagedRows.build`.
     """
     lib = _lib_or_raise()
     _check_f32(q, keys, values)
+    if not rows._checked:
+        raise ConfigError("paged_attention reads rows made by PagedRows.build only (it checks their ranges).")
     n, hq, d = q.shape
     slots, hkv = keys.shape[0], keys.shape[1]
     if (
