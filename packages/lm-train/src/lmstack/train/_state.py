@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -411,7 +412,7 @@ def load_distributed_checkpoint(
 
 
 @contextlib.contextmanager
-def _own_implementation(optimizer: torch.optim.Optimizer) -> Any:
+def _own_implementation(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Keep this run's AdamW implementation (``fused``, ``foreach``) across loading a saved state.
 
     Loading an optimizer's state replaces its parameter groups with the saved ones, flags included, but
