@@ -141,8 +141,9 @@ class PagedAttention:
             torch, those decoding on consecutive blocks); the others are gathered.
 
     Raises:
-        ValueError: ``use_kernel=True`` for a cache the kernel cannot read, or a block table shorter than
-            its sequence.
+        ValueError: ``use_kernel=True`` for a cache the kernel cannot read.
+        ConfigError: With the kernel, a block table shorter than its sequence (``PagedRows.build``
+            checks every row against its table).
     """
 
     def __init__(
@@ -389,13 +390,6 @@ def _kernel_rows(
     cache: KVCache,
 ) -> dict[int | None, cpu_kernels.PagedRows]:
     """Each query row's table and key range for the CPU kernel, per sliding window (None: full)."""
-    bs = cache.block_size
-    tables = []
-    for i, (table, c) in enumerate(zip(block_tables, context_lens, strict=True)):
-        used = -(-c // bs)
-        if len(table) < used:
-            raise ValueError(f"sequence {i} has {c} tokens but its block table only {len(table)} blocks.")
-        tables.append(table[:used])
     row_table: list[int] = []
     row_end: list[int] = []
     for i, (n, c) in enumerate(zip(query_lens, context_lens, strict=True)):
@@ -405,7 +399,11 @@ def _kernel_rows(
     zero = [0] * len(row_end)
     return {
         w: cpu_kernels.PagedRows.build(
-            tables, row_table, zero if w is None else [max(0, e - w) for e in row_end], row_end, bs
+            block_tables,
+            row_table,
+            zero if w is None else [max(0, e - w) for e in row_end],
+            row_end,
+            cache.block_size,
         )
         for w in windows
     }
